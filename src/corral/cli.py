@@ -1,0 +1,111 @@
+"""The ``corral`` command: ``corral run`` for your own code, ``corral train`` for YAML jobs.
+
+Errors corral raises on purpose are printed as one line (plus the worker's own traceback
+when a worker failed), never as a stack trace of corral itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from corral.errors import CorralError, WorkerError
+
+app = typer.Typer(
+    help="corral: distributed PyTorch training on local processes or Spark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _guarded(action: Callable[[], Any]) -> Any:
+    """Run `action`; print corral's errors as one line and exit 1, Ctrl-C as 130."""
+    try:
+        return action()
+    except WorkerError as exc:
+        err.print(f"[bold red]error:[/] {exc.summary}", highlight=False)
+        if exc.remote_traceback:
+            err.print(exc.remote_traceback.rstrip(), highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    except CorralError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; all workers stopped")
+        raise typer.Exit(130) from None
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def run(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(help="train.py, or module:function")],
+    workers: Annotated[int, typer.Option(help="number of worker processes")] = 1,
+    cpus_per_worker: Annotated[int, typer.Option(help="CPU threads per worker")] = 1,
+    max_restarts: Annotated[int, typer.Option(help="restarts of the group on failure")] = 0,
+    master_port: Annotated[int | None, typer.Option(help="fixed rendezvous port")] = None,
+) -> None:
+    """Run a script (or function) on N workers with torch.distributed's variables set.
+
+    Arguments after `--` are passed to the script: corral run train.py --workers 4 -- --lr 0.1
+    """
+    from corral.entrypoints import script_or_callable
+    from corral.train.launcher import run as run_workers
+
+    def action() -> None:
+        fn, args = script_or_callable(target, list(ctx.args))
+        value = run_workers(
+            fn,
+            *args,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            max_restarts=max_restarts,
+            master_port=master_port,
+        )
+        if value is not None:
+            print(value)
+
+    _guarded(action)
+
+
+@app.command()
+def train(
+    job: Annotated[Path, typer.Argument(help="YAML job spec")],
+    workers: Annotated[int | None, typer.Option(help="override roles.worker.count")] = None,
+) -> None:
+    """Train the model a YAML job spec describes, with a live progress bar."""
+    from corral.jobs import trainer_for
+    from corral.spec import load_spec
+    from corral.train.progress import RichProgress
+
+    def action() -> None:
+        spec = load_spec(job)
+        if workers is not None:
+            spec.roles.worker.count = workers
+            spec = type(spec).model_validate(spec.model_dump())
+        trainer, data, validation = trainer_for(spec, base=job.resolve().parent)
+        with RichProgress(err) as progress:
+            result = trainer.fit(data, validation=validation, on_report=progress)
+        err.print(progress.summary(result.history))
+        err.print(f"last checkpoint: {result.checkpoint}", highlight=False)
+
+    _guarded(action)
+
+
+def main() -> None:
+    """Console entry point (also ``python -m corral``)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    app(prog_name="corral")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""How bytes move: the driver–worker control channel (ZeroMQ data transport comes next)."""

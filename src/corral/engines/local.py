@@ -1,0 +1,200 @@
+"""The embedded default engine: every process of a plan is a local subprocess.
+
+Guarantees, each checked by tests with real processes:
+
+* each process runs in its own process group, so stopping it also stops anything it
+  forked (DataLoader workers, shells), and a Ctrl-C at the terminal reaches only the
+  caller, which then stops the group in order;
+* no orphans even if the caller is killed with SIGKILL: every child holds the read end of a
+  pipe whose only write end lives in the caller; when the caller dies the pipe closes and
+  the child's watchdog kills its own process group (see `corral.engines.watchdog`);
+* every line a process prints is forwarded to the caller's stderr prefixed with
+  ``[worker 3]`` and kept in memory for `WorkerGroup.logs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import IO
+
+from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
+from corral.errors import LaunchError
+
+#: How many lines of each process's output are kept for `logs()` and error reports.
+LOG_LINES_KEPT = 2000
+
+#: Environment variable naming the inherited file descriptor of the parent-death pipe.
+PARENT_FD_ENV = "CORRAL_PARENT_FD"
+
+
+def _available_gpus() -> int:
+    """GPUs the caller may hand out, without initialising CUDA in the caller."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return len([line for line in out.stdout.splitlines() if line.startswith("GPU ")])
+
+
+def _total_memory_mb() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+def check_resources(processes: list[ProcessSpec]) -> list[list[int]]:
+    """Refuse a plan this machine cannot hold; returns the GPU indices for each process.
+
+    CPUs may be oversubscribed (the OS time-shares them and tests rely on it), but GPUs
+    are handed out exclusively and memory asked for must exist.
+    """
+    wanted_gpus = sum(p.resources.gpus for p in processes)
+    have_gpus = _available_gpus() if wanted_gpus else 0
+    if wanted_gpus > have_gpus:
+        raise LaunchError(
+            f"the job asks for {wanted_gpus} GPU(s) in all but this machine has {have_gpus}"
+        )
+    wanted_mb = sum(p.resources.memory_mb or 0 for p in processes)
+    if wanted_mb > _total_memory_mb():
+        raise LaunchError(
+            f"the job asks for {wanted_mb} MiB of memory in all but this machine has "
+            f"{_total_memory_mb()} MiB"
+        )
+    assignment, next_gpu = [], 0
+    for p in processes:
+        assignment.append(list(range(next_gpu, next_gpu + p.resources.gpus)))
+        next_gpu += p.resources.gpus
+    return assignment
+
+
+def _resource_env(resources: Resources, gpus: list[int]) -> dict[str, str]:
+    """Pin thread pools to the CPUs asked for, and show each process only its GPUs."""
+    threads = str(resources.cpus)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CORRAL_CPUS": threads}
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    return env
+
+
+class _LocalProcess:
+    """One child process and the thread that forwards its output."""
+
+    def __init__(self, spec: ProcessSpec, popen: subprocess.Popen[bytes]) -> None:
+        self.spec = spec
+        self.popen = popen
+        self.lines: deque[str] = deque(maxlen=LOG_LINES_KEPT)
+        assert popen.stdout is not None
+        self.reader = threading.Thread(
+            target=self._forward, args=(popen.stdout,), name=f"log-{spec.label}", daemon=True
+        )
+        self.reader.start()
+
+    def _forward(self, stream: IO[bytes]) -> None:
+        prefix = f"[{self.spec.label}] "
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            try:
+                sys.stderr.write(prefix + line + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):  # caller's stderr closed: keep collecting
+                pass
+        stream.close()
+
+    def kill_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+
+class LocalWorkerGroup(WorkerGroup):
+    """The processes of one plan on this machine."""
+
+    def __init__(self, processes: list[_LocalProcess], parent_pipe_w: int) -> None:
+        self._procs = processes
+        self._parent_pipe_w = parent_pipe_w
+
+    def poll(self) -> list[Exit]:
+        exits = []
+        for p in self._procs:
+            code = p.popen.poll()
+            if code is not None:
+                exits.append(Exit(role=p.spec.role, rank=p.spec.rank, returncode=code))
+        return exits
+
+    def wait(self, timeout: float | None = None) -> list[Exit]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for p in self._procs:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                p.popen.wait(remaining)
+            except subprocess.TimeoutExpired:
+                break
+        return self.poll()
+
+    def stop(self, grace: float = 1.0) -> None:
+        """SIGTERM every process group, then SIGKILL what is left after `grace` seconds."""
+        for p in self._procs:
+            if p.popen.poll() is None:
+                p.kill_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self._procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(max(0.0, deadline - time.monotonic()))
+        for p in self._procs:
+            # Even a process that exited may have left children in its group.
+            p.kill_group(signal.SIGKILL)
+            p.popen.wait()
+            p.reader.join(timeout=1.0)
+        if self._parent_pipe_w >= 0:
+            os.close(self._parent_pipe_w)
+            self._parent_pipe_w = -1
+
+    def logs(self, role: str, rank: int) -> str:
+        for p in self._procs:
+            if p.spec.role == role and p.spec.rank == rank:
+                return "\n".join(p.lines)
+        raise KeyError(f"no process {role} {rank} in this group")
+
+
+class LocalEngine(Engine):
+    """Runs each process of a plan as a subprocess of the caller, in its own process group."""
+
+    def launch(self, plan: Plan) -> LocalWorkerGroup:
+        gpus = check_resources(plan.processes)
+        read_fd, write_fd = os.pipe()
+        started: list[_LocalProcess] = []
+        try:
+            for spec, devices in zip(plan.processes, gpus, strict=True):
+                env = {**os.environ, **_resource_env(spec.resources, devices), **spec.env}
+                env[PARENT_FD_ENV] = str(read_fd)
+                try:
+                    popen = subprocess.Popen(
+                        spec.argv,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        pass_fds=(read_fd,),
+                    )
+                except OSError as exc:
+                    raise LaunchError(f"cannot start {spec.label}: {exc}") from exc
+                started.append(_LocalProcess(spec, popen))
+        except BaseException:
+            LocalWorkerGroup(started, write_fd).stop(grace=0)
+            raise
+        finally:
+            os.close(read_fd)
+        return LocalWorkerGroup(started, write_fd)

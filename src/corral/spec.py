@@ -1,0 +1,197 @@
+"""The job model: one pydantic description of a job for Python, YAML and (later) REST.
+
+`TrainSettings` holds everything about *how* to train that is plain data (workers and
+their resources, strategy, epochs, checkpoints, restarts); `Trainer` validates its keyword
+arguments through it. `JobSpec` adds what a YAML file must name because it cannot hold
+Python objects: the entrypoint (a model factory), the data, the loss and the optimizer.
+A bad value fails here, before anything starts, as a `SpecError` naming the field path and
+the allowed values.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from corral.errors import SpecError
+from corral.strategies import AllReduce, AnyStrategy
+
+_UNITS = {
+    "": 1,
+    "m": 1,
+    "mb": 1,
+    "mi": 1,
+    "mib": 1,
+    "g": 1024,
+    "gb": 1024,
+    "gi": 1024,
+    "gib": 1024,
+    "t": 1024**2,
+    "tb": 1024**2,
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoleSpec(_Model):
+    """Resources of each process of one role (``worker`` now; ``server`` later)."""
+
+    count: int = Field(1, ge=1, description="how many processes of this role")
+    cpus: int = Field(1, ge=1, description="CPU threads each process may use")
+    gpus: int = Field(0, ge=0, description="GPUs each process gets exclusively")
+    memory: int | None = Field(None, ge=1, description="MiB each process needs; '4g' works")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _parse_memory(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"'{value}' is not a size; write MiB as a number, or e.g. 512m, 4g")
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class Roles(_Model):
+    """The processes a job runs, by role."""
+
+    worker: RoleSpec = Field(default_factory=RoleSpec)
+
+
+class CheckpointSpec(_Model):
+    """When and where checkpoints are written."""
+
+    every: int = Field(1, ge=1, description="write a checkpoint every this many epochs")
+    dir: Path | None = Field(None, description="default: ./corral-runs/<name>-<time>")
+    keep: int = Field(3, ge=1, description="how many recent checkpoints to keep")
+
+
+class DataSpec(_Model):
+    """A Parquet file or folder, with the columns to train on."""
+
+    path: str
+    features: list[str] | None = Field(None, description="default: every column but the label")
+    label: str
+
+
+class OptimizerSpec(_Model):
+    """An optimizer by name; also callable on parameters, so Trainer accepts it directly."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    def __call__(self, params: Any) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        cls = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+#: Losses a YAML job can name; anything else must be a ``module:attribute`` reference.
+LOSSES = {
+    "cross_entropy": torch.nn.CrossEntropyLoss,
+    "nll": torch.nn.NLLLoss,
+    "mse": torch.nn.MSELoss,
+    "l1": torch.nn.L1Loss,
+    "bce_with_logits": torch.nn.BCEWithLogitsLoss,
+}
+
+
+class TrainSettings(_Model):
+    """How to train: everything but the model, loss, optimizer and data themselves."""
+
+    roles: Roles = Field(default_factory=Roles)
+    strategy: AnyStrategy = Field(default_factory=AllReduce)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1, description="samples per worker per step, at most")
+    seed: int = 0
+    shuffle: bool = True
+    max_restarts: int = Field(0, ge=0)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resume_from: Path | None = None
+    master_port: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_by_name(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+
+class JobSpec(TrainSettings):
+    """A whole training job, as written in YAML for ``corral train job.yaml``.
+
+    Example:
+        >>> spec = load_spec("job.yaml")
+        >>> spec.roles.worker.count
+        4
+    """
+
+    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$")
+    entrypoint: str = Field(description="model factory: 'package.module:fn' or 'file.py:fn'")
+    engine: Literal["local"] = "local"
+    data: DataSpec
+    validation: DataSpec | None = None
+    loss: str = "cross_entropy"
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+
+    @field_validator("entrypoint", "loss")
+    @classmethod
+    def _reference(cls, value: str, info: Any) -> str:
+        if info.field_name == "loss" and value in LOSSES:
+            return value
+        if not re.fullmatch(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*", value):
+            allowed = ", ".join(LOSSES) + ", or " if info.field_name == "loss" else ""
+            raise ValueError(f"'{value}' is not {allowed}a 'module:attribute' reference")
+        return value
+
+
+def _describe(error: Any) -> str:
+    loc = list(error["loc"])
+    if len(loc) > 2 and loc[0] == "strategy":
+        del loc[1]  # pydantic puts the union's tag in the path: strategy.allreduce.x
+    where = ".".join(str(part) for part in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown field"
+    if error["type"] == "union_tag_invalid":
+        tag = error["ctx"]["tag"]
+        return f"{where}.kind: unknown strategy '{tag}'; allowed: {error['ctx']['expected_tags']}"
+    if error["type"] == "missing":
+        return f"{where}: required"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: Any, *, source: str = "spec") -> M:
+    """Validate `data` into `model`, turning pydantic's report into a one-screen SpecError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise SpecError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML job file."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read {p}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p} must hold a mapping of job fields, not {type(data).__name__}")
+    return parse(JobSpec, data, source=str(p))

@@ -1,0 +1,14 @@
+"""Synchronisation strategies: one module per algorithm, one small interface for all."""
+
+from typing import Annotated
+
+from pydantic import Field
+
+from corral.strategies.allreduce import AllReduce
+from corral.strategies.averaging import Averaging
+from corral.strategies.base import StepResult, Strategy
+
+#: The tagged union the job spec uses; add each new strategy class here.
+AnyStrategy = Annotated[AllReduce | Averaging, Field(discriminator="kind")]
+
+__all__ = ["AllReduce", "AnyStrategy", "Averaging", "StepResult", "Strategy"]

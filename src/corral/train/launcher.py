@@ -1,0 +1,341 @@
+"""`corral.run`: start N workers, watch them, return rank 0's result or the root failure.
+
+The driver (this process) hosts the torch.distributed rendezvous store itself, on a port
+the kernel picks, and tells workers to connect to it as clients
+(``TORCHELASTIC_USE_AGENT_STORE``, as torchrun's agent does). No port is ever chosen and
+then re-bound, so two jobs can never race for one. User code calling
+``dist.init_process_group("gloo")`` with ``env://`` works unchanged.
+
+Each attempt follows the same steps: host the store and the control channel, write the
+payload, launch the plan on the engine, then watch exits and messages until all workers
+finish or one fails. On failure every worker is stopped, the root cause is picked (a
+signal beats an exception, an exception beats the communication errors it causes in
+peers), and `corral.train.restarts.decide` says whether to relaunch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import torch.distributed as dist
+
+from corral.comm.control import ControlServer, Message
+from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
+from corral.engines.local import LocalEngine
+from corral.errors import LaunchError, SpecError, WorkerError
+from corral.train import restarts
+
+log = logging.getLogger("corral")
+
+#: After the first sign of failure, how long to keep listening for the other workers'
+#: errors before choosing the root cause. Short, so failures surface well within 2 s.
+_SETTLE_S = 0.4
+#: How long a worker that exited cleanly may take to deliver its last messages.
+_DRAIN_S = 5.0
+
+
+@dataclass(kw_only=True)
+class LaunchOptions:
+    """How to run a job's workers; `corral.run` and `Trainer` both fill one in."""
+
+    workers: int = 1
+    resources: Resources = field(default_factory=Resources)
+    max_restarts: int = 0
+    master_port: int | None = None
+    checkpoint_dir: Path | None = None
+    keep_checkpoints: int = 3
+    engine: Engine = field(default_factory=LocalEngine)
+    host: str = "127.0.0.1"
+    on_report: Callable[[Message], None] | None = None
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise SpecError(f"workers: must be at least 1, got {self.workers}")
+        if self.max_restarts < 0:
+            raise SpecError(f"max_restarts: must be 0 or more, got {self.max_restarts}")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise SpecError(f"master_port: must be between 1 and 65535, got {self.master_port}")
+
+
+@dataclass
+class _Outcome:
+    result: Any = None
+    failure: restarts.Failure | None = None
+
+
+def _python_path() -> str:
+    """The caller's import path, so workers unpickle functions from the same modules."""
+    entries = [os.path.abspath(p or os.getcwd()) for p in sys.path]
+    return os.pathsep.join(dict.fromkeys(entries))
+
+
+def _host_store(host: str, port: int | None) -> dist.TCPStore:
+    try:
+        return dist.TCPStore(
+            host, port or 0, None, True, timeout=timedelta(minutes=5), wait_for_workers=False
+        )
+    except (RuntimeError, OSError) as exc:
+        if port:
+            raise LaunchError(
+                f"master_port {port} on {host} is already in use; choose another port "
+                "or leave master_port unset to let corral pick a free one"
+            ) from exc
+        raise LaunchError(f"cannot open a rendezvous port on {host}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM on the caller into SystemExit so `finally` blocks stop the workers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _plan(
+    opts: LaunchOptions, payload: Path, store_port: int, control: ControlServer, attempt: int
+) -> Plan:
+    common = {
+        "MASTER_ADDR": opts.host,
+        "MASTER_PORT": str(store_port),
+        "WORLD_SIZE": str(opts.workers),
+        "LOCAL_WORLD_SIZE": str(opts.workers),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RESTART_COUNT": str(attempt),
+        "CORRAL_CONTROL": f"{control.address[0]}:{control.address[1]}",
+        "CORRAL_CONTROL_KEY": control.authkey.hex(),
+        "CORRAL_ROLE": "worker",
+        "CORRAL_KEEP_CHECKPOINTS": str(opts.keep_checkpoints),
+        "PYTHONPATH": _python_path(),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if opts.checkpoint_dir is not None:
+        common["CORRAL_CHECKPOINT_DIR"] = str(opts.checkpoint_dir)
+    argv = [sys.executable, "-m", "corral.train.worker", str(payload)]
+    return Plan(
+        processes=[
+            ProcessSpec(
+                role="worker",
+                rank=rank,
+                argv=argv,
+                env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                resources=opts.resources,
+            )
+            for rank in range(opts.workers)
+        ]
+    )
+
+
+class _Watch:
+    """Collects one attempt's messages and exits and turns them into an `_Outcome`."""
+
+    def __init__(self, group: WorkerGroup, control: ControlServer, opts: LaunchOptions) -> None:
+        self.group, self.control, self.opts = group, control, opts
+        self.errors: dict[int, Message] = {}
+        self.closed: set[int] = set()
+        self.result: Any = _MISSING
+        self.first_trouble: float | None = None
+
+    def _take(self, msg: Message) -> None:
+        body = msg.body
+        if body is None:
+            self.closed.add(msg.rank)
+        elif body["kind"] == "result":
+            self.result = cloudpickle.loads(body["value"])
+        elif body["kind"] == "error":
+            self.errors.setdefault(msg.rank, msg)
+            self.first_trouble = self.first_trouble or msg.received
+        elif body["kind"] == "report" and self.opts.on_report is not None:
+            self.opts.on_report(msg)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            self._take(self.control.messages.get(timeout=timeout))
+            while True:
+                self._take(self.control.messages.get_nowait())
+        except queue.Empty:
+            pass
+
+    def run(self) -> _Outcome:
+        n = self.opts.workers
+        while True:
+            self._drain(0.05)
+            exits = self.group.poll()
+            bad = [e for e in exits if e.returncode != 0]
+            if bad and self.first_trouble is None:
+                self.first_trouble = time.monotonic()
+            if self.first_trouble is not None:
+                settled = all(e.rank in self.closed for e in bad)
+                if settled or time.monotonic() - self.first_trouble > _SETTLE_S:
+                    return _Outcome(failure=self._root_cause(bad))
+            elif len(exits) == n:
+                return self._finish()
+
+    def _finish(self) -> _Outcome:
+        deadline = time.monotonic() + _DRAIN_S
+        while 0 not in self.closed and time.monotonic() < deadline:
+            self._drain(0.05)
+        if self.result is _MISSING:
+            return _Outcome(
+                failure=restarts.Failure(
+                    role="worker",
+                    rank=0,
+                    exc_type=None,
+                    detail="finished but its result never reached the driver",
+                )
+            )
+        return _Outcome(result=self.result)
+
+    def _root_cause(self, bad: list[Exit]) -> restarts.Failure:
+        """A signal first, then a primary exception, then errors that only echo a peer's."""
+        candidates: list[tuple[int, float, restarts.Failure]] = []
+        for e in bad:
+            if e.signal_name:
+                candidates.append((0, 0.0, self._from_exit(e)))
+            elif e.rank not in self.errors:
+                candidates.append((1, 0.0, self._from_exit(e)))
+        for rank, msg in self.errors.items():
+            body = msg.body or {}
+            failure = restarts.Failure(
+                role=msg.role,
+                rank=rank,
+                exc_type=body["type"],
+                detail=body["message"],
+                traceback=body["traceback"],
+                deterministic=body["deterministic"],
+            )
+            candidates.append((2 if body["secondary"] else 1, body["time"], failure))
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        return candidates[0][2]
+
+    def _from_exit(self, e: Exit) -> restarts.Failure:
+        tail = "\n".join(self.group.logs(e.role, e.rank).splitlines()[-20:])
+        return restarts.Failure(
+            role=e.role,
+            rank=e.rank,
+            exc_type=None,
+            detail=e.how(),
+            traceback=tail,
+        )
+
+
+_MISSING = object()
+
+
+def _attempt(payload: Path, opts: LaunchOptions, attempt: int) -> _Outcome:
+    store = _host_store(opts.host, opts.master_port)
+    control = ControlServer(opts.host)
+    group: WorkerGroup | None = None
+    try:
+        group = opts.engine.launch(_plan(opts, payload, store.port, control, attempt))
+        return _Watch(group, control, opts).run()
+    finally:
+        if group is not None:
+            group.stop()
+        control.close()
+        del store
+
+
+def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -> Any:
+    """Run ``fn(*args)`` on every worker; return rank 0's value or raise `WorkerError`."""
+    opts.validate()
+    run_dir = Path(tempfile.mkdtemp(prefix="corral-"))
+    try:
+        payload = run_dir / "payload.pkl"
+        payload.write_bytes(cloudpickle.dumps((fn, args)))
+        if opts.checkpoint_dir is None:
+            opts.checkpoint_dir = run_dir / "checkpoints"
+        restarts_done = 0
+        with _sigterm_as_exit():
+            while True:
+                outcome = _attempt(payload, opts, restarts_done)
+                if outcome.failure is None:
+                    return outcome.result
+                f = outcome.failure
+                decision = restarts.decide(
+                    f, restarts_done=restarts_done, max_restarts=opts.max_restarts
+                )
+                if isinstance(decision, restarts.GiveUp):
+                    raise WorkerError(
+                        role=f.role,
+                        rank=f.rank,
+                        exc_type=f.exc_type,
+                        detail=f.detail,
+                        remote_traceback=f.traceback,
+                        restarts=restarts_done,
+                    )
+                log.warning(
+                    "%s %d failed (%s); restarting all workers, attempt %d of %d",
+                    f.role,
+                    f.rank,
+                    f.exc_type or f.detail,
+                    decision.attempt + 1,
+                    opts.max_restarts + 1,
+                )
+                restarts_done = decision.attempt
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run(
+    fn: Callable[..., Any],
+    *args: Any,
+    workers: int = 1,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: int = 0,
+    max_restarts: int = 0,
+    master_port: int | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    engine: Engine | None = None,
+) -> Any:
+    """Run your own torch.distributed function on `workers` processes; return rank 0's value.
+
+    Every worker gets ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``LOCAL_RANK`` and
+    ``WORLD_SIZE``, so code written for torchrun runs unchanged. Pass keyword arguments for
+    `fn` with `functools.partial`.
+
+    Example:
+        >>> def train(lr):
+        ...     dist.init_process_group("gloo")
+        ...     ...
+        ...     return dist.get_rank()
+        >>> corral.run(train, 0.1, workers=4)
+        0
+
+    Raises:
+        WorkerError: a worker raised, exited non-zero or was killed, and no restart was
+            left; names the rank and carries the worker's traceback.
+        LaunchError: the workers could not be started.
+    """
+    opts = LaunchOptions(
+        workers=workers,
+        resources=Resources(cpus=cpus_per_worker, gpus=gpus_per_worker),
+        max_restarts=max_restarts,
+        master_port=master_port,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+        engine=engine or LocalEngine(),
+    )
+    return launch(fn, args, opts)

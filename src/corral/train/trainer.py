@@ -1,0 +1,225 @@
+"""`Trainer`: train a single-device model on many workers without writing distributed code.
+
+Everything that can be checked on the caller's side is checked before a worker starts:
+settings (through `TrainSettings`), the model factory (called once here; its model also
+receives the trained weights), the data (columns, lengths, NaN), and ``resume_from``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from corral.comm.control import Message
+from corral.data import Source, as_source
+from corral.engines.base import Engine, Resources
+from corral.engines.local import LocalEngine
+from corral.errors import SpecError
+from corral.spec import TrainSettings, parse
+from corral.strategies import Strategy
+from corral.train import checkpoint as ckpt
+from corral.train.launcher import LaunchOptions, launch
+from corral.train.loop import LossFn, ModelArg, OptimizerFn, TrainTask, build_model, train_worker
+from corral.train.progress import log_report
+
+log = logging.getLogger("corral")
+
+
+@dataclass
+class Result:
+    """What `Trainer.fit` returns.
+
+    Attributes:
+        model: The trained model on the caller's side, in eval mode.
+        history: One dict per epoch: ``loss``, ``accuracy`` (classification),
+            ``val_loss``/``val_accuracy`` (with validation data), ``samples_per_s``,
+            ``syncs`` (communication rounds) and ``time_s``.
+        checkpoint: Path of the last checkpoint written.
+    """
+
+    model: torch.nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last epoch's metrics."""
+        return self.history[-1] if self.history else {}
+
+
+class Trainer:
+    """Data-parallel training of a single-device PyTorch model.
+
+    Example:
+        >>> trainer = corral.Trainer(
+        ...     model=make_model, loss=torch.nn.CrossEntropyLoss(),
+        ...     optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
+        ...     strategy=corral.Averaging(every=16), workers=4, epochs=10, batch_size=32)
+        >>> result = trainer.fit((X, y), validation=(X_test, y_test))
+        >>> result.history[-1]["val_accuracy"]
+        0.97
+
+    Args:
+        model: An ``nn.Module`` or a zero-argument factory returning one.
+        loss: Any callable ``(output, target) -> scalar tensor``.
+        optimizer: A callable taking parameters and returning an optimizer, or an
+            `OptimizerSpec`.
+        strategy: A `Strategy` object or its name (``"allreduce"``, ``"averaging"``).
+        workers: Number of worker processes.
+        epochs: Total epochs; a resumed run trains only those not done yet.
+        batch_size: Samples per worker per step, at most (see README: sharding).
+        cpus_per_worker, gpus_per_worker, memory_per_worker: Resources of each worker.
+        checkpoint_every: Write a checkpoint every this many epochs (and after the last).
+        checkpoint_dir: Where to write them; default ``./corral-runs/job-<time>``.
+        max_restarts: Relaunch all workers from the newest checkpoint this many times
+            when one dies.
+        resume_from: A checkpoint file, or a folder of them, to continue from.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ModelArg,
+        loss: LossFn,
+        optimizer: OptimizerFn,
+        strategy: Strategy | str | None = None,
+        workers: int = 1,
+        epochs: int = 1,
+        batch_size: int = 32,
+        seed: int = 0,
+        shuffle: bool = True,
+        cpus_per_worker: int = 1,
+        gpus_per_worker: int = 0,
+        memory_per_worker: int | str | None = None,
+        checkpoint_every: int = 1,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        keep_checkpoints: int = 3,
+        max_restarts: int = 0,
+        resume_from: str | os.PathLike[str] | None = None,
+        master_port: int | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        for name, value in (("loss", loss), ("optimizer", optimizer)):
+            if not callable(value):
+                raise SpecError(f"{name}: expected a callable, got {type(value).__name__}")
+        if not (isinstance(model, torch.nn.Module) or callable(model)):
+            raise SpecError(
+                f"model: expected an nn.Module or a factory, got {type(model).__name__}"
+            )
+        raw: dict[str, Any] = {
+            "roles": {
+                "worker": {
+                    "count": workers,
+                    "cpus": cpus_per_worker,
+                    "gpus": gpus_per_worker,
+                    "memory": memory_per_worker,
+                }
+            },
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "shuffle": shuffle,
+            "max_restarts": max_restarts,
+            "resume_from": resume_from,
+            "master_port": master_port,
+            "checkpoint": {
+                "every": checkpoint_every,
+                "dir": checkpoint_dir,
+                "keep": keep_checkpoints,
+            },
+        }
+        if strategy is not None:
+            raw["strategy"] = strategy
+        self.settings = parse(TrainSettings, raw, source="Trainer arguments")
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.engine = engine or LocalEngine()
+
+    @classmethod
+    def from_settings(
+        cls, settings: TrainSettings, *, model: ModelArg, loss: LossFn, optimizer: OptimizerFn
+    ) -> Trainer:
+        """Build a trainer from already-validated settings (the YAML path)."""
+        trainer = cls(model=model, loss=loss, optimizer=optimizer)
+        trainer.settings = settings
+        return trainer
+
+    def fit(
+        self,
+        data: Any,
+        *,
+        features: list[str] | None = None,
+        label: str | None = None,
+        validation: Any = None,
+        on_report: Callable[[Message], None] | None = log_report,
+    ) -> Result:
+        """Train on `data` and return the trained model, its history and last checkpoint.
+
+        Args:
+            data: ``(X, y)`` numpy arrays, a pandas DataFrame (with `features` and `label`),
+                a Parquet file or folder path (with `features` and `label`), a map-style
+                torch ``Dataset`` of ``(x, y)`` pairs, or a `corral.data.Source`.
+            features, label: Column names, for DataFrames and Parquet.
+            validation: Held-out data of the same kind, evaluated after every epoch.
+            on_report: Called with every progress and epoch report; by default they are
+                logged at INFO on the ``corral`` logger.
+        """
+        s = self.settings
+        workers = s.roles.worker.count
+        train = as_source(data, features=features, label=label)
+        train.steps_per_epoch(workers, s.batch_size)  # fails now if it cannot be split
+        valid: Source | None = None
+        if validation is not None:
+            valid = as_source(validation, features=features, label=label)
+            valid.steps_per_epoch(workers, s.batch_size)
+        resume = ckpt.resolve(s.resume_from) if s.resume_from is not None else None
+        if resume is not None:
+            ckpt.load(resume)  # a bad file fails here, before any worker starts
+        local_model = self._model_on_caller()
+        checkpoint_dir = s.checkpoint.dir or Path.cwd() / "corral-runs" / time.strftime(
+            "job-%Y%m%d-%H%M%S"
+        )
+        task = TrainTask(
+            model=self.model,
+            loss=self.loss,
+            optimizer=self.optimizer,
+            settings=s,
+            train=train,
+            validation=valid,
+            resume_from=resume,
+        )
+        opts = LaunchOptions(
+            workers=workers,
+            resources=Resources(
+                cpus=s.roles.worker.cpus, gpus=s.roles.worker.gpus, memory_mb=s.roles.worker.memory
+            ),
+            max_restarts=s.max_restarts,
+            master_port=s.master_port,
+            checkpoint_dir=checkpoint_dir,
+            keep_checkpoints=s.checkpoint.keep,
+            engine=self.engine,
+            on_report=on_report,
+        )
+        out = launch(train_worker, (task,), opts)
+        local_model.load_state_dict(out["state_dict"])
+        checkpoint = Path(out["checkpoint"]) if out["checkpoint"] else None
+        return Result(model=local_model.eval(), history=out["history"], checkpoint=checkpoint)
+
+    def _model_on_caller(self) -> torch.nn.Module:
+        """Build the model here once: a broken factory fails now, with its own message."""
+        if isinstance(self.model, torch.nn.Module):
+            return copy.deepcopy(self.model)
+        name = getattr(self.model, "__qualname__", repr(self.model))
+        try:
+            return build_model(self.model)
+        except Exception as exc:
+            raise SpecError(
+                f"model: the factory {name} raised {type(exc).__name__}: {exc}"
+            ) from exc

@@ -1,0 +1,90 @@
+"""The entry point of every worker process: ``python -m corral.train.worker PAYLOAD``.
+
+It arms the parent watchdog, builds the `Context` from the environment the launcher set,
+runs the user's function, and sends rank 0's return value — or any worker's exception
+with its traceback — to the driver over the authenticated control channel, never stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import torch.distributed as dist
+
+from corral.comm.control import ControlClient
+from corral.engines.watchdog import watch_parent
+from corral.errors import CorralError
+from corral.train.context import Context, set_context
+
+
+def _context_from_env(env: os._Environ[str]) -> Context:
+    host, port = env["CORRAL_CONTROL"].rsplit(":", 1)
+    role, rank = env.get("CORRAL_ROLE", "worker"), int(env["RANK"])
+    client = ControlClient((host, int(port)), bytes.fromhex(env["CORRAL_CONTROL_KEY"]), role, rank)
+    checkpoint_dir = env.get("CORRAL_CHECKPOINT_DIR")
+    return Context(
+        role=role,
+        rank=rank,
+        local_rank=int(env["LOCAL_RANK"]),
+        world_size=int(env["WORLD_SIZE"]),
+        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        keep_checkpoints=int(env.get("CORRAL_KEEP_CHECKPOINTS", "3")),
+        client=client,
+    )
+
+
+def _error_message(exc: BaseException) -> dict[str, Any]:
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next  # the user's frames are what matter, not this launcher's
+    return {
+        "kind": "error",
+        "time": time.time(),
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+        "deterministic": isinstance(exc, CorralError),
+        "secondary": isinstance(exc, dist.DistError),
+    }
+
+
+def main(payload_path: str) -> int:
+    """Run one worker; returns the process exit code."""
+    watch_parent()
+    ctx = _context_from_env(os.environ)
+    os.environ.pop("CORRAL_CONTROL_KEY")  # the user's code has no use for the job's key
+    assert ctx.client is not None
+    set_context(ctx)
+    try:
+        fn, args = cloudpickle.loads(Path(payload_path).read_bytes())
+        value = fn(*args)
+        if ctx.rank == 0:
+            try:
+                blob = cloudpickle.dumps(value)
+            except Exception as exc:
+                raise CorralError(f"the return value of rank 0 cannot be pickled: {exc}") from exc
+            ctx.client.send({"kind": "result", "value": blob})
+        return 0
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            return 0
+        ctx.client.send(_error_message(exc) | {"message": f"exit code {exc.code}"})
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        ctx.client.send(_error_message(exc))
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ctx.client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
