@@ -5,39 +5,65 @@ Example:
     >>> result = corral.Trainer(model=make_model, loss=torch.nn.CrossEntropyLoss(),
     ...                         optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
     ...                         strategy=corral.AllReduce(), workers=4).fit((X, y))
+
+Names are imported on first use (PEP 562), so a worker process that needs only
+`corral.context` does not pay for pandas, pyarrow and pydantic at start-up.
 """
 
-from corral.errors import (
-    CheckpointError,
-    CorralError,
-    DataError,
-    LaunchError,
-    SpecError,
-    WorkerError,
-)
-from corral.spec import JobSpec, OptimizerSpec, TrainSettings, load_spec
-from corral.strategies import AllReduce, Averaging, Strategy
-from corral.train.context import Context, context
-from corral.train.launcher import run
-from corral.train.trainer import Result, Trainer
+from __future__ import annotations
 
-__all__ = [
-    "AllReduce",
-    "Averaging",
-    "CheckpointError",
-    "Context",
-    "CorralError",
-    "DataError",
-    "JobSpec",
-    "LaunchError",
-    "OptimizerSpec",
-    "Result",
-    "SpecError",
-    "Strategy",
-    "TrainSettings",
-    "Trainer",
-    "WorkerError",
-    "context",
-    "load_spec",
-    "run",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AllReduce": "corral.strategies",
+    "Averaging": "corral.strategies",
+    "CheckpointError": "corral.errors",
+    "Context": "corral.train.context",
+    "CorralError": "corral.errors",
+    "DataError": "corral.errors",
+    "JobSpec": "corral.spec",
+    "LaunchError": "corral.errors",
+    "OptimizerSpec": "corral.spec",
+    "Result": "corral.train.trainer",
+    "SpecError": "corral.errors",
+    "Strategy": "corral.strategies",
+    "TrainSettings": "corral.spec",
+    "Trainer": "corral.train.trainer",
+    "TrainingError": "corral.errors",
+    "WorkerError": "corral.errors",
+    "context": "corral.train.context",
+    "load_spec": "corral.spec",
+    "run": "corral.train.launcher",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'corral' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from corral.errors import (
+        CheckpointError,
+        CorralError,
+        DataError,
+        LaunchError,
+        SpecError,
+        TrainingError,
+        WorkerError,
+    )
+    from corral.spec import JobSpec, OptimizerSpec, TrainSettings, load_spec
+    from corral.strategies import AllReduce, Averaging, Strategy
+    from corral.train.context import Context, context
+    from corral.train.launcher import run
+    from corral.train.trainer import Result, Trainer

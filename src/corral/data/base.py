@@ -104,6 +104,26 @@ class Source(ABC):
         return (shard.take(idx) for idx in sharding.split_batches(shard.order, steps))
 
 
+class IndexedSource(Source):
+    """A source that can fetch any sample by its global index: arrays, map-style datasets.
+
+    Each rank slices the same global permutation of the epoch, which is the finest shuffle
+    there is; sources that must read in blocks (Parquet row groups) implement ``_shard``
+    themselves.
+    """
+
+    @abstractmethod
+    def _take(self, idx: np.ndarray) -> Batch:
+        """Fetch the samples at global indices ``idx`` as one ``(x, y)`` batch."""
+
+    def _shard(self, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> Shard:
+        """Give ``rank`` its contiguous range of the epoch's global permutation."""
+        order = sharding.rank_indices(
+            self.num_samples, rank, world_size, seed=seed, epoch=epoch, shuffle=shuffle
+        )
+        return Shard(order, self._take)
+
+
 def take_rows(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> Batch:
     """Gather rows ``idx`` of ``x`` and ``y`` as tensors, without a Python loop over rows.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,8 +17,15 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
-from corral.data import sharding
-from corral.data.base import Batch, Shard, Source, check_columns, check_finite, quoted, take_rows
+from corral.data.base import (
+    Batch,
+    IndexedSource,
+    Source,
+    check_columns,
+    check_finite,
+    quoted,
+    take_rows,
+)
 from corral.data.parquet import ParquetSource
 from corral.errors import DataError
 
@@ -33,7 +39,7 @@ def _numeric(a: np.ndarray, what: str) -> np.ndarray:
     raise DataError(f"{what} must be numeric, got dtype {a.dtype}")
 
 
-class ArraySource(Source):
+class ArraySource(IndexedSource):
     """In-memory arrays ``x`` (one row per sample) and ``y`` (one label per sample).
 
     Floating and boolean features become ``float32`` (what models expect); integer features
@@ -116,15 +122,11 @@ class ArraySource(Source):
         """Number of rows."""
         return len(self._x)
 
-    def _shard(self, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> Shard:
-        """Give ``rank`` its contiguous range of the epoch's global permutation."""
-        order = sharding.rank_indices(
-            self.num_samples, rank, world_size, seed=seed, epoch=epoch, shuffle=shuffle
-        )
-        return Shard(order, partial(take_rows, self._x, self._y))
+    def _take(self, idx: np.ndarray) -> Batch:
+        return take_rows(self._x, self._y, idx)
 
 
-class DatasetSource(Source):
+class DatasetSource(IndexedSource):
     """A map-style ``torch.utils.data.Dataset`` whose items are ``(x, y)`` pairs.
 
     Items are fetched one by one and collated with ``default_collate``; ``float64`` tensors
@@ -154,13 +156,6 @@ class DatasetSource(Source):
     def num_samples(self) -> int:
         """Length of the dataset."""
         return len(self._dataset)
-
-    def _shard(self, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> Shard:
-        """Give ``rank`` its contiguous range of the epoch's global permutation."""
-        order = sharding.rank_indices(
-            self.num_samples, rank, world_size, seed=seed, epoch=epoch, shuffle=shuffle
-        )
-        return Shard(order, self._take)
 
     def _take(self, idx: np.ndarray) -> Batch:
         items = [_check_pair(self._dataset[i], i) for i in idx.tolist()]
