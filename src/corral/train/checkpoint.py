@@ -31,9 +31,10 @@ def save(directory: Path, index: int, state: dict[str, Any], *, keep: int) -> Pa
     try:
         torch.save({MARKER: FORMAT_VERSION, **state}, tmp)
         os.replace(tmp, path)
-    except OSError as exc:
+    except Exception as exc:  # full disk, unpicklable state…: the old checkpoints stay
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}") from exc
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -64,7 +64,12 @@ def main(payload_path: str) -> int:
     set_context(ctx)
     try:
         fn, args = cloudpickle.loads(Path(payload_path).read_bytes())
-        value = fn(*args)
+        try:
+            value = fn(*args)
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise
+            value = None
         if ctx.rank == 0:
             try:
                 blob = cloudpickle.dumps(value)
@@ -73,8 +78,6 @@ def main(payload_path: str) -> int:
             ctx.client.send({"kind": "result", "value": blob})
         return 0
     except SystemExit as exc:
-        if exc.code in (0, None):
-            return 0
         ctx.client.send(_error_message(exc) | {"message": f"exit code {exc.code}"})
         return exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:

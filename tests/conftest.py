@@ -1,0 +1,45 @@
+"""Shared helpers for tests that start real worker processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone: it runs no code)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    """Poll `condition` until true; returns seconds taken, fails the test after `timeout`."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def read_pids(folder: Path) -> list[int]:
+    """Pids that worker functions recorded as files named after them in `folder`."""
+    return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+
+
+def record_pid(folder: str) -> None:
+    """Called inside a worker: leave a file named after this process's pid."""
+    Path(folder, str(os.getpid())).touch()
+
+
+@pytest.fixture
+def pid_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "pids"
+    d.mkdir()
+    return d
