@@ -37,7 +37,27 @@ _EXPORTS = {
     "run": "corral.train.launcher",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AllReduce",
+    "Averaging",
+    "CheckpointError",
+    "Context",
+    "CorralError",
+    "DataError",
+    "JobSpec",
+    "LaunchError",
+    "OptimizerSpec",
+    "Result",
+    "SpecError",
+    "Strategy",
+    "TrainSettings",
+    "Trainer",
+    "TrainingError",
+    "WorkerError",
+    "context",
+    "load_spec",
+    "run",
+]
 
 
 def __getattr__(name: str) -> Any:

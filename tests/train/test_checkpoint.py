@@ -9,7 +9,9 @@ def test_save_keeps_only_the_newest(tmp_path):
     for i in range(1, 6):
         ckpt.save(tmp_path, i, {"x": torch.tensor([i])}, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
-        "checkpoint-000004.pt", "checkpoint-000005.pt"]
+        "checkpoint-000004.pt",
+        "checkpoint-000005.pt",
+    ]
     assert ckpt.load(ckpt.latest(tmp_path))["x"].item() == 5
 
 

@@ -32,8 +32,9 @@ def ddp_tutorial_step() -> dict:
     opt.step()
     weights = [torch.zeros(4) for _ in range(dist.get_world_size())]
     dist.all_gather(weights, model.module.weight.detach()[0])
-    env = {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
-                                     "WORLD_SIZE")}
+    env = {
+        k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    }
     dist.destroy_process_group()
     return {"env": env, "weights": weights}
 
@@ -197,7 +198,6 @@ def test_sys_exit_zero_is_success_and_non_zero_is_failure():
     assert corral.run(exits, 0, workers=1) is None
     with pytest.raises(WorkerError, match="exit code 3"):
         corral.run(exits, 3, workers=1)
-
 
 
 def returns_a_lock():

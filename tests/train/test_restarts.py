@@ -2,8 +2,13 @@ from corral.train.restarts import Failure, GiveUp, Restart, decide
 
 
 def failure(deterministic: bool = False) -> Failure:
-    return Failure(role="worker", rank=1, exc_type=None, detail="was killed by SIGKILL",
-                   deterministic=deterministic)
+    return Failure(
+        role="worker",
+        rank=1,
+        exc_type=None,
+        detail="was killed by SIGKILL",
+        deterministic=deterministic,
+    )
 
 
 def test_restarts_while_some_are_left():

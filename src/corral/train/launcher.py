@@ -42,9 +42,10 @@ from corral.train import restarts
 
 log = logging.getLogger("corral")
 
-#: After the first sign of failure, how long to keep listening for the other workers'
-#: errors before choosing the root cause. Short, so failures surface well within 2 s.
-_SETTLE_S = 0.4
+#: After the first sign of failure, how long to wait for its root cause (the exit of a
+#: killed worker, say) when only its echoes in peers have arrived. Failures still surface
+#: well within 2 s.
+_SETTLE_S = 1.0
 #: How long a worker that exited cleanly may take to deliver its last messages.
 _DRAIN_S = 5.0
 
@@ -188,7 +189,7 @@ class _Watch:
             if bad and self.first_trouble is None:
                 self.first_trouble = time.monotonic()
             if self.first_trouble is not None:
-                settled = all(e.rank in self.closed for e in bad)
+                settled = self._has_root_cause(bad) and all(e.rank in self.closed for e in bad)
                 if settled or time.monotonic() - self.first_trouble > _SETTLE_S:
                     return _Outcome(failure=self._root_cause(bad))
             elif len(exits) == n:
@@ -208,6 +209,11 @@ class _Watch:
                 )
             )
         return _Outcome(result=self.result)
+
+    def _has_root_cause(self, bad: list[Exit]) -> bool:
+        """Whether something besides echoes of a peer's failure has been seen."""
+        echoes = {r for r, m in self.errors.items() if m.body and m.body["secondary"]}
+        return any(e.rank not in echoes for e in bad) or len(self.errors) > len(echoes)
 
     def _root_cause(self, bad: list[Exit]) -> restarts.Failure:
         """A signal first, then a primary exception, then errors that only echo a peer's."""

@@ -40,6 +40,23 @@ def _context_from_env(env: os._Environ[str]) -> Context:
     )
 
 
+#: Phrases of errors a worker gets only because a *peer* died (gloo and NCCL word them so).
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crash",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
+def _is_echo_of_peer(exc: BaseException) -> bool:
+    """True for communication errors that only report another worker's failure."""
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(p in str(exc) for p in _PEER_LOST)
+    )
+
+
 def _error_message(exc: BaseException) -> dict[str, Any]:
     tb = exc.__traceback__
     if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
@@ -51,7 +68,7 @@ def _error_message(exc: BaseException) -> dict[str, Any]:
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
         "deterministic": isinstance(exc, CorralError),
-        "secondary": isinstance(exc, dist.DistError),
+        "secondary": _is_echo_of_peer(exc),
     }
 
 
