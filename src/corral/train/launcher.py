@@ -16,6 +16,7 @@ peers), and `corral.train.restarts.decide` says whether to relaunch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from corral.comm.control import ControlServer, Message
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
 from corral.engines.local import LocalEngine
-from corral.errors import LaunchError, SpecError, WorkerError
+from corral.errors import CorralError, LaunchError, SpecError, WorkerError
 from corral.train import restarts
 
 log = logging.getLogger("corral")
@@ -165,7 +166,12 @@ class _Watch:
         if body is None:
             self.closed.add(msg.rank)
         elif body["kind"] == "result":
-            self.result = cloudpickle.loads(body["value"])
+            try:
+                self.result = cloudpickle.loads(body["value"])
+            except Exception as exc:
+                raise CorralError(
+                    f"rank 0's return value cannot be unpickled by the caller: {exc}"
+                ) from exc
         elif body["kind"] == "error":
             self.errors.setdefault(msg.rank, msg)
             self.first_trouble = self.first_trouble or msg.received
@@ -262,7 +268,6 @@ def _attempt(payload: Path, opts: LaunchOptions, attempt: int) -> _Outcome:
         if group is not None:
             group.stop()
         control.close()
-        del store
 
 
 def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -> Any:
@@ -272,8 +277,8 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -
     try:
         payload = run_dir / "payload.pkl"
         payload.write_bytes(cloudpickle.dumps((fn, args)))
-        if opts.checkpoint_dir is None:
-            opts.checkpoint_dir = run_dir / "checkpoints"
+        if opts.checkpoint_dir is None:  # restarts within this call still find them
+            opts = dataclasses.replace(opts, checkpoint_dir=run_dir / "checkpoints")
         restarts_done = 0
         with _sigterm_as_exit():
             while True:
