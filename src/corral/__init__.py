@@ -25,6 +25,7 @@ _EXPORTS = {
     "JobSpec": "corral.spec",
     "LaunchError": "corral.errors",
     "OptimizerSpec": "corral.spec",
+    "ParameterServer": "corral.strategies",
     "Result": "corral.train.trainer",
     "SpecError": "corral.errors",
     "Strategy": "corral.strategies",
@@ -47,6 +48,7 @@ __all__ = [
     "JobSpec",
     "LaunchError",
     "OptimizerSpec",
+    "ParameterServer",
     "Result",
     "SpecError",
     "Strategy",
@@ -83,7 +85,7 @@ if TYPE_CHECKING:
         WorkerError,
     )
     from corral.spec import JobSpec, OptimizerSpec, TrainSettings, load_spec
-    from corral.strategies import AllReduce, Averaging, Strategy
+    from corral.strategies import AllReduce, Averaging, ParameterServer, Strategy
     from corral.train.context import Context, context
     from corral.train.launcher import run
     from corral.train.trainer import Result, Trainer

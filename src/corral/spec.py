@@ -16,7 +16,14 @@ from typing import Any, Literal, TypeVar
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from corral.errors import SpecError
 from corral.strategies import AllReduce, AnyStrategy
@@ -63,6 +70,7 @@ class Roles(_Model):
     """The processes a job runs, by role."""
 
     worker: RoleSpec = Field(default_factory=RoleSpec)
+    server: RoleSpec | None = Field(None, description="parameter servers (strategy 'ps')")
 
 
 class CheckpointSpec(_Model):
@@ -126,6 +134,17 @@ class TrainSettings(_Model):
     @classmethod
     def _strategy_by_name(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _servers_match(self) -> TrainSettings:
+        server, servers = self.roles.server, getattr(self.strategy, "servers", None)
+        if server is not None and servers is None:
+            raise ValueError("roles.server: only the 'ps' strategy runs servers")
+        if server is not None and "count" in server.model_fields_set and server.count != servers:
+            raise ValueError(
+                f"roles.server.count: {server.count} differs from strategy.servers: {servers}"
+            )
+        return self
 
 
 class JobSpec(TrainSettings):

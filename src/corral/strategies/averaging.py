@@ -69,7 +69,7 @@ class Averaging(Strategy):
     _since_sync: int = PrivateAttr(default=0)
 
     def setup(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Context
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
     ) -> torch.nn.Module:
         broadcast_(_state_tensors(model))
         self._model, self._optimizer, self._since_sync = model, optimizer, 0

@@ -8,7 +8,11 @@ Python, YAML and REST) plus three verbs the training loop calls in a fixed order
 2. ``step(loss)`` once per mini-batch: backward, optimizer step and whatever communication
    the algorithm needs, returning a `StepResult`;
 3. ``finish_epoch()`` at the end of every epoch, so that evaluation and checkpoints see
-   one model on every rank.
+   one model on every rank, then ``epoch_metrics()`` for what the strategy measured;
+4. ``finish()`` once, when training is over.
+
+A strategy that needs processes of its own (parameter servers) returns them from
+``extra_roles`` on the caller's side, before anything starts.
 
 `Trainer` never branches on the strategy's name; a new algorithm is a new module.
 """
@@ -17,11 +21,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from corral.engines.base import Resources
 from corral.train.context import Context
+from corral.train.roles import Role
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,16 @@ class Strategy(BaseModel, ABC):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: Whether workers run the user's optimizer (a parameter server runs its own).
+    needs_optimizer: ClassVar[bool] = True
+
+    def extra_roles(self, *, workers: int, resources: Resources) -> list[Role]:
+        """Processes to start beside the workers; called on the caller's side."""
+        return []
+
     @abstractmethod
     def setup(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Context
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
     ) -> torch.nn.Module:
         """Prepare replicas to agree; returns the module the loop calls forward on."""
 
@@ -48,3 +62,10 @@ class Strategy(BaseModel, ABC):
 
     def finish_epoch(self) -> None:
         """Bring replicas to one model at the end of an epoch (no-op if always in sync)."""
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """What the strategy measured this epoch, merged into the history row."""
+        return {}
+
+    def finish(self) -> None:
+        """Release what `setup` acquired; called once after the last epoch."""

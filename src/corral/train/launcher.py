@@ -40,6 +40,7 @@ from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, Work
 from corral.engines.local import LocalEngine
 from corral.errors import CorralError, LaunchError, SpecError, WorkerError
 from corral.train import restarts
+from corral.train.roles import Role
 
 log = logging.getLogger("corral")
 
@@ -64,6 +65,7 @@ class LaunchOptions:
     engine: Engine = field(default_factory=LocalEngine)
     host: str = "127.0.0.1"
     on_report: Callable[[Message], None] | None = None
+    extra_roles: list[Role] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -137,16 +139,19 @@ def _plan(
     if opts.checkpoint_dir is not None:
         common["CORRAL_CHECKPOINT_DIR"] = str(opts.checkpoint_dir)
     argv = [sys.executable, "-m", "corral.train.worker", str(payload)]
+    roles = [("worker", opts.workers, opts.resources)]
+    roles += [(r.name, r.count, r.resources) for r in opts.extra_roles]
     return Plan(
         processes=[
             ProcessSpec(
-                role="worker",
+                role=name,
                 rank=rank,
                 argv=argv,
-                env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                resources=opts.resources,
+                env={**common, "CORRAL_ROLE": name, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                resources=resources,
             )
-            for rank in range(opts.workers)
+            for name, count, resources in roles
+            for rank in range(count)
         ]
     )
 
@@ -156,15 +161,15 @@ class _Watch:
 
     def __init__(self, group: WorkerGroup, control: ControlServer, opts: LaunchOptions) -> None:
         self.group, self.control, self.opts = group, control, opts
-        self.errors: dict[int, Message] = {}
-        self.closed: set[int] = set()
+        self.errors: dict[tuple[str, int], Message] = {}
+        self.closed: set[tuple[str, int]] = set()
         self.result: Any = _MISSING
         self.first_trouble: float | None = None
 
     def _take(self, msg: Message) -> None:
         body = msg.body
         if body is None:
-            self.closed.add(msg.rank)
+            self.closed.add((msg.role, msg.rank))
         elif body["kind"] == "result":
             try:
                 self.result = cloudpickle.loads(body["value"])
@@ -173,7 +178,7 @@ class _Watch:
                     f"rank 0's return value cannot be unpickled by the caller: {exc}"
                 ) from exc
         elif body["kind"] == "error":
-            self.errors.setdefault(msg.rank, msg)
+            self.errors.setdefault((msg.role, msg.rank), msg)
             self.first_trouble = self.first_trouble or msg.received
         elif body["kind"] == "report" and self.opts.on_report is not None:
             self.opts.on_report(msg)
@@ -187,7 +192,6 @@ class _Watch:
             pass
 
     def run(self) -> _Outcome:
-        n = self.opts.workers
         while True:
             self._drain(0.05)
             exits = self.group.poll()
@@ -195,15 +199,16 @@ class _Watch:
             if bad and self.first_trouble is None:
                 self.first_trouble = time.monotonic()
             if self.first_trouble is not None:
-                settled = self._has_root_cause(bad) and all(e.rank in self.closed for e in bad)
+                closed = all((e.role, e.rank) in self.closed for e in bad)
+                settled = self._has_root_cause(bad) and closed
                 if settled or time.monotonic() - self.first_trouble > _SETTLE_S:
                     return _Outcome(failure=self._root_cause(bad))
-            elif len(exits) == n:
-                return self._finish()
+            elif sum(e.role == "worker" for e in exits) == self.opts.workers:
+                return self._finish()  # helpers (servers) are stopped, not awaited
 
     def _finish(self) -> _Outcome:
         deadline = time.monotonic() + _DRAIN_S
-        while 0 not in self.closed and time.monotonic() < deadline:
+        while ("worker", 0) not in self.closed and time.monotonic() < deadline:
             self._drain(0.05)
         if self.result is _MISSING:
             return _Outcome(
@@ -218,8 +223,8 @@ class _Watch:
 
     def _has_root_cause(self, bad: list[Exit]) -> bool:
         """Whether something besides echoes of a peer's failure has been seen."""
-        echoes = {r for r, m in self.errors.items() if m.body and m.body["secondary"]}
-        return any(e.rank not in echoes for e in bad) or len(self.errors) > len(echoes)
+        echoes = {key for key, m in self.errors.items() if m.body and m.body["secondary"]}
+        return any((e.role, e.rank) not in echoes for e in bad) or len(self.errors) > len(echoes)
 
     def _root_cause(self, bad: list[Exit]) -> restarts.Failure:
         """A signal first, then a primary exception, then errors that only echo a peer's."""
@@ -227,13 +232,13 @@ class _Watch:
         for e in bad:
             if e.signal_name:
                 candidates.append((0, 0.0, self._from_exit(e)))
-            elif e.rank not in self.errors:
+            elif (e.role, e.rank) not in self.errors:
                 candidates.append((1, 0.0, self._from_exit(e)))
-        for rank, msg in self.errors.items():
+        for msg in self.errors.values():
             body = msg.body or {}
             failure = restarts.Failure(
                 role=msg.role,
-                rank=rank,
+                rank=msg.rank,
                 exc_type=body["type"],
                 detail=body["message"],
                 traceback=body["traceback"],
@@ -276,7 +281,8 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -
     run_dir = Path(tempfile.mkdtemp(prefix="corral-"))
     try:
         payload = run_dir / "payload.pkl"
-        payload.write_bytes(cloudpickle.dumps((fn, args)))
+        entries = {"worker": (fn, args)} | {r.name: (r.fn, r.args) for r in opts.extra_roles}
+        payload.write_bytes(cloudpickle.dumps(entries))
         if opts.checkpoint_dir is None:  # restarts within this call still find them
             opts = dataclasses.replace(opts, checkpoint_dir=run_dir / "checkpoints")
         restarts_done = 0

@@ -38,7 +38,7 @@ class TrainTask:
 
     model: ModelArg
     loss: LossFn
-    optimizer: OptimizerFn
+    optimizer: OptimizerFn | None
     settings: TrainSettings
     train: Source
     validation: Source | None
@@ -177,12 +177,13 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
     try:
         torch.manual_seed(s.seed)
         model = build_model(task.model).to(ctx.device)
-        optimizer = task.optimizer(model.parameters())
+        optimizer = task.optimizer(model.parameters()) if task.optimizer else None
         start_epoch, history, last = 0, [], None
         state = _restore(task, ctx)
         if state is not None:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            if optimizer is not None:
+                optimizer.load_state_dict(state["optimizer"])
             start_epoch, history, last = (
                 state["data_position"]["epoch"],
                 state["history"],
@@ -193,6 +194,7 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
             row = {"epoch": float(epoch + 1), **_train_epoch(task, net, epoch, ctx)}
             if task.validation is not None:
                 row.update(_evaluate(task, model, ctx))
+            row.update(s.strategy.epoch_metrics())
             history.append(row)
             if ctx.rank == 0:
                 ctx.report(kind="epoch", epochs=s.epochs, **row)
@@ -200,13 +202,14 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                 saved = ctx.checkpoint(
                     {
                         "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
+                        "optimizer": optimizer.state_dict() if optimizer else {},
                         "data_position": {"epoch": epoch + 1, "seed": s.seed},
                         "history": history,
                     },
                     index=epoch + 1,
                 )
                 last = str(saved) if saved else last
+        s.strategy.finish()
         if ctx.rank != 0:
             return None
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -89,8 +89,8 @@ class Trainer:
         *,
         model: ModelArg,
         loss: LossFn,
-        optimizer: OptimizerFn,
-        strategy: Strategy | str | None = None,
+        optimizer: OptimizerFn | None = None,
+        strategy: Strategy | str | dict[str, Any] | None = None,
         workers: int = 1,
         epochs: int = 1,
         batch_size: int = 32,
@@ -107,7 +107,7 @@ class Trainer:
         master_port: int | None = None,
         engine: Engine | None = None,
     ) -> None:
-        for name, value in (("loss", loss), ("optimizer", optimizer)):
+        for name, value in (("loss", loss), ("optimizer", optimizer or callable)):
             if not callable(value):
                 raise SpecError(f"{name}: expected a callable, got {type(value).__name__}")
         if not (isinstance(model, torch.nn.Module) or callable(model)):
@@ -139,15 +139,22 @@ class Trainer:
         if strategy is not None:
             raw["strategy"] = strategy
         self.settings = parse(TrainSettings, raw, source="Trainer arguments")
+        if optimizer is None and self.settings.strategy.needs_optimizer:
+            raise SpecError(f"optimizer: required by the {self.settings.strategy.kind} strategy")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.engine = engine or LocalEngine()
 
     @classmethod
     def from_settings(
-        cls, settings: TrainSettings, *, model: ModelArg, loss: LossFn, optimizer: OptimizerFn
+        cls,
+        settings: TrainSettings,
+        *,
+        model: ModelArg,
+        loss: LossFn,
+        optimizer: OptimizerFn | None,
     ) -> Trainer:
         """Build a trainer from already-validated settings (the YAML path)."""
-        trainer = cls(model=model, loss=loss, optimizer=optimizer)
+        trainer = cls(model=model, loss=loss, optimizer=optimizer, strategy=settings.strategy)
         trainer.settings = settings
         return trainer
 
@@ -195,6 +202,13 @@ class Trainer:
             validation=valid,
             resume_from=resume,
         )
+        server = s.roles.server
+        extra = s.strategy.extra_roles(
+            workers=workers,
+            resources=Resources(cpus=server.cpus, gpus=server.gpus, memory_mb=server.memory)
+            if server
+            else Resources(),
+        )
         opts = LaunchOptions(
             workers=workers,
             resources=Resources(
@@ -206,6 +220,7 @@ class Trainer:
             keep_checkpoints=s.checkpoint.keep,
             engine=self.engine,
             on_report=on_report,
+            extra_roles=extra,
         )
         out = launch(train_worker, (task,), opts)
         local_model.load_state_dict(out["state_dict"])

@@ -80,14 +80,14 @@ def main(payload_path: str) -> int:
     assert ctx.client is not None
     set_context(ctx)
     try:
-        fn, args = cloudpickle.loads(Path(payload_path).read_bytes())
+        fn, args = cloudpickle.loads(Path(payload_path).read_bytes())[ctx.role]
         try:
             value = fn(*args)
         except SystemExit as exc:
             if exc.code not in (0, None):
                 raise
             value = None
-        if ctx.rank == 0:
+        if ctx.role == "worker" and ctx.rank == 0:
             try:
                 blob = cloudpickle.dumps(value)
             except Exception as exc:

@@ -1,0 +1,1 @@
+"""The parameter server: key-range shards, server-side optimizers, consistency models."""

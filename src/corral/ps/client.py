@@ -1,0 +1,103 @@
+"""The worker's side of the parameter server: one DEALER socket per shard, all in flight at once.
+
+A step sends every shard its slice of the flat gradient first and only then collects the
+replies, so pushes and pulls of all shards overlap instead of queueing one after another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zmq
+
+from corral.comm.curve import JobKeys, secure_client
+from corral.comm.frames import pack, unpack
+from corral.errors import CorralError
+from corral.ps.layout import Layout
+
+#: How long the first exchange may take: a server that does not answer by then is down or
+#: refused our key (a failed CURVE handshake is silent in ZeroMQ).
+_HANDSHAKE_MS = 30_000
+
+
+class PSClient:
+    """Connection of one worker to every server of the job."""
+
+    def __init__(
+        self, addresses: list[str], keys: JobKeys, worker: int, *, timeout_s: float = 300.0
+    ) -> None:
+        self.addresses, self.worker = addresses, worker
+        self.timeout_ms = int(timeout_s * 1000)
+        self._zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.socks = []
+        for address in addresses:
+            sock = self._zctx.socket(zmq.DEALER)
+            secure_client(sock, keys)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{address}")
+            self.socks.append(sock)
+        self.versions = [0] * len(addresses)
+
+    def _exchange(
+        self, requests: list[tuple[dict[str, Any], list[np.ndarray]]], timeout_ms: int | None = None
+    ) -> list[Any]:
+        timeout_ms = timeout_ms or self.timeout_ms
+        for sock, (header, arrays) in zip(self.socks, requests, strict=True):
+            sock.send_multipart(pack(header, arrays), copy=False)
+        replies = []
+        for i, sock in enumerate(self.socks):
+            if not sock.poll(timeout_ms):
+                raise CorralError(
+                    f"parameter server {i} at {self.addresses[i]} did not answer within "
+                    f"{timeout_ms / 1000:.0f} s (is it running, and does this process hold "
+                    "the job's key?)"
+                )
+            header, arrays = unpack(sock.recv_multipart(copy=False))
+            if "error" in header:
+                raise CorralError(f"parameter server {i}: {header['error']}")
+            replies.append((header, arrays))
+        return replies
+
+    def _values(self, replies: list[Any], layout: Layout) -> np.ndarray:
+        out = np.empty(layout.numel, dtype=np.float32)
+        for i, (header, arrays) in enumerate(replies):
+            self.versions[i] = header["version"]
+            layout.shard(out, i)[:] = arrays[0]
+        return out
+
+    def init(self, values: np.ndarray, layout: Layout) -> np.ndarray:
+        """Offer initial values; returns the ones the servers keep (the first worker's)."""
+        requests = [
+            ({"op": "init", "worker": self.worker}, [layout.shard(values, i)])
+            for i in range(layout.servers)
+        ]
+        return self._values(self._exchange(requests, _HANDSHAKE_MS), layout)
+
+    def step(self, gradient: np.ndarray, layout: Layout) -> np.ndarray:
+        """Push one gradient; returns fresh values once the consistency model allows."""
+        requests = [
+            (
+                {"op": "step", "worker": self.worker, "version": self.versions[i]},
+                [layout.shard(gradient, i)],
+            )
+            for i in range(layout.servers)
+        ]
+        return self._values(self._exchange(requests), layout)
+
+    def pull(self, layout: Layout) -> np.ndarray:
+        """The current values, without pushing anything."""
+        return self._values(self._exchange([({"op": "pull"}, [])] * layout.servers), layout)
+
+    def leave(self) -> None:
+        """Tell every server this worker is done, so nobody waits for it."""
+        self._exchange([({"op": "leave", "worker": self.worker}, [])] * len(self.socks))
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each server's staleness histogram, update count and bytes moved."""
+        return [h for h, _ in self._exchange([({"op": "stats"}, [])] * len(self.socks))]
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(linger=0)
+        self._zctx.term()

@@ -1,0 +1,189 @@
+"""The parameter-server process: one shard, its optimizer, and a ZeroMQ ROUTER loop.
+
+Each server owns one contiguous range of the flattened model (see `corral.ps.layout`) and
+the optimizer state for it, so optimizer memory is split over servers too. Requests
+arrive on one CURVE-authenticated ROUTER socket; a request that the consistency model says
+must wait (a sync round not complete, an SSP worker too far ahead) is parked and answered
+as soon as it may be. The loop is single-threaded: no locks, and the order of updates is
+the order of arrival.
+
+Protocol (JSON header + raw float32 buffers, see `corral.comm.frames`):
+
+``init``  [values] → [values]   the first worker's values win; everyone gets them back
+``step``  [gradient] → [values] push one gradient, get fresh values when allowed
+``pull``  → [values]            current values, never waits (a joining worker)
+``leave`` → {}                  this worker is done; stop waiting for it
+``stats`` → {histogram, …}      staleness histogram, updates, bytes moved
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zmq
+
+from corral.comm.curve import JobKeys, secure_server, start_authenticator
+from corral.comm.frames import pack, unpack
+from corral.ps.consistency import Consistency, Mode, Update
+from corral.train.context import context
+
+#: The store key under which server `i` publishes its address.
+ADDRESS_KEY = "corral/ps/server/{}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """What every server of a job is told; built by the `ParameterServer` strategy."""
+
+    mode: Mode
+    workers: int
+    staleness: int
+    quorum: int
+    lr_scaling: Literal["staleness"] | None
+    optimizer: Literal["sgd", "adam"]
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+
+
+class Shard:
+    """One server's parameters, optimizer and consistency book-keeping."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.rules = Consistency(
+            mode=config.mode,
+            workers=config.workers,
+            staleness=config.staleness,
+            quorum=config.quorum,
+            lr_scaling=config.lr_scaling,
+        )
+        self.values: torch.Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.base_lr = 0.0
+        self.updates = 0
+
+    def init(self, values: np.ndarray) -> None:
+        if self.values is not None:
+            return
+        self.values = torch.nn.Parameter(torch.from_numpy(values.copy()))
+        cls = torch.optim.SGD if self.config.optimizer == "sgd" else torch.optim.Adam
+        self.optimizer = cls([self.values], **self.config.optimizer_args)
+        self.base_lr = self.optimizer.param_groups[0]["lr"]
+
+    def apply(self, updates: list[Update]) -> None:
+        assert self.values is not None and self.optimizer is not None
+        for update in updates:
+            self.values.grad = torch.from_numpy(np.asarray(update.gradient, dtype=np.float32))
+            self.optimizer.param_groups[0]["lr"] = self.base_lr * update.lr_scale
+            self.optimizer.step()
+            self.updates += 1
+
+    def snapshot(self) -> np.ndarray:
+        assert self.values is not None
+        return self.values.detach().numpy()
+
+
+class _Server:
+    def __init__(self, sock: zmq.Socket[bytes], shard: Shard) -> None:
+        self.sock, self.shard = sock, shard
+        self.parked: list[tuple[bytes, int, int]] = []  # (identity, worker, clock)
+        self.bytes_moved = 0
+        self.started = time.monotonic()
+
+    def send(self, ident: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
+        frames = pack(header, arrays)
+        self.bytes_moved += sum(len(f) for f in frames[1:])
+        self.sock.send_multipart([ident, *frames], copy=False)
+
+    def send_values(self, ident: bytes) -> None:
+        self.send(ident, {"version": self.shard.rules.version}, [self.shard.snapshot()])
+
+    def release_parked(self) -> None:
+        still = []
+        for ident, worker, clock in self.parked:
+            if self.shard.rules.may_reply(worker, clock):
+                self.send_values(ident)
+            else:
+                still.append((ident, worker, clock))
+        self.parked = still
+
+    def handle(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        op, shard, rules = header["op"], self.shard, self.shard.rules
+        self.bytes_moved += sum(a.nbytes for a in arrays)
+        if op == "init":
+            shard.init(arrays[0])
+            self.send_values(ident)
+        elif op == "step":
+            (grad,) = arrays
+            if shard.values is None or grad.size != shard.values.numel():
+                size = "no values yet" if shard.values is None else f"{shard.values.numel()}"
+                self.send(
+                    ident,
+                    {
+                        "error": f"gradient of {grad.size} elements for a shard of "
+                        f"{size}: did the model's parameters change shape?"
+                    },
+                )
+                return
+            shard.apply(rules.push(header["worker"], grad, header["version"]))
+            self.parked.append((ident, header["worker"], rules.clocks[header["worker"]]))
+            self.release_parked()
+        elif op == "pull":
+            self.send_values(ident)
+        elif op == "leave":
+            shard.apply(rules.leave(header["worker"]))
+            self.send(ident, {})
+            self.release_parked()
+        elif op == "stats":
+            self.send(
+                ident,
+                {
+                    "histogram": {str(k): v for k, v in sorted(rules.histogram.items())},
+                    "updates": shard.updates,
+                    "bytes": self.bytes_moved,
+                    "seconds": time.monotonic() - self.started,
+                },
+            )
+        else:
+            self.send(ident, {"error": f"unknown operation '{op}'"})
+
+
+def serve(config: ServerConfig, keys: JobKeys) -> None:
+    """Entry point of a server process (role ``server``); runs until the job stops it."""
+    ctx = context()
+    host = os.environ["MASTER_ADDR"]
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    auth = start_authenticator(zctx, keys)
+    sock = zctx.socket(zmq.ROUTER)
+    secure_server(sock, keys)
+    port = sock.bind_to_random_port(f"tcp://{host}")
+    store = dist.TCPStore(
+        host, int(os.environ["MASTER_PORT"]), None, False, timeout=timedelta(minutes=5)
+    )
+    store.set(ADDRESS_KEY.format(ctx.rank), f"{host}:{port}")
+    server = _Server(sock, Shard(config))
+    try:
+        while True:
+            ident, *frames = sock.recv_multipart(copy=False)
+            header, arrays = unpack(frames)
+            server.handle(ident.bytes, header, arrays)
+    finally:
+        auth.stop()
+        sock.close(linger=0)
+        zctx.term()
+
+
+def merged_histogram(stats: list[dict[str, Any]]) -> dict[int, int]:
+    """Sum the staleness histograms that several servers reported."""
+    total: Counter[int] = Counter()
+    for s in stats:
+        total.update({int(k): v for k, v in s["histogram"].items()})
+    return dict(sorted(total.items()))

@@ -1,0 +1,156 @@
+"""Training through a sharded parameter server: BSP, ASP, SSP and n-softsync in one strategy.
+
+Workers compute gradients; servers (their own processes, started beside the workers) own
+the parameters and the optimizer, split by key range (ps-lite, Li et al., OSDI 2014; Angel
+splits the same way). The consistency model — when a worker may go on with which values —
+is decided by `corral.ps.consistency`; see there for the papers behind each mode. Every
+connection is authenticated with the job's CURVE keys, generated afresh for every launch.
+
+Choosing: ``sync`` is exact SGD with server-side optimizers; ``ssp`` tolerates transient
+stragglers while bounding how stale values get; ``async`` and ``softsync`` never wait,
+which pays off with persistent stragglers, and want ``lr_scaling="staleness"`` with more
+than a few workers.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import Field, PrivateAttr
+
+from corral.comm.curve import JobKeys
+from corral.engines.base import Resources
+from corral.errors import SpecError
+from corral.ps.client import PSClient
+from corral.ps.consistency import Mode
+from corral.ps.layout import Layout
+from corral.ps.server import ADDRESS_KEY, ServerConfig, merged_histogram, serve
+from corral.strategies.base import StepResult, Strategy
+from corral.train.context import Context
+from corral.train.roles import Role
+
+
+def _flat_values(model: torch.nn.Module) -> np.ndarray:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy().copy()
+
+
+def _flat_grads(model: torch.nn.Module) -> np.ndarray:
+    grads = [
+        torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
+        for p in model.parameters()
+    ]
+    return torch.cat(grads).numpy()
+
+
+def _load_values(model: torch.nn.Module, values: np.ndarray) -> None:
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(values), model.parameters())
+
+
+class ParameterServer(Strategy):
+    """Workers push gradients to, and pull parameters from, `servers` server processes.
+
+    Example:
+        >>> corral.ParameterServer(mode="ssp", servers=2, staleness=3,
+        ...                        optimizer="sgd", optimizer_args={"lr": 0.05})
+    """
+
+    needs_optimizer: ClassVar[bool] = False
+
+    kind: Literal["ps"] = "ps"
+    mode: Mode = "sync"
+    servers: int = Field(1, ge=1, description="parameter shards, each its own process")
+    staleness: int = Field(0, ge=0, description="ssp: most clocks a worker may run ahead")
+    quorum: int = Field(1, ge=1, description="softsync: gradients averaged per update")
+    lr_scaling: Literal["staleness"] | None = None
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer_args: dict[str, float] = Field(default_factory=lambda: {"lr": 0.05})
+
+    _keys: JobKeys | None = PrivateAttr(default=None)
+    _client: PSClient | None = PrivateAttr(default=None)
+    _layout: Layout | None = PrivateAttr(default=None)
+    _model: torch.nn.Module | None = PrivateAttr(default=None)
+    _rank: int = PrivateAttr(default=0)
+
+    def extra_roles(self, *, workers: int, resources: Resources) -> list[Role]:
+        if self.mode == "softsync" and self.quorum > workers:
+            raise SpecError(
+                f"strategy.quorum: {self.quorum} is more than the {workers} workers; "
+                "a softsync update could never complete"
+            )
+        self._keys = JobKeys.generate()
+        config = ServerConfig(
+            mode=self.mode,
+            workers=workers,
+            staleness=self.staleness,
+            quorum=self.quorum,
+            lr_scaling=self.lr_scaling,
+            optimizer=self.optimizer,
+            optimizer_args=dict(self.optimizer_args),
+        )
+        return [
+            Role(
+                name="server",
+                count=self.servers,
+                fn=serve,
+                args=(config, self._keys),
+                resources=resources,
+            )
+        ]
+
+    def setup(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
+    ) -> torch.nn.Module:
+        if self._keys is None:
+            raise SpecError("the parameter server strategy must be launched by corral")
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            None,
+            False,
+            timeout=timedelta(minutes=5),
+        )
+        addresses = [store.get(ADDRESS_KEY.format(i)).decode() for i in range(self.servers)]
+        self._client = PSClient(addresses, self._keys, ctx.rank)
+        values = _flat_values(model)
+        self._layout = Layout.split(values.size, self.servers)
+        _load_values(model, self._client.init(values, self._layout))
+        self._model, self._rank = model, ctx.rank
+        return model
+
+    def step(self, loss: torch.Tensor) -> StepResult:
+        assert self._model is not None and self._client is not None and self._layout
+        self._model.zero_grad(set_to_none=True)
+        loss.backward()
+        _load_values(self._model, self._client.step(_flat_grads(self._model), self._layout))
+        return StepResult(synced=True)
+
+    def finish_epoch(self) -> None:
+        assert self._model is not None and self._client is not None and self._layout
+        _load_values(self._model, self._client.pull(self._layout))
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Rank 0 reports the servers' staleness histogram and bytes moved per second."""
+        if self._rank != 0 or self._client is None:
+            return {}
+        stats = self._client.stats()
+        histogram = merged_histogram(stats)
+        count = sum(histogram.values()) or 1
+        return {
+            "staleness_mean": sum(k * v for k, v in histogram.items()) / count,
+            "staleness_max": float(max(histogram, default=0)),
+            "staleness_histogram": histogram,
+            "server_updates": float(stats[0]["updates"]),  # every shard sees every update
+            "server_mb_per_s": sum(s["bytes"] / s["seconds"] for s in stats) / 1e6,
+        }
+
+    def finish(self) -> None:
+        if self._client is not None:
+            self._client.leave()
+            self._client.close()
+            self._client = None
