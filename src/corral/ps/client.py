@@ -16,17 +16,25 @@ from corral.comm.frames import pack, unpack
 from corral.errors import CorralError
 from corral.ps.layout import Layout
 
-#: How long the first exchange may take: a server that does not answer by then is down or
-#: refused our key (a failed CURVE handshake is silent in ZeroMQ).
-_HANDSHAKE_MS = 30_000
-
 
 class PSClient:
-    """Connection of one worker to every server of the job."""
+    """Connection of one worker to every server of the job.
+
+    `handshake_s` bounds the first exchange: a server that has not answered by then is down
+    or refused our key (a failed CURVE handshake is silent in ZeroMQ). Later exchanges may
+    legitimately wait for slow workers (sync, ssp), so they get the longer `timeout_s`.
+    """
 
     def __init__(
-        self, addresses: list[str], keys: JobKeys, worker: int, *, timeout_s: float = 300.0
+        self,
+        addresses: list[str],
+        keys: JobKeys,
+        worker: int,
+        *,
+        timeout_s: float = 300.0,
+        handshake_s: float = 30.0,
     ) -> None:
+        self.handshake_ms = int(handshake_s * 1000)
         self.addresses, self.worker = addresses, worker
         self.timeout_ms = int(timeout_s * 1000)
         self._zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -72,7 +80,7 @@ class PSClient:
             ({"op": "init", "worker": self.worker}, [layout.shard(values, i)])
             for i in range(layout.servers)
         ]
-        return self._values(self._exchange(requests, _HANDSHAKE_MS), layout)
+        return self._values(self._exchange(requests, self.handshake_ms), layout)
 
     def step(self, gradient: np.ndarray, layout: Layout) -> np.ndarray:
         """Push one gradient; returns fresh values once the consistency model allows."""

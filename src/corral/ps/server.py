@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -180,10 +179,3 @@ def serve(config: ServerConfig, keys: JobKeys) -> None:
         sock.close(linger=0)
         zctx.term()
 
-
-def merged_histogram(stats: list[dict[str, Any]]) -> dict[int, int]:
-    """Sum the staleness histograms that several servers reported."""
-    total: Counter[int] = Counter()
-    for s in stats:
-        total.update({int(k): v for k, v in s["histogram"].items()})
-    return dict(sorted(total.items()))

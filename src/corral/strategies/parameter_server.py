@@ -29,7 +29,7 @@ from corral.errors import SpecError
 from corral.ps.client import PSClient
 from corral.ps.consistency import Mode
 from corral.ps.layout import Layout
-from corral.ps.server import ADDRESS_KEY, ServerConfig, merged_histogram, serve
+from corral.ps.server import ADDRESS_KEY, ServerConfig, serve
 from corral.strategies.base import StepResult, Strategy
 from corral.train.context import Context
 from corral.train.roles import Role
@@ -139,7 +139,8 @@ class ParameterServer(Strategy):
         if self._rank != 0 or self._client is None:
             return {}
         stats = self._client.stats()
-        histogram = merged_histogram(stats)
+        # every shard sees every gradient; shard 0's view counts each gradient once
+        histogram = {int(k): v for k, v in stats[0]["histogram"].items()}
         count = sum(histogram.values()) or 1
         return {
             "staleness_mean": sum(k * v for k, v in histogram.items()) / count,

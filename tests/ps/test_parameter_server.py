@@ -1,0 +1,170 @@
+"""The parameter server on real processes: exactness of sync, every mode trains, keys, errors."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import corral
+from corral.comm.curve import JobKeys
+from corral.data import as_source
+from corral.engines.base import Resources
+from corral.errors import CorralError, SpecError
+from corral.ps.client import PSClient
+from corral.ps.layout import Layout
+from corral.ps.server import ADDRESS_KEY, ServerConfig, serve
+from corral.spec import parse
+from corral.train.launcher import LaunchOptions, launch
+from corral.train.roles import Role
+
+pytestmark = pytest.mark.slow
+
+
+def blobs(n: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, 2)).astype(np.float32) + 4 * np.eye(3, 2, dtype=np.float32)[y]
+    return x, y
+
+
+def model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def fit(strategy: corral.ParameterServer, tmp_path, workers: int = 2, epochs: int = 1, **kw):
+    trainer = corral.Trainer(
+        model=model,
+        loss=torch.nn.CrossEntropyLoss(),
+        strategy=strategy,
+        workers=workers,
+        epochs=epochs,
+        batch_size=16,
+        checkpoint_dir=tmp_path,
+        **kw,
+    )
+    return trainer.fit(blobs(), on_report=None)
+
+
+def test_sync_equals_sequential_sgd_on_the_concatenated_batch(tmp_path):
+    ps = corral.ParameterServer(mode="sync", servers=2, optimizer_args={"lr": 0.2})
+    result = fit(ps, tmp_path)
+    # the same steps in one process: every step, both workers' batches at once
+    torch.manual_seed(0)
+    reference = model()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.2)
+    source = as_source(blobs())
+    ranks = [
+        list(source.batches(rank=r, world_size=2, epoch=0, seed=0, batch_size=16)) for r in range(2)
+    ]
+    for (x0, y0), (x1, y1) in zip(*ranks, strict=True):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            reference(torch.cat([x0, x1])), torch.cat([y0, y1])
+        ).backward()
+        opt.step()
+    for ours, theirs in zip(result.model.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    assert result.metrics["staleness_histogram"] == {0: 2 * 8}
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        corral.ParameterServer(mode="async", servers=2, lr_scaling="staleness"),
+        corral.ParameterServer(mode="ssp", servers=1, staleness=2, optimizer_args={"lr": 0.2}),
+        corral.ParameterServer(
+            mode="softsync", servers=2, quorum=2, optimizer="adam", optimizer_args={"lr": 0.01}
+        ),
+    ],
+    ids=["async", "ssp", "softsync"],
+)
+def test_every_mode_trains_and_reports_staleness(tmp_path, strategy):
+    result = fit(strategy, tmp_path, epochs=3)
+    first, *_, last = result.history
+    assert last["loss"] < first["loss"] and last["accuracy"] > 0.75
+    assert sum(last["staleness_histogram"].values()) == 3 * 2 * 8  # every gradient counted
+    assert last["server_mb_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "softsync", "quorum": 3}, "strategy.quorum: 3 is more than the 2 workers"),
+        ({"staleness": -1}, "strategy.staleness"),
+        ({"servers": 0}, "strategy.servers"),
+        ({"mode": "eventual"}, "strategy.mode"),
+    ],
+)
+def test_bad_settings_name_the_value(tmp_path, kwargs, message):
+    with pytest.raises(SpecError, match=message):
+        fit({"kind": "ps", **kwargs}, tmp_path)
+
+
+def test_roles_server_must_agree_with_the_strategy():
+    with pytest.raises(SpecError, match=r"roles.server.count: 3 differs from strategy.servers: 2"):
+        parse(
+            corral.TrainSettings,
+            {"strategy": {"kind": "ps", "servers": 2}, "roles": {"server": {"count": 3}}},
+        )
+
+
+def probe_server(keys: JobKeys) -> dict:
+    """Inside a worker: talk to server 0 with a rogue key, then with the job's key."""
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        None,
+        False,
+        timeout=timedelta(seconds=60),
+    )
+    address = store.get(ADDRESS_KEY.format(0)).decode()
+    layout = Layout.split(4, 1)
+    rogue_keys = JobKeys.generate()
+    # the worst case: the rogue knows the server's public key, but not the client secret
+    rogue_keys = JobKeys(
+        keys.server_public,
+        keys.server_secret[:0] or rogue_keys.server_secret,
+        rogue_keys.client_public,
+        rogue_keys.client_secret,
+    )
+    rogue = PSClient([address], rogue_keys, worker=0, handshake_s=2)
+    try:
+        rogue.init(np.ones(4, dtype=np.float32), layout)
+        rogue_result = "answered"
+    except CorralError as exc:
+        rogue_result = str(exc)
+    finally:
+        rogue.close()
+    legit = PSClient([address], keys, worker=0, handshake_s=30)
+    values = legit.init(np.arange(4, dtype=np.float32), layout)
+    try:
+        legit.step(np.ones(7, dtype=np.float32), Layout.split(7, 1))
+        shape_error = ""
+    except CorralError as exc:
+        shape_error = str(exc)
+    legit.close()
+    return {"rogue": rogue_result, "values": values.tolist(), "shape_error": shape_error}
+
+
+def test_a_process_without_the_job_key_gets_nothing():
+    keys = JobKeys.generate()
+    config = ServerConfig(
+        mode="async",
+        workers=1,
+        staleness=0,
+        quorum=1,
+        lr_scaling=None,
+        optimizer="sgd",
+        optimizer_args={"lr": 0.1},
+    )
+    server = Role(name="server", count=1, fn=serve, args=(config, keys), resources=Resources())
+    out = launch(probe_server, (keys,), LaunchOptions(workers=1, extra_roles=[server]))
+    assert "did not answer within 2 s" in out["rogue"]
+    assert out["values"] == [0.0, 1.0, 2.0, 3.0]  # the rogue's init never landed
+    assert "gradient of 7 elements for a shard of 4" in out["shape_error"]
+    assert repr(keys) == "JobKeys(<hidden>)"
