@@ -22,6 +22,7 @@ _EXPORTS = {
     "Context": "corral.train.context",
     "CorralError": "corral.errors",
     "DataError": "corral.errors",
+    "Gossip": "corral.strategies",
     "JobSpec": "corral.spec",
     "LaunchError": "corral.errors",
     "OptimizerSpec": "corral.spec",
@@ -45,6 +46,7 @@ __all__ = [
     "Context",
     "CorralError",
     "DataError",
+    "Gossip",
     "JobSpec",
     "LaunchError",
     "OptimizerSpec",
@@ -85,7 +87,7 @@ if TYPE_CHECKING:
         WorkerError,
     )
     from corral.spec import JobSpec, OptimizerSpec, TrainSettings, load_spec
-    from corral.strategies import AllReduce, Averaging, ParameterServer, Strategy
+    from corral.strategies import AllReduce, Averaging, Gossip, ParameterServer, Strategy
     from corral.train.context import Context, context
     from corral.train.launcher import run
     from corral.train.trainer import Result, Trainer

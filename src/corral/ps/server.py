@@ -178,4 +178,3 @@ def serve(config: ServerConfig, keys: JobKeys) -> None:
         auth.stop()
         sock.close(linger=0)
         zctx.term()
-

@@ -7,9 +7,20 @@ from pydantic import Field
 from corral.strategies.allreduce import AllReduce
 from corral.strategies.averaging import Averaging
 from corral.strategies.base import StepResult, Strategy
+from corral.strategies.gossip import Gossip
 from corral.strategies.parameter_server import ParameterServer
 
 #: The tagged union the job spec uses; add each new strategy class here.
-AnyStrategy = Annotated[AllReduce | Averaging | ParameterServer, Field(discriminator="kind")]
+AnyStrategy = Annotated[
+    AllReduce | Averaging | Gossip | ParameterServer, Field(discriminator="kind")
+]
 
-__all__ = ["AllReduce", "AnyStrategy", "Averaging", "ParameterServer", "StepResult", "Strategy"]
+__all__ = [
+    "AllReduce",
+    "AnyStrategy",
+    "Averaging",
+    "Gossip",
+    "ParameterServer",
+    "StepResult",
+    "Strategy",
+]

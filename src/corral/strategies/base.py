@@ -11,8 +11,9 @@ Python, YAML and REST) plus three verbs the training loop calls in a fixed order
    one model on every rank, then ``epoch_metrics()`` for what the strategy measured;
 4. ``finish()`` once, when training is over.
 
-A strategy that needs processes of its own (parameter servers) returns them from
-``extra_roles`` on the caller's side, before anything starts.
+Before anything starts, ``prepare_job`` runs once per launch on the caller's side: a
+strategy generates its job's keys there and returns the processes it needs beside the
+workers (parameter servers).
 
 `Trainer` never branches on the strategy's name; a new algorithm is a new module.
 """
@@ -46,8 +47,8 @@ class Strategy(BaseModel, ABC):
     #: Whether workers run the user's optimizer (a parameter server runs its own).
     needs_optimizer: ClassVar[bool] = True
 
-    def extra_roles(self, *, workers: int, resources: Resources) -> list[Role]:
-        """Processes to start beside the workers; called on the caller's side."""
+    def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:
+        """Per-launch preparation on the caller's side; returns processes to start too."""
         return []
 
     @abstractmethod

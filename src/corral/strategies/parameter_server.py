@@ -77,7 +77,7 @@ class ParameterServer(Strategy):
     _model: torch.nn.Module | None = PrivateAttr(default=None)
     _rank: int = PrivateAttr(default=0)
 
-    def extra_roles(self, *, workers: int, resources: Resources) -> list[Role]:
+    def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:
         if self.mode == "softsync" and self.quorum > workers:
             raise SpecError(
                 f"strategy.quorum: {self.quorum} is more than the {workers} workers; "

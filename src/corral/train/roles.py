@@ -1,6 +1,6 @@
 """Processes a strategy adds beside the workers (parameter servers, say).
 
-A strategy that needs helpers returns `Role`s from ``extra_roles``; the launcher starts
+A strategy that needs helpers returns `Role`s from ``prepare_job``; the launcher starts
 them with the workers, in the same plan, and stops them when the workers are done. A
 helper that dies fails the attempt like a worker would.
 """

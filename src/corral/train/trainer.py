@@ -203,7 +203,7 @@ class Trainer:
             resume_from=resume,
         )
         server = s.roles.server
-        extra = s.strategy.extra_roles(
+        extra = s.strategy.prepare_job(
             workers=workers,
             resources=Resources(cpus=server.cpus, gpus=server.gpus, memory_mb=server.memory)
             if server
