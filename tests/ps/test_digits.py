@@ -15,7 +15,7 @@ import torch
 import corral
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
-from digits import load_data, make_model  # noqa: E402
+from digits import load_data, make_model
 
 pytestmark = pytest.mark.slow
 
