@@ -61,6 +61,24 @@ def test_train_a_yaml_job(job_dir):
     assert (job_dir / "ckpt" / "checkpoint-000002.pt").exists()
 
 
+def test_train_a_parameter_server_job(job_dir):
+    spec = job_dir / "job.yaml"
+    spec.write_text(
+        spec.read_text()
+        .replace(
+            "roles: {worker: {count: 2}}",
+            "roles: {worker: {count: 2}, server: {cpus: 1, memory: 512m}}",
+        )
+        .replace(
+            "strategy: {kind: averaging, every: 2}",
+            "strategy: {kind: ps, mode: ssp, staleness: 1, servers: 2}",
+        )
+    )
+    out = corral("train", "job.yaml", cwd=job_dir)
+    assert out.returncode == 0, out.stderr
+    assert "staleness_mean" in out.stderr  # the epoch lines carry the servers' metrics
+
+
 def test_a_bad_spec_is_one_line_and_starts_nothing(job_dir):
     spec = job_dir / "job.yaml"
     spec.write_text(spec.read_text().replace("kind: averaging", "kind: telepathy"))
