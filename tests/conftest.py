@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -43,3 +44,11 @@ def pid_dir(tmp_path: Path) -> Path:
     d = tmp_path / "pids"
     d.mkdir()
     return d
+
+
+def blobs(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three well separated Gaussian blobs in 2-D: any working trainer gets them right."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, 2)).astype(np.float32) + 4 * np.eye(3, 2, dtype=np.float32)[y]
+    return x, y

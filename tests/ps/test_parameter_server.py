@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import blobs
 
 import corral
 from corral.comm.curve import JobKeys
@@ -23,13 +24,6 @@ from corral.train.launcher import LaunchOptions, launch
 from corral.train.roles import Role
 
 pytestmark = pytest.mark.slow
-
-
-def blobs(n: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n)
-    x = rng.normal(size=(n, 2)).astype(np.float32) + 4 * np.eye(3, 2, dtype=np.float32)[y]
-    return x, y
 
 
 def model() -> torch.nn.Module:
@@ -47,7 +41,7 @@ def fit(strategy: corral.ParameterServer, tmp_path, workers: int = 2, epochs: in
         checkpoint_dir=tmp_path,
         **kw,
     )
-    return trainer.fit(blobs(), on_report=None)
+    return trainer.fit(blobs(256), on_report=None)
 
 
 def test_sync_equals_sequential_sgd_on_the_concatenated_batch(tmp_path):
@@ -57,7 +51,7 @@ def test_sync_equals_sequential_sgd_on_the_concatenated_batch(tmp_path):
     torch.manual_seed(0)
     reference = model()
     opt = torch.optim.SGD(reference.parameters(), lr=0.2)
-    source = as_source(blobs())
+    source = as_source(blobs(256))
     ranks = [
         list(source.batches(rank=r, world_size=2, epoch=0, seed=0, batch_size=16)) for r in range(2)
     ]

@@ -9,19 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import blobs
 
 import corral
 from corral.errors import CheckpointError, DataError, SpecError, WorkerError
 
 pytestmark = pytest.mark.slow
-
-
-def blobs(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Three well separated Gaussian blobs: any working trainer gets them right."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n)
-    x = rng.normal(size=(n, 2)).astype(np.float32) + 4 * np.eye(3, 2, dtype=np.float32)[y]
-    return x, y
 
 
 def small_model() -> torch.nn.Module:
