@@ -216,14 +216,15 @@ def print_table(scenario: str, rows: list[dict[str, Any]]) -> None:
     print(
         "| strategy | time to 95% s (Σ time_s) | training wall to 95% s | epochs to 95% "
         "| final val acc | total wall s | speed-up vs PS sync (Σ time_s) "
-        "| speed-up vs PS sync (training wall) |"
+        "| speed-up vs PS sync (training wall) | load (1 min) after |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = next((r for r in rows if r["strategy"] == BASELINE and "error" not in r), {})
     for r in rows:
         if "error" in r:
             print(
-                f"| {LABELS[r['strategy']]} | failed: {r['error']} | | | | {r['wall_s']:.1f} | | |"
+                f"| {LABELS[r['strategy']]} | failed: {r['error']} | | | | {r['wall_s']:.1f} | | "
+                f"| {r['load']:.1f} |"
             )
             continue
         print(
@@ -231,7 +232,7 @@ def print_table(scenario: str, rows: list[dict[str, Any]]) -> None:
             f"| {cell(r['driver_s'], '.2f')} | {cell(r['epochs'], 'd')} "
             f"| {r['final_acc']:.2%} | {r['wall_s']:.1f} "
             f"| {ratio(base.get('time_s'), r['time_s'])} "
-            f"| {ratio(base.get('driver_s'), r['driver_s'])} |"
+            f"| {ratio(base.get('driver_s'), r['driver_s'])} | {r['load']:.1f} |"
         )
 
 
@@ -258,12 +259,13 @@ def main() -> None:
         for scenario in args.scenarios:
             for strategy in args.strategies:
                 r = run(example, strategy, scenario, args, tmp)
+                r["load"] = os.getloadavg()[0]
                 status = r.get("error") or (
                     f"95% at epoch {r['epochs']}" if r["epochs"] else "95% not reached"
                 ) + (f", final {r['final_acc']:.2%}" if "error" not in r else "")
                 print(
                     f"{scenario:<10} {strategy:<11} {status} ({r['wall_s']:.1f} s, "
-                    f"load {os.getloadavg()[0]:.2f})",
+                    f"load {r['load']:.2f})",
                     file=sys.stderr,
                     flush=True,
                 )

