@@ -81,7 +81,7 @@ def test_staleness_scaling_rescues_async_at_a_rate_that_diverges_without_it(tmp_
 
     def run(lr_scaling):
         ps = corral.ParameterServer(
-            mode="async", servers=1, lr_scaling=lr_scaling, optimizer_args={"lr": 0.5}
+            mode="async", servers=1, lr_scaling=lr_scaling, optimizer_args={"lr": 0.7}
         )
         return accuracy_of(ps, tmp_path / str(lr_scaling), workers=8, epochs=5)
 
