@@ -29,6 +29,11 @@ epoch (PS async/softsync) Σ time_s understates the time the run took. Both spee
 shown (PS sync's time / this row's, higher is better); total wall is the whole ``fit()``,
 worker start-up included.
 
+Read with care: corral gives every worker the same number of steps per epoch and ends each
+epoch with a metrics all-reduce, which acts as a barrier. So a persistent straggler sets
+every strategy's per-epoch pace; async/softsync cannot let the fast workers run ahead
+across epochs, and can win only by needing fewer epochs.
+
 4 workers plus 2 server processes on a 2-core machine are oversubscribed: timings include
 CPU contention, which the header states.
 

@@ -133,8 +133,8 @@ def _train_epoch(
                 samples_per_s=seen * ctx.world_size / (now - start),
             )
     s.strategy.finish_epoch()
+    row = sums.total()  # the wait for the slowest worker belongs to the epoch's time
     elapsed = time.monotonic() - start
-    row = sums.total()
     row["samples_per_s"] = sums.sums[2].item() / elapsed
     row["syncs"] = float(syncs)
     row["time_s"] = elapsed
