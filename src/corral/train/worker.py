@@ -72,6 +72,16 @@ def _error_message(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _leave_process_group() -> None:
+    """Destroy a process group the user's code left open.
+
+    Exiting with live gloo/DDP threads can abort the interpreter at shutdown ("terminate
+    called without an active exception", SIGABRT) after the work succeeded.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(payload_path: str) -> int:
     """Run one worker; returns the process exit code."""
     watch_parent()
@@ -87,6 +97,7 @@ def main(payload_path: str) -> int:
             if exc.code not in (0, None):
                 raise
             value = None
+        _leave_process_group()
         if ctx.role == "worker" and ctx.rank == 0:
             try:
                 blob = cloudpickle.dumps(value)
