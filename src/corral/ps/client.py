@@ -80,7 +80,8 @@ class PSClient:
             ({"op": "init", "worker": self.worker}, [layout.shard(values, i)])
             for i in range(layout.servers)
         ]
-        return self._values(self._exchange(requests, self.handshake_ms), layout)
+        self._exchange([({"op": "ping"}, [])] * layout.servers, self.handshake_ms)
+        return self._values(self._exchange(requests), layout)
 
     def step(self, gradient: np.ndarray, layout: Layout) -> np.ndarray:
         """Push one gradient; returns fresh values once the consistency model allows."""

@@ -9,6 +9,7 @@ the order of arrival.
 
 Protocol (JSON header + raw float32 buffers, see `corral.comm.frames`):
 
+``ping``  → {}                  is the server there, and does it accept our key?
 ``init``  [values] → [values]   the first worker's values win; everyone gets them back
 ``step``  [gradient] → [values] push one gradient, get fresh values when allowed
 ``pull``  → [values]            current values, never waits (a joining worker)
@@ -86,8 +87,9 @@ class Shard:
             self.updates += 1
 
     def snapshot(self) -> np.ndarray:
+        """A copy: the reply is sent without copying while later updates change the shard."""
         assert self.values is not None
-        return self.values.detach().numpy()
+        return self.values.detach().numpy().copy()
 
 
 class _Server:
@@ -135,6 +137,8 @@ class _Server:
             shard.apply(rules.push(header["worker"], grad, header["version"]))
             self.parked.append((ident, header["worker"], rules.clocks[header["worker"]]))
             self.release_parked()
+        elif op == "ping":
+            self.send(ident, {})
         elif op == "pull":
             self.send_values(ident)
         elif op == "leave":
