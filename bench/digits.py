@@ -15,7 +15,6 @@ Run: ``.venv/bin/python bench/digits.py`` (``--epochs``, ``--workers 1 2 4``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import platform
@@ -25,22 +24,17 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-import cloudpickle
 import numpy as np
 import torch
+
+from corral.entrypoints import load_file_module
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits.py"
 LABELS = {"allreduce": "AllReduce()", "averaging": "Averaging(every=16)"}
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("corral_example_digits", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    cloudpickle.register_pickle_by_value(module)  # workers cannot import it by name
-    return module
+    return load_file_module(EXAMPLE)
 
 
 def plain_torch(example: ModuleType, epochs: int, threads: int) -> dict[str, float]:

@@ -45,7 +45,6 @@ gossip``, ``--base-ms 5``). About 10–15 minutes with the defaults on 2 cores.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import platform
@@ -59,11 +58,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import cloudpickle
 import torch
 
 import corral
 from corral.comm.control import Message
+from corral.entrypoints import load_file_module
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits.py"
 TARGET = 0.95
@@ -150,13 +149,7 @@ class StragglerLoss(torch.nn.Module):
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("corral_example_digits", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    cloudpickle.register_pickle_by_value(module)  # workers cannot import it by name
-    return module
+    return load_file_module(EXAMPLE)
 
 
 def first_reaching(values: list[float]) -> int | None:

@@ -13,11 +13,24 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import cloudpickle
 
 from corral.errors import SpecError
+
+
+def load_file_module(path: Path) -> ModuleType:
+    """Import a Python file as a module whose functions travel to workers by value."""
+    name = f"corral_user_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    cloudpickle.register_pickle_by_value(module)  # workers cannot import it by name
+    return module
 
 
 def load_callable(ref: str, *, base: Path | None = None, what: str = "entrypoint") -> Any:
@@ -29,13 +42,7 @@ def load_callable(ref: str, *, base: Path | None = None, what: str = "entrypoint
         path = Path(target) if base is None else base / target
         if not path.is_file():
             raise SpecError(f"{what}: file {path} does not exist")
-        name = f"corral_user_{abs(hash(path.resolve()))}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        cloudpickle.register_pickle_by_value(module)
+        module = load_file_module(path)
     else:
         try:
             module = importlib.import_module(target)
