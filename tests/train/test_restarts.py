@@ -1,4 +1,12 @@
-from corral.train.restarts import Failure, GiveUp, Restart, decide
+from corral.train.restarts import (
+    Continue,
+    Failure,
+    GiveUp,
+    Replace,
+    Restart,
+    decide,
+    decide_loss,
+)
 
 
 def failure(deterministic: bool = False) -> Failure:
@@ -24,3 +32,23 @@ def test_gives_up_when_none_are_left():
 def test_never_restarts_a_deterministic_error():
     decision = decide(failure(deterministic=True), restarts_done=0, max_restarts=5)
     assert isinstance(decision, GiveUp)
+
+
+def test_a_lost_worker_is_replaced_while_restarts_remain():
+    decision = decide_loss(failure(), survivors=2, restarts_done=0, max_restarts=1, can_add=True)
+    assert decision == Replace(restarts_done=1)
+
+
+def test_without_restarts_the_survivors_continue():
+    decision = decide_loss(failure(), survivors=2, restarts_done=1, max_restarts=1, can_add=True)
+    assert isinstance(decision, Continue) and "max_restarts=1" in decision.reason
+    decision = decide_loss(failure(), survivors=2, restarts_done=0, max_restarts=3, can_add=False)
+    assert isinstance(decision, Continue) and "cannot add" in decision.reason
+
+
+def test_a_loss_is_not_absorbed_when_nobody_is_left_or_it_would_repeat():
+    kw = {"restarts_done": 0, "max_restarts": 3, "can_add": True}
+    assert decide_loss(failure(), survivors=0, **kw) is None
+    assert decide_loss(failure(deterministic=True), survivors=3, **kw) is None
+    server = Failure(role="server", rank=0, exc_type=None, detail="was killed by SIGKILL")
+    assert decide_loss(server, survivors=3, **kw) is None

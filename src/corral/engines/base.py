@@ -12,6 +12,8 @@ import signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from corral.errors import LaunchError
+
 
 @dataclass(frozen=True, kw_only=True)
 class Resources:
@@ -72,6 +74,13 @@ class Exit:
 
 class WorkerGroup(ABC):
     """A running plan. All methods are safe to call from the thread that launched it."""
+
+    #: Whether `add` can start a process in the running group (a Spark barrier stage cannot).
+    can_add: bool = False
+
+    def add(self, spec: ProcessSpec) -> None:
+        """Start one more process beside the running ones (a worker joining the job)."""
+        raise LaunchError(f"this engine cannot add {spec.label} to a running job")
 
     @abstractmethod
     def poll(self) -> list[Exit]:

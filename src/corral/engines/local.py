@@ -121,9 +121,43 @@ class _LocalProcess:
 class LocalWorkerGroup(WorkerGroup):
     """The processes of one plan on this machine."""
 
-    def __init__(self, processes: list[_LocalProcess], parent_pipe_w: int) -> None:
-        self._procs = processes
-        self._parent_pipe_w = parent_pipe_w
+    can_add = True
+
+    def __init__(self, parent_pipe: tuple[int, int]) -> None:
+        self._procs: list[_LocalProcess] = []
+        self._gpus: list[list[int]] = []
+        self._parent_pipe_r, self._parent_pipe_w = parent_pipe
+
+    def start(self, spec: ProcessSpec, gpus: list[int]) -> None:
+        """Start `spec` on the given GPUs; it inherits the read end of the parent-death pipe."""
+        env = {**os.environ, **_resource_env(spec.resources, gpus), **spec.env}
+        env[PARENT_FD_ENV] = str(self._parent_pipe_r)
+        try:
+            popen = subprocess.Popen(
+                spec.argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=(self._parent_pipe_r,),
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot start {spec.label}: {exc}") from exc
+        self._procs.append(_LocalProcess(spec, popen))
+        self._gpus.append(gpus)
+
+    def add(self, spec: ProcessSpec) -> None:
+        running = [p.spec for p in self._procs if p.popen.poll() is None]
+        check_resources([*running, spec])
+        busy = {
+            g
+            for p, gs in zip(self._procs, self._gpus, strict=True)
+            if p.popen.poll() is None
+            for g in gs
+        }
+        free = [g for g in range(_available_gpus() if spec.resources.gpus else 0) if g not in busy]
+        self.start(spec, free[: spec.resources.gpus])
 
     def poll(self) -> list[Exit]:
         exits = []
@@ -157,9 +191,10 @@ class LocalWorkerGroup(WorkerGroup):
             p.kill_group(signal.SIGKILL)
             p.popen.wait()
             p.reader.join(timeout=1.0)
-        if self._parent_pipe_w >= 0:
-            os.close(self._parent_pipe_w)
-            self._parent_pipe_w = -1
+        for fd in (self._parent_pipe_r, self._parent_pipe_w):
+            if fd >= 0:
+                os.close(fd)
+        self._parent_pipe_r = self._parent_pipe_w = -1
 
     def logs(self, role: str, rank: int) -> str:
         for p in self._procs:
@@ -173,28 +208,11 @@ class LocalEngine(Engine):
 
     def launch(self, plan: Plan) -> LocalWorkerGroup:
         gpus = check_resources(plan.processes)
-        read_fd, write_fd = os.pipe()
-        started: list[_LocalProcess] = []
+        group = LocalWorkerGroup(os.pipe())
         try:
             for spec, devices in zip(plan.processes, gpus, strict=True):
-                env = {**os.environ, **_resource_env(spec.resources, devices), **spec.env}
-                env[PARENT_FD_ENV] = str(read_fd)
-                try:
-                    popen = subprocess.Popen(
-                        spec.argv,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        pass_fds=(read_fd,),
-                    )
-                except OSError as exc:
-                    raise LaunchError(f"cannot start {spec.label}: {exc}") from exc
-                started.append(_LocalProcess(spec, popen))
+                group.start(spec, devices)
         except BaseException:
-            LocalWorkerGroup(started, write_fd).stop(grace=0)
+            group.stop(grace=0)
             raise
-        finally:
-            os.close(read_fd)
-        return LocalWorkerGroup(started, write_fd)
+        return group

@@ -51,11 +51,17 @@ class PSClient:
     def _exchange(
         self, requests: list[tuple[dict[str, Any], list[np.ndarray]]], timeout_ms: int | None = None
     ) -> list[Any]:
+        """Send request ``i`` to server ``i`` (fewer requests: the first servers only).
+
+        ``timeout_ms=-1`` waits for as long as it takes: meetings and joins wait for the
+        slowest worker, and the launcher stops this process if a server dies.
+        """
         timeout_ms = timeout_ms or self.timeout_ms
-        for sock, (header, arrays) in zip(self.socks, requests, strict=True):
+        socks = self.socks[: len(requests)]
+        for sock, (header, arrays) in zip(socks, requests, strict=True):
             sock.send_multipart(pack(header, arrays), copy=False)
         replies = []
-        for i, sock in enumerate(self.socks):
+        for i, sock in enumerate(socks):
             if not sock.poll(timeout_ms):
                 raise CorralError(
                     f"parameter server {i} at {self.addresses[i]} did not answer within "
@@ -109,6 +115,27 @@ class PSClient:
     def leave(self) -> None:
         """Tell every server this worker is done, so nobody waits for it."""
         self._exchange([({"op": "leave", "worker": self.worker}, [])] * len(self.socks))
+
+    def begin_epoch(self, epoch: int, *, steps: int, samples: int) -> None:
+        """Tell server 0 this worker's share of `epoch`, so a loss can be accounted for."""
+        header = {"op": "epoch", "worker": self.worker, "epoch": epoch}
+        self._exchange([(header | {"steps": steps, "samples": samples}, [])])
+
+    def meet(self, epoch: int, sums: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """Sum `sums` over `epoch`'s workers (waits for all); returns it and the next workers."""
+        header = {"op": "meet", "worker": self.worker, "epoch": epoch}
+        ((reply, arrays),) = self._exchange([(header, [sums])], timeout_ms=-1)
+        return arrays[0].copy(), reply["members"]
+
+    def join(self) -> dict[str, Any]:
+        """Ask to join the running job: ``{epoch, members}``, or ``{finished: True}``."""
+        ((reply, _),) = self._exchange([({"op": "join", "worker": self.worker}, [])], -1)
+        return dict(reply)
+
+    def lost(self, worker: int) -> dict[str, Any]:
+        """Report dead `worker` to every server; server 0's account of its unfinished work."""
+        replies = self._exchange([({"op": "lost", "worker": worker}, [])] * len(self.socks))
+        return dict(replies[0][0])
 
     def stats(self) -> list[dict[str, Any]]:
         """Each server's staleness histogram, update count and bytes moved."""

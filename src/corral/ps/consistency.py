@@ -66,8 +66,9 @@ class Consistency:
 
     def push(self, worker: int, gradient: np.ndarray, seen_version: int) -> list[Update]:
         """Record one gradient computed on `seen_version`; returns the updates to apply."""
-        self.clocks[worker] = self.clocks.get(worker, 0) + 1
-        self.live.add(worker)
+        if worker not in self.live:
+            self.join(worker)
+        self.clocks[worker] += 1
         if self.mode in ("async", "ssp"):
             stale = self._note(seen_version)
             weight = 1.0 / len(self.live) if self.mode == "ssp" else 1.0
@@ -75,6 +76,15 @@ class Consistency:
             return [Update(gradient, weight * self._scale(stale))]
         self._pending.append((gradient, seen_version))
         return self._complete_groups()
+
+    def join(self, worker: int) -> None:
+        """A worker joins a running job at the slowest live worker's clock.
+
+        Joining at clock 0 would make every SSP worker wait for the newcomer to replay the
+        whole job; at the slowest clock it is as stale as the slowest, no more.
+        """
+        self.clocks[worker] = min((self.clocks[w] for w in self.live), default=0)
+        self.live.add(worker)
 
     def leave(self, worker: int) -> list[Update]:
         """A worker finished or died: stop waiting for it (a sync round may now complete)."""

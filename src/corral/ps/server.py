@@ -15,6 +15,16 @@ Protocol (JSON header + raw float32 buffers, see `corral.comm.frames`):
 ``pull``  → [values]            current values, never waits (a joining worker)
 ``leave`` → {}                  this worker is done; stop waiting for it
 ``stats`` → {histogram, …}      staleness histogram, updates, bytes moved
+
+Server 0 also hosts the job's membership, so workers need no process group of their own
+(one that a dead peer would break):
+
+``epoch`` {epoch, steps, samples} → {}      a worker starts its share of an epoch
+``meet``  {epoch} [sums] → {members} [sums]  epoch-end sum over the epoch's workers; waits
+                                             for all of them, and names who trains next
+``join``  → {epoch, members} | {finished}    a new worker; answered at the next ``meet``
+``lost``  {worker} → {epoch, steps, …}       the driver reports a dead worker (every
+                                             server); server 0 says what it left undone
 """
 
 from __future__ import annotations
@@ -92,12 +102,25 @@ class Shard:
         return self.values.detach().numpy().copy()
 
 
+@dataclass
+class _Meeting:
+    """One epoch-end sum in progress: the running total, who added to it, who waits."""
+
+    total: np.ndarray
+    came: set[int] = field(default_factory=set)
+    waiting: list[bytes] = field(default_factory=list)
+
+
 class _Server:
     def __init__(self, sock: zmq.Socket[bytes], shard: Shard) -> None:
         self.sock, self.shard = sock, shard
         self.parked: list[tuple[bytes, int, int]] = []  # (identity, worker, clock)
         self.bytes_moved = 0
         self.started = time.monotonic()
+        self.meetings: dict[int, _Meeting] = {}
+        self.joiners: list[tuple[bytes, int]] = []
+        self.progress: dict[int, dict[str, int]] = {}
+        self.left_any = False  # once all live workers left, the job is over
 
     def send(self, ident: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
         frames = pack(header, arrays)
@@ -115,6 +138,43 @@ class _Server:
             else:
                 still.append((ident, worker, clock))
         self.parked = still
+
+    def release_meetings(self) -> None:
+        """Answer every meeting all live workers came to; joiners become members there."""
+        rules = self.shard.rules
+        for epoch in sorted(self.meetings):
+            meeting = self.meetings[epoch]
+            if not rules.live <= meeting.came:
+                continue
+            del self.meetings[epoch]
+            for _, worker in self.joiners:
+                rules.join(worker)
+            members = sorted(rules.live)
+            for ident in meeting.waiting:
+                self.send(ident, {"members": members}, [meeting.total])
+            for ident, _ in self.joiners:
+                self.send(ident, {"epoch": epoch + 1, "members": members})
+            self.joiners = []
+
+    def release_joiners_if_over(self) -> None:
+        if self.left_any and not self.shard.rules.live:
+            for ident, _ in self.joiners:
+                self.send(ident, {"finished": True})
+            self.joiners = []
+
+    def drop(self, worker: int) -> dict[str, int]:
+        """Forget `worker` (finished or dead); returns what it had done of its last epoch."""
+        rules, started = self.shard.rules, self.progress.pop(worker, None)
+        done = {}
+        if started is not None and worker in rules.clocks:
+            done = {**started, "steps_done": rules.clocks[worker] - started["clock"]}
+        self.shard.apply(rules.leave(worker))
+        self.parked = [p for p in self.parked if p[1] != worker]
+        self.left_any = True
+        self.release_parked()
+        self.release_meetings()
+        self.release_joiners_if_over()
+        return done
 
     def handle(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
         op, shard, rules = header["op"], self.shard, self.shard.rules
@@ -142,9 +202,27 @@ class _Server:
         elif op == "pull":
             self.send_values(ident)
         elif op == "leave":
-            shard.apply(rules.leave(header["worker"]))
+            self.drop(header["worker"])
             self.send(ident, {})
-            self.release_parked()
+        elif op == "lost":
+            self.send(ident, self.drop(header["worker"]))
+        elif op == "epoch":
+            self.progress[header["worker"]] = {
+                "epoch": header["epoch"],
+                "steps": header["steps"],
+                "samples": header["samples"],
+                "clock": rules.clocks.get(header["worker"], 0),
+            }
+            self.send(ident, {})
+        elif op == "meet":
+            meeting = self.meetings.setdefault(header["epoch"], _Meeting(np.zeros_like(arrays[0])))
+            meeting.total += arrays[0]
+            meeting.came.add(header["worker"])
+            meeting.waiting.append(ident)
+            self.release_meetings()
+        elif op == "join":
+            self.joiners.append((ident, header["worker"]))
+            self.release_joiners_if_over()
         elif op == "stats":
             self.send(
                 ident,

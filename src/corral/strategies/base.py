@@ -11,9 +11,17 @@ Python, YAML and REST) plus three verbs the training loop calls in a fixed order
    one model on every rank, then ``epoch_metrics()`` for what the strategy measured;
 4. ``finish()`` once, when training is over.
 
+Around every epoch the loop also calls ``begin_epoch`` (this worker's share) and
+``epoch_end``, which sums the epoch's metrics over the workers — by default with one
+all-reduce; a strategy without a process group does it through its own servers — and
+says which workers train the next epoch.
+
 Before anything starts, ``prepare_job`` runs once per launch on the caller's side: a
 strategy generates its job's keys there and returns the processes it needs beside the
-workers (parameter servers).
+workers (parameter servers). A strategy that can train on without a lost worker says so
+in ``tolerates_worker_loss``; the launcher then calls ``worker_lost`` (caller side) for
+each loss, and a worker started in a lost one's place calls ``join`` before its first
+epoch.
 
 `Trainer` never branches on the strategy's name; a new algorithm is a new module.
 """
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
 from corral.engines.base import Resources
@@ -46,6 +55,16 @@ class Strategy(BaseModel, ABC):
 
     #: Whether workers run the user's optimizer (a parameter server runs its own).
     needs_optimizer: ClassVar[bool] = True
+    #: Whether the loop opens a torch.distributed process group (collectives, DDP).
+    uses_process_group: ClassVar[bool] = True
+
+    def tolerates_worker_loss(self) -> bool:
+        """Whether training goes on, without it or with a successor, when a worker dies."""
+        return False
+
+    def worker_lost(self, rank: int, store: dist.Store) -> dict[str, Any]:
+        """Caller side: release whoever waits for dead `rank`; return what it left undone."""
+        raise NotImplementedError(f"the {type(self).__name__} strategy cannot lose workers")
 
     def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:
         """Per-launch preparation on the caller's side; returns processes to start too."""
@@ -60,6 +79,23 @@ class Strategy(BaseModel, ABC):
     @abstractmethod
     def step(self, loss: torch.Tensor) -> StepResult:
         """Backpropagate `loss`, update parameters and synchronise as the algorithm says."""
+
+    def join(self) -> tuple[int, list[int]] | None:
+        """For a worker joining a running job: the epoch it starts at and that epoch's
+        workers, once it may start; ``None`` if the job finished meanwhile."""
+        raise NotImplementedError(f"the {type(self).__name__} strategy cannot add workers")
+
+    def begin_epoch(self, epoch: int, *, steps: int, samples: int) -> None:
+        """This worker is about to train `samples` samples of `epoch` in `steps` steps."""
+
+    def epoch_end(self, epoch: int, sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Sum `sums` over this epoch's workers; return it and the next epoch's workers.
+
+        Every worker calls this once per epoch with a tensor of the same length, so it is
+        also the point where all workers of an epoch meet.
+        """
+        dist.all_reduce(sums)
+        return sums, list(range(dist.get_world_size()))
 
     def finish_epoch(self) -> None:
         """Bring replicas to one model at the end of an epoch (no-op if always in sync)."""

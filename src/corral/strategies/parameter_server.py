@@ -6,6 +6,12 @@ splits the same way). The consistency model — when a worker may go on with whi
 is decided by `corral.ps.consistency`; see there for the papers behind each mode. Every
 connection is authenticated with the job's CURVE keys, generated afresh for every launch.
 
+Workers share no process group: epoch-end sums and membership go through server 0, so
+in ``async``, ``ssp`` and ``softsync`` a worker that dies costs only its share of the
+current epoch — the others train on, take over its data from the next epoch, and a
+successor (if ``max_restarts`` allows one) joins from the servers' current values.
+``sync`` waits for every worker by definition, so a loss fails (or restarts) the job.
+
 Choosing: ``sync`` is exact SGD with server-side optimizers; ``ssp`` tolerates transient
 stragglers while bounding how stale values get; ``async`` and ``softsync`` never wait,
 which pays off with persistent stragglers, and want ``lr_scaling="staleness"`` with more
@@ -61,6 +67,7 @@ class ParameterServer(Strategy):
     """
 
     needs_optimizer: ClassVar[bool] = False
+    uses_process_group: ClassVar[bool] = False
 
     kind: Literal["ps"] = "ps"
     mode: Mode = "sync"
@@ -75,7 +82,6 @@ class ParameterServer(Strategy):
     _client: PSClient | None = PrivateAttr(default=None)
     _layout: Layout | None = PrivateAttr(default=None)
     _model: torch.nn.Module | None = PrivateAttr(default=None)
-    _rank: int = PrivateAttr(default=0)
 
     def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:
         if self.mode == "softsync" and self.quorum > workers:
@@ -120,7 +126,7 @@ class ParameterServer(Strategy):
         values = _flat_values(model)
         self._layout = Layout.split(values.size, self.servers)
         _load_values(model, self._client.init(values, self._layout))
-        self._model, self._rank = model, ctx.rank
+        self._model = model
         return model
 
     def step(self, loss: torch.Tensor) -> StepResult:
@@ -134,9 +140,52 @@ class ParameterServer(Strategy):
         assert self._model is not None and self._client is not None and self._layout
         _load_values(self._model, self._client.pull(self._layout))
 
+    def tolerates_worker_loss(self) -> bool:
+        return self.mode != "sync"
+
+    def worker_lost(self, rank: int, store: dist.Store) -> dict[str, Any]:
+        keys = [ADDRESS_KEY.format(i) for i in range(self.servers)]
+        if self._keys is None or not store.check(keys):
+            return {}  # lost before the servers were up: nobody waits for it yet
+        addresses = [store.get(k).decode() for k in keys]
+        client = PSClient(addresses, self._keys, worker=-1, timeout_s=30.0)
+        try:
+            done = client.lost(rank)
+        finally:
+            client.close()
+        if not done:
+            return {}  # it had not started an epoch
+        steps, samples, steps_done = done["steps"], done["samples"], done["steps_done"]
+        base, extra = divmod(samples, steps)  # batches are near-equal, larger ones first
+        trained = steps_done * base + min(steps_done, extra)
+        return {
+            "epoch": done["epoch"] + 1,
+            "steps_done": steps_done,
+            "steps": steps,
+            "samples_not_trained": samples - trained,
+        }
+
+    def join(self) -> tuple[int, list[int]] | None:
+        assert self._model is not None and self._client is not None and self._layout
+        reply = self._client.join()
+        if reply.get("finished"):
+            return None
+        _load_values(self._model, self._client.pull(self._layout))  # the values of now
+        return reply["epoch"], reply["members"]
+
+    def begin_epoch(self, epoch: int, *, steps: int, samples: int) -> None:
+        assert self._client is not None
+        self._client.begin_epoch(epoch, steps=steps, samples=samples)
+
+    def epoch_end(self, epoch: int, sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        assert self._client is not None
+        totals, members = self._client.meet(epoch, sums.cpu().numpy())
+        return torch.from_numpy(totals).to(sums.device), members
+
     def epoch_metrics(self) -> dict[str, Any]:
-        """Rank 0 reports the servers' staleness histogram and bytes moved per second."""
-        if self._rank != 0 or self._client is None:
+        """The servers' staleness histogram and bytes moved per second (on every worker,
+        since whichever is lowest-ranked and alive reports them)."""
+        if self._client is None:
             return {}
         stats = self._client.stats()
         # every shard sees every gradient; shard 0's view counts each gradient once

@@ -36,6 +36,8 @@ class Context:
     local_rank: int
     world_size: int
     restart_count: int
+    #: True for a worker started into a running job in place of a lost one.
+    joining: bool = False
     checkpoint_dir: Path | None
     keep_checkpoints: int = 3
     client: ControlClient | None = field(default=None, repr=False)
@@ -52,13 +54,16 @@ class Context:
         if self.client is not None:
             self.client.send({"kind": "report", "time": time.time(), "metrics": metrics})
 
-    def checkpoint(self, state: dict[str, Any], index: int | None = None) -> Path | None:
-        """Save `state` as the job's newest checkpoint (rank 0 only; others return None).
+    def checkpoint(
+        self, state: dict[str, Any], index: int | None = None, *, writer: int = 0
+    ) -> Path | None:
+        """Save `state` as the job's newest checkpoint (rank `writer` only; others get None).
 
         `index` orders checkpoints (the Trainer uses the epoch); by default it is one more
         than the newest checkpoint's. Restarts after a failure resume from the newest.
+        `writer` is 0 unless rank 0 may be gone (the Trainer passes its lowest live rank).
         """
-        if self.rank != 0:
+        if self.rank != writer:
             return None
         if self.checkpoint_dir is None:
             raise CorralError("this job has no checkpoint directory")

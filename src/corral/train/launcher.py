@@ -11,6 +11,12 @@ payload, launch the plan on the engine, then watch exits and messages until all 
 finish or one fails. On failure every worker is stopped, the root cause is picked (a
 signal beats an exception, an exception beats the communication errors it causes in
 peers), and `corral.train.restarts.decide` says whether to relaunch.
+
+A job whose strategy trains on without a lost worker sets `LaunchOptions.on_worker_lost`.
+Then a worker that dies (not of a deterministic error) does not end the attempt:
+`corral.train.restarts.decide_loss` says whether a new worker, with a new rank, joins in
+its place, the callback tells the strategy (which releases whoever waits for the dead
+one), and the job's result comes from the lowest surviving rank.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class LaunchOptions:
     host: str = "127.0.0.1"
     on_report: Callable[[Message], None] | None = None
     extra_roles: list[Role] = field(default_factory=list)
+    #: Set by strategies that tolerate losing workers; called on the watching thread for
+    #: every absorbed loss, with the driver's rendezvous store (where servers publish).
+    on_worker_lost: Callable[[WorkerLoss, dist.Store], None] | None = None
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -76,10 +85,21 @@ class LaunchOptions:
             raise SpecError(f"master_port: must be between 1 and 65535, got {self.master_port}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class WorkerLoss:
+    """A worker the job lost and trains on without; `replaced_by` is its successor's rank."""
+
+    rank: int
+    failure: restarts.Failure
+    replaced_by: int | None
+    reason: str
+
+
 @dataclass
 class _Outcome:
     result: Any = None
     failure: restarts.Failure | None = None
+    restarts_done: int = 0
 
 
 def _python_path() -> str:
@@ -119,52 +139,76 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _plan(
-    opts: LaunchOptions, payload: Path, store_port: int, control: ControlServer, attempt: int
-) -> Plan:
-    common = {
-        "MASTER_ADDR": opts.host,
-        "MASTER_PORT": str(store_port),
-        "WORLD_SIZE": str(opts.workers),
-        "LOCAL_WORLD_SIZE": str(opts.workers),
-        "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "TORCHELASTIC_RESTART_COUNT": str(attempt),
-        "CORRAL_CONTROL": f"{control.address[0]}:{control.address[1]}",
-        "CORRAL_CONTROL_KEY": control.authkey.hex(),
-        "CORRAL_ROLE": "worker",
-        "CORRAL_KEEP_CHECKPOINTS": str(opts.keep_checkpoints),
-        "PYTHONPATH": _python_path(),
-        "PYTHONUNBUFFERED": "1",
-    }
-    if opts.checkpoint_dir is not None:
-        common["CORRAL_CHECKPOINT_DIR"] = str(opts.checkpoint_dir)
-    argv = [sys.executable, "-m", "corral.train.worker", str(payload)]
-    roles = [("worker", opts.workers, opts.resources)]
-    roles += [(r.name, r.count, r.resources) for r in opts.extra_roles]
-    return Plan(
-        processes=[
-            ProcessSpec(
-                role=name,
-                rank=rank,
-                argv=argv,
-                env={**common, "CORRAL_ROLE": name, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                resources=resources,
-            )
-            for name, count, resources in roles
-            for rank in range(count)
-        ]
-    )
+@dataclass(frozen=True)
+class _Processes:
+    """Builds the `ProcessSpec` of any process of one attempt, joiners included."""
+
+    opts: LaunchOptions
+    payload: Path
+    store_port: int
+    control: ControlServer
+    attempt: int
+
+    def spec(self, role: str, rank: int, resources: Resources, **extra: str) -> ProcessSpec:
+        env = {
+            "MASTER_ADDR": self.opts.host,
+            "MASTER_PORT": str(self.store_port),
+            "WORLD_SIZE": str(self.opts.workers),
+            "LOCAL_WORLD_SIZE": str(self.opts.workers),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_RESTART_COUNT": str(self.attempt),
+            "CORRAL_CONTROL": f"{self.control.address[0]}:{self.control.address[1]}",
+            "CORRAL_CONTROL_KEY": self.control.authkey.hex(),
+            "CORRAL_ROLE": role,
+            "CORRAL_KEEP_CHECKPOINTS": str(self.opts.keep_checkpoints),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "PYTHONPATH": _python_path(),
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+        if self.opts.checkpoint_dir is not None:
+            env["CORRAL_CHECKPOINT_DIR"] = str(self.opts.checkpoint_dir)
+        if self.opts.on_worker_lost is not None:
+            env["CORRAL_ELASTIC"] = "1"
+        argv = [sys.executable, "-m", "corral.train.worker", str(self.payload)]
+        return ProcessSpec(role=role, rank=rank, argv=argv, env=env, resources=resources)
+
+    def plan(self) -> Plan:
+        roles = [("worker", self.opts.workers, self.opts.resources)]
+        roles += [(r.name, r.count, r.resources) for r in self.opts.extra_roles]
+        return Plan(
+            processes=[
+                self.spec(name, rank, resources)
+                for name, count, resources in roles
+                for rank in range(count)
+            ]
+        )
+
+    def joiner(self, rank: int) -> ProcessSpec:
+        return self.spec("worker", rank, self.opts.resources, CORRAL_JOINING="1")
 
 
 class _Watch:
     """Collects one attempt's messages and exits and turns them into an `_Outcome`."""
 
-    def __init__(self, group: WorkerGroup, control: ControlServer, opts: LaunchOptions) -> None:
-        self.group, self.control, self.opts = group, control, opts
+    def __init__(
+        self,
+        group: WorkerGroup,
+        control: ControlServer,
+        processes: _Processes,
+        store: dist.Store,
+        restarts_done: int,
+    ) -> None:
+        self.group, self.control, self.processes = group, control, processes
+        self.opts, self.store = processes.opts, store
         self.errors: dict[tuple[str, int], Message] = {}
         self.closed: set[tuple[str, int]] = set()
-        self.result: Any = _MISSING
+        self.results: dict[int, Any] = {}
         self.first_trouble: float | None = None
+        self.restarts_done = restarts_done
+        self.lost: set[int] = set()
+        self.workers = processes.opts.workers  # grows as workers join
 
     def _take(self, msg: Message) -> None:
         body = msg.body
@@ -172,14 +216,16 @@ class _Watch:
             self.closed.add((msg.role, msg.rank))
         elif body["kind"] == "result":
             try:
-                self.result = cloudpickle.loads(body["value"])
+                self.results[msg.rank] = cloudpickle.loads(body["value"])
             except Exception as exc:
                 raise CorralError(
-                    f"rank 0's return value cannot be unpickled by the caller: {exc}"
+                    f"the return value of worker {msg.rank} cannot be unpickled by the "
+                    f"caller: {exc}"
                 ) from exc
         elif body["kind"] == "error":
             self.errors.setdefault((msg.role, msg.rank), msg)
-            self.first_trouble = self.first_trouble or msg.received
+            if self._fails_attempt(msg):
+                self.first_trouble = self.first_trouble or msg.received
         elif body["kind"] == "report" and self.opts.on_report is not None:
             self.opts.on_report(msg)
 
@@ -195,31 +241,93 @@ class _Watch:
         while True:
             self._drain(0.05)
             exits = self.group.poll()
-            bad = [e for e in exits if e.returncode != 0]
+            bad = [e for e in exits if e.returncode != 0 and e.rank not in self._absorbed(e)]
+            if bad and self.opts.on_worker_lost is not None and self._absorb(bad, exits):
+                continue
             if bad and self.first_trouble is None:
                 self.first_trouble = time.monotonic()
             if self.first_trouble is not None:
                 closed = all((e.role, e.rank) in self.closed for e in bad)
                 settled = self._has_root_cause(bad) and closed
                 if settled or time.monotonic() - self.first_trouble > _SETTLE_S:
-                    return _Outcome(failure=self._root_cause(bad))
-            elif sum(e.role == "worker" for e in exits) == self.opts.workers:
-                return self._finish()  # helpers (servers) are stopped, not awaited
+                    return self._outcome(failure=self._root_cause(bad))
+            elif sum(e.role == "worker" for e in exits) == self.workers:
+                return self._finish(exits)  # helpers (servers) are stopped, not awaited
 
-    def _finish(self) -> _Outcome:
+    def _fails_attempt(self, msg: Message) -> bool:
+        """Whether an error message alone fails the attempt, before its sender's exit.
+
+        A job that tolerates losing workers waits for the exit instead, and then decides.
+        """
+        body = msg.body or {}
+        return self.opts.on_worker_lost is None or msg.role != "worker" or body["deterministic"]
+
+    def _outcome(self, **kw: Any) -> _Outcome:
+        return _Outcome(restarts_done=self.restarts_done, **kw)
+
+    def _absorbed(self, e: Exit) -> set[int]:
+        return self.lost if e.role == "worker" else set()
+
+    def _absorb(self, bad: list[Exit], exits: list[Exit]) -> bool:
+        """Go on without the dead workers in `bad` if the policy allows; False to fail."""
+        self._drain(0.05)  # the error a dying worker sent arrives before its exit is seen
+        running = self.workers - len({e.rank for e in exits if e.role == "worker"})
+        decisions = []
+        for e in bad:
+            failure = self._failure_of(e)
+            decision = restarts.decide_loss(
+                failure,
+                survivors=running,
+                restarts_done=self.restarts_done,
+                max_restarts=self.opts.max_restarts,
+                can_add=self.group.can_add,
+            )
+            if decision is None:
+                return False
+            decisions.append((e, failure, decision))
+        assert self.opts.on_worker_lost is not None
+        for e, failure, decision in decisions:
+            self.lost.add(e.rank)
+            self.errors.pop(("worker", e.rank), None)
+            successor = None
+            if isinstance(decision, restarts.Replace):
+                self.restarts_done = decision.restarts_done
+                successor = self._next_rank()
+                self.group.add(self.processes.joiner(successor))
+                self.workers += 1
+                reason = f"worker {successor} joins in its place"
+            else:
+                reason = decision.reason
+            loss = WorkerLoss(rank=e.rank, failure=failure, replaced_by=successor, reason=reason)
+            self.opts.on_worker_lost(loss, self.store)
+        return True
+
+    def _next_rank(self) -> int:
+        return self.workers
+
+    def _failure_of(self, e: Exit) -> restarts.Failure:
+        msg = self.errors.get((e.role, e.rank))
+        if msg is None or e.signal_name:
+            return self._from_exit(e)
+        return self._from_message(msg)
+
+    def _finish(self, exits: list[Exit]) -> _Outcome:
+        """All workers are done: wait for their last messages, return the lowest rank's."""
+        clean = {("worker", e.rank) for e in exits if e.role == "worker" and e.returncode == 0}
         deadline = time.monotonic() + _DRAIN_S
-        while ("worker", 0) not in self.closed and time.monotonic() < deadline:
+        while not clean <= self.closed and time.monotonic() < deadline:
             self._drain(0.05)
-        if self.result is _MISSING:
-            return _Outcome(
+        if not self.results:
+            rank = min((rank for _, rank in clean), default=0)
+            return self._outcome(
                 failure=restarts.Failure(
                     role="worker",
-                    rank=0,
+                    rank=rank,
                     exc_type=None,
                     detail="finished but its result never reached the driver",
                 )
             )
-        return _Outcome(result=self.result)
+        return self._outcome(result=self.results[min(self.results)])
 
     def _has_root_cause(self, bad: list[Exit]) -> bool:
         """Whether something besides echoes of a peer's failure has been seen."""
@@ -236,17 +344,22 @@ class _Watch:
                 candidates.append((1, 0.0, self._from_exit(e)))
         for msg in self.errors.values():
             body = msg.body or {}
-            failure = restarts.Failure(
-                role=msg.role,
-                rank=msg.rank,
-                exc_type=body["type"],
-                detail=body["message"],
-                traceback=body["traceback"],
-                deterministic=body["deterministic"],
-            )
-            candidates.append((2 if body["secondary"] else 1, body["time"], failure))
+            rank_ = 2 if body["secondary"] else 1
+            candidates.append((rank_, body["time"], self._from_message(msg)))
         candidates.sort(key=lambda c: (c[0], c[1]))
         return candidates[0][2]
+
+    @staticmethod
+    def _from_message(msg: Message) -> restarts.Failure:
+        body = msg.body or {}
+        return restarts.Failure(
+            role=msg.role,
+            rank=msg.rank,
+            exc_type=body["type"],
+            detail=body["message"],
+            traceback=body["traceback"],
+            deterministic=body["deterministic"],
+        )
 
     def _from_exit(self, e: Exit) -> restarts.Failure:
         tail = "\n".join(self.group.logs(e.role, e.rank).splitlines()[-20:])
@@ -259,16 +372,14 @@ class _Watch:
         )
 
 
-_MISSING = object()
-
-
-def _attempt(payload: Path, opts: LaunchOptions, attempt: int) -> _Outcome:
+def _attempt(payload: Path, opts: LaunchOptions, attempt: int, restarts_done: int) -> _Outcome:
     store = _host_store(opts.host, opts.master_port)
     control = ControlServer(opts.host)
     group: WorkerGroup | None = None
     try:
-        group = opts.engine.launch(_plan(opts, payload, store.port, control, attempt))
-        return _Watch(group, control, opts).run()
+        processes = _Processes(opts, payload, store.port, control, attempt)
+        group = opts.engine.launch(processes.plan())
+        return _Watch(group, control, processes, store, restarts_done).run()
     finally:
         if group is not None:
             group.stop()
@@ -285,13 +396,13 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -
         payload.write_bytes(cloudpickle.dumps(entries))
         if opts.checkpoint_dir is None:  # restarts within this call still find them
             opts = dataclasses.replace(opts, checkpoint_dir=run_dir / "checkpoints")
-        restarts_done = 0
+        restarts_done = attempt = 0
         with _sigterm_as_exit():
             while True:
-                outcome = _attempt(payload, opts, restarts_done)
+                outcome = _attempt(payload, opts, attempt, restarts_done)
                 if outcome.failure is None:
                     return outcome.result
-                f = outcome.failure
+                f, restarts_done = outcome.failure, outcome.restarts_done
                 decision = restarts.decide(
                     f, restarts_done=restarts_done, max_restarts=opts.max_restarts
                 )
@@ -312,7 +423,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -
                     decision.attempt + 1,
                     opts.max_restarts + 1,
                 )
-                restarts_done = decision.attempt
+                restarts_done, attempt = decision.attempt, attempt + 1
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

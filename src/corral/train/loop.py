@@ -2,8 +2,14 @@
 
 The loop is strategy-agnostic: it builds the model and optimizer, restores a checkpoint if
 there is one, hands both to the strategy's ``setup``, and then only calls ``step(loss)``
-and ``finish_epoch()``. Epoch metrics are summed over all ranks with one small all-reduce,
-so every number in the history describes the whole epoch, not rank 0's share of it.
+and ``finish_epoch()``. Epoch metrics (training and validation together) are summed over
+the epoch's workers in one ``epoch_end`` call, so every number in the history describes
+the whole epoch, not one worker's share of it.
+
+Which workers share an epoch's data is the strategy's answer from the previous
+``epoch_end``: normally every rank, but after a lost worker only the survivors (and any
+worker that joined), so from the next epoch on no sample is left out. The lowest of them
+leads: it reports progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from corral.data import Source
+from corral.data.sharding import rank_range
 from corral.errors import TrainingError
 from corral.spec import TrainSettings
 from corral.train import checkpoint as ckpt
@@ -60,7 +67,7 @@ def _is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
 
 
 class _EpochSums:
-    """Loss, correct predictions and sample count, summed locally then over all ranks."""
+    """Loss, correct predictions and sample count of one worker's share of an epoch."""
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -74,12 +81,12 @@ class _EpochSums:
             self.classification = True
             self.sums[1] += (out.argmax(dim=1) == y).sum()
 
-    def total(self, prefix: str = "") -> dict[str, float]:
-        dist.all_reduce(self.sums)
-        loss_sum, correct, count = self.sums.tolist()
-        row = {f"{prefix}loss": loss_sum / count}
+    def row(self, totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
+        """Metrics from `totals`, the sums of every worker's `sums`."""
+        loss_sum, correct, count = totals.tolist()
+        row = {f"{prefix}loss": loss_sum / max(count, 1.0)}
         if self.classification:
-            row[f"{prefix}accuracy"] = correct / count
+            row[f"{prefix}accuracy"] = correct / max(count, 1.0)
         return row
 
 
@@ -96,17 +103,37 @@ def _loss_value(loss: torch.Tensor, *, epoch: int, step: int, ctx: Context) -> f
     return value
 
 
+@dataclass(frozen=True)
+class _Share:
+    """This worker's place among the workers of one epoch (sorted ranks; the first leads)."""
+
+    rank: int
+    members: list[int]
+
+    @property
+    def position(self) -> int:
+        return self.members.index(self.rank)
+
+    @property
+    def leads(self) -> bool:
+        return self.members[0] == self.rank
+
+
 def _train_epoch(
-    task: TrainTask, net: torch.nn.Module, epoch: int, ctx: Context
-) -> dict[str, float]:
+    task: TrainTask, net: torch.nn.Module, epoch: int, share: _Share, ctx: Context
+) -> tuple[_EpochSums, int]:
+    """Train one epoch on this worker's share; returns its sums and communication rounds."""
     s = task.settings
     sums = _EpochSums(ctx.device)
-    steps = task.train.steps_per_epoch(ctx.world_size, s.batch_size)
+    workers = len(share.members)
+    steps = task.train.steps_per_epoch(workers, s.batch_size)
+    lo, hi = rank_range(task.train.num_samples, share.position, workers)
+    s.strategy.begin_epoch(epoch, steps=steps, samples=hi - lo)
     start = last_report = time.monotonic()
     syncs, seen = 0, 0
     batches = task.train.batches(
-        rank=ctx.rank,
-        world_size=ctx.world_size,
+        rank=share.position,
+        world_size=workers,
         epoch=epoch,
         seed=s.seed,
         batch_size=s.batch_size,
@@ -121,7 +148,7 @@ def _train_epoch(
         sums.add(out.detach(), y, value)
         seen += len(y)
         now = time.monotonic()
-        if ctx.rank == 0 and now - last_report >= PROGRESS_EVERY_S:
+        if share.leads and now - last_report >= PROGRESS_EVERY_S:
             last_report = now
             ctx.report(
                 kind="progress",
@@ -130,25 +157,20 @@ def _train_epoch(
                 step=step + 1,
                 steps=steps,
                 loss=value,
-                samples_per_s=seen * ctx.world_size / (now - start),
+                samples_per_s=seen * workers / (now - start),
             )
     s.strategy.finish_epoch()
-    row = sums.total()  # the wait for the slowest worker belongs to the epoch's time
-    elapsed = time.monotonic() - start
-    row["samples_per_s"] = sums.sums[2].item() / elapsed
-    row["syncs"] = float(syncs)
-    row["time_s"] = elapsed
-    return row
+    return sums, syncs
 
 
 @torch.no_grad()
-def _evaluate(task: TrainTask, model: torch.nn.Module, ctx: Context) -> dict[str, float]:
+def _evaluate(task: TrainTask, model: torch.nn.Module, share: _Share, ctx: Context) -> _EpochSums:
     assert task.validation is not None
     model.eval()
     sums = _EpochSums(ctx.device)
     for x, y in task.validation.batches(
-        rank=ctx.rank,
-        world_size=ctx.world_size,
+        rank=share.position,
+        world_size=len(share.members),
         epoch=0,
         seed=0,
         batch_size=task.settings.batch_size,
@@ -158,7 +180,35 @@ def _evaluate(task: TrainTask, model: torch.nn.Module, ctx: Context) -> dict[str
         out = model(x)
         sums.add(out, y, task.loss(out, y).item())
     model.train()
-    return sums.total(prefix="val_")
+    return sums
+
+
+def _epoch(
+    task: TrainTask,
+    net: torch.nn.Module,
+    model: torch.nn.Module,
+    epoch: int,
+    share: _Share,
+    ctx: Context,
+) -> tuple[dict[str, float], list[int]]:
+    """Train and evaluate one epoch; returns its history row and the next epoch's workers."""
+    start = time.monotonic()
+    train, syncs = _train_epoch(task, net, epoch, share, ctx)
+    parts = [train]
+    if task.validation is not None:
+        parts.append(_evaluate(task, model, share, ctx))
+    # One meeting of all workers per epoch; its wait for the slowest is part of the epoch.
+    totals, members = task.settings.strategy.epoch_end(epoch, torch.cat([p.sums for p in parts]))
+    elapsed = time.monotonic() - start
+    row = {"epoch": float(epoch + 1), **train.row(totals[:3])}
+    row["samples"] = totals[2].item()
+    row["samples_per_s"] = totals[2].item() / elapsed
+    row["syncs"] = float(syncs)
+    row["time_s"] = elapsed
+    row["workers"] = float(len(share.members))
+    if task.validation is not None:
+        row.update(parts[1].row(totals[3:], prefix="val_"))
+    return row, members
 
 
 def _restore(task: TrainTask, ctx: Context) -> dict[str, Any] | None:
@@ -170,16 +220,18 @@ def _restore(task: TrainTask, ctx: Context) -> dict[str, Any] | None:
 
 
 def train_worker(task: TrainTask) -> dict[str, Any] | None:
-    """Run on every worker; rank 0 returns the trained weights, history and checkpoint."""
+    """Run on every worker; the last epoch's leader returns weights, history and checkpoint."""
     ctx = context()
     s = task.settings
-    dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
+    strategy = s.strategy
+    if strategy.uses_process_group:
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
     try:
         torch.manual_seed(s.seed)
         model = build_model(task.model).to(ctx.device)
         optimizer = task.optimizer(model.parameters()) if task.optimizer else None
         start_epoch, history, last = 0, [], None
-        state = _restore(task, ctx)
+        state = None if ctx.joining else _restore(task, ctx)
         if state is not None:
             model.load_state_dict(state["model"])
             if optimizer is not None:
@@ -189,14 +241,20 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                 state["history"],
                 state["path"],
             )
-        net = s.strategy.setup(model, optimizer, ctx)
+        net = strategy.setup(model, optimizer, ctx)
+        members = list(range(ctx.world_size))
+        if ctx.joining:
+            joined = strategy.join()
+            if joined is None:  # the job ended before this worker could start
+                strategy.finish()
+                return None
+            start_epoch, members = joined
         for epoch in range(start_epoch, s.epochs):
-            row = {"epoch": float(epoch + 1), **_train_epoch(task, net, epoch, ctx)}
-            if task.validation is not None:
-                row.update(_evaluate(task, model, ctx))
-            row.update(s.strategy.epoch_metrics())
+            row, members = _epoch(task, net, model, epoch, _Share(ctx.rank, members), ctx)
+            row.update(strategy.epoch_metrics())
             history.append(row)
-            if ctx.rank == 0:
+            survivors = _Share(ctx.rank, members)  # the lowest worker still alive leads
+            if survivors.leads:
                 ctx.report(kind="epoch", epochs=s.epochs, **row)
             if (epoch + 1) % s.checkpoint.every == 0 or epoch + 1 == s.epochs:
                 saved = ctx.checkpoint(
@@ -207,12 +265,14 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                         "history": history,
                     },
                     index=epoch + 1,
+                    writer=members[0],
                 )
                 last = str(saved) if saved else last
-        s.strategy.finish()
-        if ctx.rank != 0:
+        strategy.finish()
+        if not _Share(ctx.rank, members).leads:
             return None
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return {"state_dict": weights, "history": history, "checkpoint": last}
     finally:
-        dist.destroy_process_group()
+        if strategy.uses_process_group:
+            dist.destroy_process_group()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from corral.comm.control import Message
 from corral.data import Source, as_source
@@ -26,7 +27,7 @@ from corral.errors import SpecError
 from corral.spec import TrainSettings, parse
 from corral.strategies import Strategy
 from corral.train import checkpoint as ckpt
-from corral.train.launcher import LaunchOptions, launch
+from corral.train.launcher import LaunchOptions, WorkerLoss, launch
 from corral.train.loop import LossFn, ModelArg, OptimizerFn, TrainTask, build_model, train_worker
 from corral.train.progress import log_report
 
@@ -43,11 +44,15 @@ class Result:
             ``val_loss``/``val_accuracy`` (with validation data), ``samples_per_s``,
             ``syncs`` (communication rounds) and ``time_s``.
         checkpoint: Path of the last checkpoint written.
+        lost_workers: One dict per worker the job lost and trained on without (strategies
+            that tolerate it): ``rank``, ``cause``, ``epoch``, ``steps_done``/``steps`` of
+            its share of that epoch, ``samples_not_trained`` and ``replaced_by``.
     """
 
     model: torch.nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
+    lost_workers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -209,6 +214,7 @@ class Trainer:
             if server
             else Resources(),
         )
+        losses = _Losses(s.strategy, on_report)
         opts = LaunchOptions(
             workers=workers,
             resources=Resources(
@@ -219,13 +225,19 @@ class Trainer:
             checkpoint_dir=checkpoint_dir,
             keep_checkpoints=s.checkpoint.keep,
             engine=self.engine,
-            on_report=on_report,
+            on_report=losses.report,
             extra_roles=extra,
+            on_worker_lost=losses.lost if s.strategy.tolerates_worker_loss() else None,
         )
         out = launch(train_worker, (task,), opts)
         local_model.load_state_dict(out["state_dict"])
         checkpoint = Path(out["checkpoint"]) if out["checkpoint"] else None
-        return Result(model=local_model.eval(), history=out["history"], checkpoint=checkpoint)
+        return Result(
+            model=local_model.eval(),
+            history=losses.complete(out["history"]),
+            checkpoint=checkpoint,
+            lost_workers=losses.workers,
+        )
 
     def _model_on_caller(self) -> torch.nn.Module:
         """Build the model here once: a broken factory fails now, with its own message."""
@@ -238,3 +250,46 @@ class Trainer:
             raise SpecError(
                 f"model: the factory {name} raised {type(exc).__name__}: {exc}"
             ) from exc
+
+
+class _Losses:
+    """The caller's record of workers lost mid-job, and of the epochs reported meanwhile.
+
+    A worker that joined late and ends up leading (every original worker died) returns a
+    history without the epochs before it joined; the rows reported to the caller fill it.
+    """
+
+    def __init__(self, strategy: Strategy, on_report: Callable[[Message], None] | None) -> None:
+        self.strategy, self.on_report = strategy, on_report
+        self.workers: list[dict[str, Any]] = []
+        self.rows: dict[int, dict[str, Any]] = {}
+
+    def report(self, msg: Message) -> None:
+        metrics = (msg.body or {}).get("metrics", {})
+        if metrics.get("kind") == "epoch":
+            row = {k: v for k, v in metrics.items() if k not in ("kind", "epochs")}
+            self.rows[int(row["epoch"])] = row
+        if self.on_report is not None:
+            self.on_report(msg)
+
+    def lost(self, loss: WorkerLoss, store: dist.Store) -> None:
+        left = self.strategy.worker_lost(loss.rank, store)
+        cause = loss.failure.detail
+        if loss.failure.exc_type:
+            cause = f"raised {loss.failure.exc_type}: {cause}"
+        self.workers.append(
+            {"rank": loss.rank, "cause": cause, **left, "replaced_by": loss.replaced_by}
+        )
+        undone = (
+            f" in epoch {left['epoch']} after {left['steps_done']} of its {left['steps']} "
+            f"steps; {left['samples_not_trained']} samples of its share of that epoch were "
+            "not trained, and from the next epoch the others take its share"
+            if left
+            else " before it started training"
+        )
+        log.warning("worker %d %s%s; %s", loss.rank, cause, undone, loss.reason)
+
+    def complete(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        done = {int(row["epoch"]) for row in history}
+        missing = [row for epoch, row in self.rows.items() if epoch not in done]
+        return sorted([*missing, *history], key=lambda row: row["epoch"])

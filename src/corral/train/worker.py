@@ -34,6 +34,7 @@ def _context_from_env(env: os._Environ[str]) -> Context:
         local_rank=int(env["LOCAL_RANK"]),
         world_size=int(env["WORLD_SIZE"]),
         restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        joining=env.get("CORRAL_JOINING") == "1",
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
         keep_checkpoints=int(env.get("CORRAL_KEEP_CHECKPOINTS", "3")),
         client=client,
@@ -98,11 +99,16 @@ def main(payload_path: str) -> int:
                 raise
             value = None
         _leave_process_group()
-        if ctx.role == "worker" and ctx.rank == 0:
+        # Rank 0's value is the job's; in a job that outlives lost workers, any rank that
+        # returns something may be the lowest survivor, and the driver takes the lowest.
+        elastic = os.environ.get("CORRAL_ELASTIC") == "1" and value is not None
+        if ctx.role == "worker" and (ctx.rank == 0 or elastic):
             try:
                 blob = cloudpickle.dumps(value)
             except Exception as exc:
-                raise CorralError(f"the return value of rank 0 cannot be pickled: {exc}") from exc
+                raise CorralError(
+                    f"the return value of worker {ctx.rank} cannot be pickled: {exc}"
+                ) from exc
             ctx.client.send({"kind": "result", "value": blob})
         return 0
     except SystemExit as exc:
