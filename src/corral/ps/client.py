@@ -132,9 +132,11 @@ class PSClient:
         ((reply, _),) = self._exchange([({"op": "join", "worker": self.worker}, [])], -1)
         return dict(reply)
 
-    def lost(self, worker: int) -> dict[str, Any]:
-        """Report dead `worker` to every server; server 0's account of its unfinished work."""
-        replies = self._exchange([({"op": "lost", "worker": worker}, [])] * len(self.socks))
+    def lost(self, worker: int, successor: int | None) -> dict[str, Any]:
+        """Report dead `worker` (and who replaces it) to every server; returns server 0's
+        account of its unfinished work."""
+        header = {"op": "lost", "worker": worker, "successor": successor}
+        replies = self._exchange([(header, [])] * len(self.socks))
         return dict(replies[0][0])
 
     def stats(self) -> list[dict[str, Any]]:

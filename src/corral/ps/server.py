@@ -23,8 +23,10 @@ Server 0 also hosts the job's membership, so workers need no process group of th
 ``meet``  {epoch} [sums] → {members} [sums]  epoch-end sum over the epoch's workers; waits
                                              for all of them, and names who trains next
 ``join``  → {epoch, members} | {finished}    a new worker; answered at the next ``meet``
-``lost``  {worker} → {epoch, steps, …}       the driver reports a dead worker (every
+``lost``  {worker, successor} → {epoch, …}   the driver reports a dead worker (every
                                              server); server 0 says what it left undone
+                                             and holds the next meeting until the
+                                             successor, if any, has come to join
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class _Server:
         self.started = time.monotonic()
         self.meetings: dict[int, _Meeting] = {}
         self.joiners: list[tuple[bytes, int]] = []
+        self.expected: set[int] = set()  # successors started but not yet come to join
         self.progress: dict[int, dict[str, int]] = {}
         self.left_any = False  # once all live workers left, the job is over
 
@@ -144,11 +147,13 @@ class _Server:
         rules = self.shard.rules
         for epoch in sorted(self.meetings):
             meeting = self.meetings[epoch]
-            if not rules.live <= meeting.came:
+            joining = {worker for _, worker in self.joiners}
+            if not (rules.live <= meeting.came and self.expected <= joining):
                 continue
             del self.meetings[epoch]
             for _, worker in self.joiners:
                 rules.join(worker)
+                self.expected.discard(worker)
             members = sorted(rules.live)
             for ident in meeting.waiting:
                 self.send(ident, {"members": members}, [meeting.total])
@@ -169,6 +174,7 @@ class _Server:
         if started is not None and worker in rules.clocks:
             done = {**started, "steps_done": rules.clocks[worker] - started["clock"]}
         self.shard.apply(rules.leave(worker))
+        self.expected.discard(worker)
         self.parked = [p for p in self.parked if p[1] != worker]
         self.left_any = True
         self.release_parked()
@@ -205,6 +211,8 @@ class _Server:
             self.drop(header["worker"])
             self.send(ident, {})
         elif op == "lost":
+            if header["successor"] is not None:
+                self.expected.add(header["successor"])
             self.send(ident, self.drop(header["worker"]))
         elif op == "epoch":
             self.progress[header["worker"]] = {
@@ -222,6 +230,7 @@ class _Server:
             self.release_meetings()
         elif op == "join":
             self.joiners.append((ident, header["worker"]))
+            self.release_meetings()  # one may have waited for this successor
             self.release_joiners_if_over()
         elif op == "stats":
             self.send(

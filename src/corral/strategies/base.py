@@ -62,8 +62,9 @@ class Strategy(BaseModel, ABC):
         """Whether training goes on, without it or with a successor, when a worker dies."""
         return False
 
-    def worker_lost(self, rank: int, store: dist.Store) -> dict[str, Any]:
-        """Caller side: release whoever waits for dead `rank`; return what it left undone."""
+    def worker_lost(self, rank: int, successor: int | None, store: dist.Store) -> dict[str, Any]:
+        """Caller side: release whoever waits for dead `rank`, expect its `successor` (a
+        worker already started in its place, if any); return what it left undone."""
         raise NotImplementedError(f"the {type(self).__name__} strategy cannot lose workers")
 
     def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:

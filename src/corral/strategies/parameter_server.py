@@ -10,7 +10,9 @@ Workers share no process group: epoch-end sums and membership go through server 
 in ``async``, ``ssp`` and ``softsync`` a worker that dies costs only its share of the
 current epoch — the others train on, take over its data from the next epoch, and a
 successor (if ``max_restarts`` allows one) joins from the servers' current values.
-``sync`` waits for every worker by definition, so a loss fails (or restarts) the job.
+The epoch-end meeting after a loss waits for the successor to arrive, so it takes its
+share from the next epoch. ``sync`` waits for every worker by definition, so a loss
+fails (or restarts) the job.
 
 Choosing: ``sync`` is exact SGD with server-side optimizers; ``ssp`` tolerates transient
 stragglers while bounding how stale values get; ``async`` and ``softsync`` never wait,
@@ -143,14 +145,14 @@ class ParameterServer(Strategy):
     def tolerates_worker_loss(self) -> bool:
         return self.mode != "sync"
 
-    def worker_lost(self, rank: int, store: dist.Store) -> dict[str, Any]:
+    def worker_lost(self, rank: int, successor: int | None, store: dist.Store) -> dict[str, Any]:
         keys = [ADDRESS_KEY.format(i) for i in range(self.servers)]
         if self._keys is None or not store.check(keys):
             return {}  # lost before the servers were up: nobody waits for it yet
         addresses = [store.get(k).decode() for k in keys]
         client = PSClient(addresses, self._keys, worker=-1, timeout_s=30.0)
         try:
-            done = client.lost(rank)
+            done = client.lost(rank, successor)
         finally:
             client.close()
         if not done:

@@ -273,7 +273,7 @@ class _Losses:
             self.on_report(msg)
 
     def lost(self, loss: WorkerLoss, store: dist.Store) -> None:
-        left = self.strategy.worker_lost(loss.rank, store)
+        left = self.strategy.worker_lost(loss.rank, loss.replaced_by, store)
         cause = loss.failure.detail
         if loss.failure.exc_type:
             cause = f"raised {loss.failure.exc_type}: {cause}"
