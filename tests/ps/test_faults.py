@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,7 @@ def test_training_goes_on_without_a_killed_worker(tmp_path, caplog, strategy, vi
     (lost,) = result.lost_workers
     assert lost == {
         "rank": victim,
+        "attempt": 0,
         "cause": "was killed by SIGKILL",
         "epoch": 2,
         "steps_done": DEATH_STEP,
@@ -148,3 +151,119 @@ def test_sync_restarts_from_the_checkpoint_when_allowed(tmp_path, caplog):
     assert "worker 1 failed (was killed by SIGKILL); restarting" in caplog.text
     assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
     assert result.lost_workers == []
+
+
+def server_pid(rank: int) -> int:
+    """The pid of this job's server `rank`, found by the environment the launcher gave it."""
+    port = os.environ["MASTER_PORT"]
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(
+                item.split("=", 1)
+                for item in (proc / "environ").read_text().split("\0")
+                if "=" in item
+            )
+        except OSError:
+            continue
+        if (env.get("CORRAL_ROLE"), env.get("RANK"), env.get("MASTER_PORT")) == (
+            "server",
+            str(rank),
+            port,
+        ):
+            return int(proc.name)
+    raise LookupError(f"no server {rank} of this job")
+
+
+class KillServerLoss(torch.nn.Module):
+    """Cross-entropy with which worker 0 SIGKILLs server `victim` at step `DEATH_STEP` of
+    epoch 2; with `hold_port`, it then keeps the dead server's port bound."""
+
+    def __init__(self, victim: int, hold_port: bool = False) -> None:
+        super().__init__()
+        self.victim, self.hold_port, self.calls = victim, hold_port, 0
+        self.held: list[socket.socket] = []
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and corral.context().rank == 0:
+            if self.calls == steps_per_epoch(WORKERS) + DEATH_STEP:
+                pid = server_pid(self.victim)
+                port = listening_port(pid)
+                os.kill(pid, signal.SIGKILL)
+                if self.hold_port:
+                    self.held.append(bind_when_free(port))
+            self.calls += 1
+        return torch.nn.functional.cross_entropy(out, y)
+
+
+def listening_port(pid: int) -> int:
+    """The TCP port `pid` listens on (its ZeroMQ ROUTER), from /proc."""
+    inodes = {
+        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    }
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+            return int(fields[1].split(":")[1], 16)
+    raise LookupError(f"process {pid} listens on no TCP port")
+
+
+def bind_when_free(port: int) -> socket.socket:
+    """Bind 127.0.0.1:`port` as soon as the killed process has released it (its old
+    connections linger in TIME_WAIT, hence SO_REUSEADDR, which ZeroMQ sets too)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            continue
+        sock.listen()
+        return sock
+
+
+def fit_killing_server(tmp_path: Path, strategy: corral.ParameterServer, **kw) -> corral.Result:
+    trainer = corral.Trainer(
+        model=model,
+        strategy=strategy,
+        workers=WORKERS,
+        epochs=4,
+        batch_size=BATCH,
+        checkpoint_dir=tmp_path,
+        **kw,
+    )
+    return trainer.fit(blobs(SAMPLES), validation=blobs(200, seed=1), on_report=None)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_killed_server_restarts_from_its_checkpoint(tmp_path, caplog, mode):
+    every = 5
+    strategy = corral.ParameterServer(mode=mode, servers=2, checkpoint_every=every)
+    result = fit_killing_server(tmp_path, strategy, loss=KillServerLoss(1), max_restarts=1)
+    assert "server 1 was killed by SIGKILL; server 1 restarts and restores its state" in (
+        caplog.text
+    )
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert [r["samples"] for r in result.history] == [SAMPLES] * 4
+    # what the shard applied after its last checkpoint is gone, and said so
+    lost = result.metrics["server_lost_updates"]
+    assert 0 <= lost < every + WORKERS
+    assert result.metrics["val_accuracy"] > 0.9
+    assert list((tmp_path / "servers" / "shard-1").glob("checkpoint-*.pt"))
+
+
+def test_a_killed_server_without_checkpoints_fails_the_job(tmp_path):
+    strategy = corral.ParameterServer(mode="async", servers=2)
+    with pytest.raises(WorkerError, match="server 1 was killed by SIGKILL"):
+        fit_killing_server(tmp_path, strategy, loss=KillServerLoss(1), max_restarts=1)
+
+
+def test_a_server_that_cannot_bind_its_port_again_says_so(tmp_path):
+    strategy = corral.ParameterServer(mode="async", servers=2, checkpoint_every=5)
+    loss = KillServerLoss(1, hold_port=True)
+    with pytest.raises(WorkerError, match=r"server 1 cannot bind its port 127\.0\.0\.1:\d+"):
+        fit_killing_server(tmp_path, strategy, loss=loss, max_restarts=1)

@@ -2,19 +2,32 @@
 
 A step sends every shard its slice of the flat gradient first and only then collects the
 replies, so pushes and pulls of all shards overlap instead of queueing one after another.
+
+A server that dies and is restarted in place (same address, restored from its shard
+checkpoint) publishes a new *incarnation* number in the job's store. While waiting for a
+reply the client checks that number every second; when it changed, it opens a fresh
+socket to the server and sends the request again: the old socket may hold copies of
+requests the dead server never read, which must not reach the new one twice.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 import zmq
 
 from corral.comm.curve import JobKeys, secure_client
 from corral.comm.frames import pack, unpack
 from corral.errors import CorralError
 from corral.ps.layout import Layout
+
+#: Where server `i` publishes how often it was started (1 at the first start).
+INCARNATION_KEY = "corral/ps/server/{}/incarnation"
+#: How often a waiting client checks whether a server was restarted.
+_CHECK_MS = 1000
 
 
 class PSClient:
@@ -33,20 +46,46 @@ class PSClient:
         *,
         timeout_s: float = 300.0,
         handshake_s: float = 30.0,
+        store: dist.Store | None = None,
     ) -> None:
         self.handshake_ms = int(handshake_s * 1000)
         self.addresses, self.worker = addresses, worker
         self.timeout_ms = int(timeout_s * 1000)
         self._zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.socks = []
-        for address in addresses:
-            sock = self._zctx.socket(zmq.DEALER)
-            secure_client(sock, keys)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://{address}")
-            self.socks.append(sock)
+        self._keys, self._store = keys, store
+        self.socks = [self._connect(address) for address in addresses]
+        self.incarnations = [self._incarnation(i) for i in range(len(addresses))]
         self.versions = [0] * len(addresses)
         self._out: np.ndarray | None = None
+
+    def _connect(self, address: str) -> zmq.Socket[bytes]:
+        sock = self._zctx.socket(zmq.DEALER)
+        secure_client(sock, self._keys)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{address}")
+        return sock
+
+    def _incarnation(self, i: int) -> int:
+        """Server `i`'s restart count as published in the store (0 without a store)."""
+        if self._store is None:
+            return 0
+        return int(self._store.add(INCARNATION_KEY.format(i), 0))  # adding 0 only reads
+
+    def _await(self, i: int, request: list[Any], timeout_ms: int) -> bool:
+        """Wait for server `i`'s reply; resend `request` to a restarted server."""
+        deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+        while True:
+            wait_ms = _CHECK_MS if deadline is None else (deadline - time.monotonic()) * 1000
+            if self.socks[i].poll(max(0, min(_CHECK_MS, int(wait_ms)))):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            incarnation = self._incarnation(i)
+            if incarnation != self.incarnations[i]:
+                self.incarnations[i] = incarnation
+                self.socks[i].close(linger=0)
+                self.socks[i] = self._connect(self.addresses[i])
+                self.socks[i].send_multipart(request, copy=False)
 
     def _exchange(
         self, requests: list[tuple[dict[str, Any], list[np.ndarray]]], timeout_ms: int | None = None
@@ -57,18 +96,18 @@ class PSClient:
         slowest worker, and the launcher stops this process if a server dies.
         """
         timeout_ms = timeout_ms or self.timeout_ms
-        socks = self.socks[: len(requests)]
-        for sock, (header, arrays) in zip(socks, requests, strict=True):
-            sock.send_multipart(pack(header, arrays), copy=False)
+        frames = [pack(header, arrays) for header, arrays in requests]
+        for sock, request in zip(self.socks, frames, strict=False):
+            sock.send_multipart(request, copy=False)
         replies = []
-        for i, sock in enumerate(socks):
-            if not sock.poll(timeout_ms):
+        for i, request in enumerate(frames):
+            if not self._await(i, request, timeout_ms):
                 raise CorralError(
                     f"parameter server {i} at {self.addresses[i]} did not answer within "
                     f"{timeout_ms / 1000:.0f} s (is it running, and does this process hold "
                     "the job's key?)"
                 )
-            header, arrays = unpack(sock.recv_multipart(copy=False))
+            header, arrays = unpack(self.socks[i].recv_multipart(copy=False))
             if "error" in header:
                 raise CorralError(f"parameter server {i}: {header['error']}")
             replies.append((header, arrays))

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -45,7 +47,10 @@ import zmq
 
 from corral.comm.curve import JobKeys, secure_server, start_authenticator
 from corral.comm.frames import pack, unpack
+from corral.errors import CorralError
+from corral.ps.client import INCARNATION_KEY
 from corral.ps.consistency import Consistency, Mode, Update
+from corral.train import checkpoint as ckpt
 from corral.train.context import context
 
 #: The store key under which server `i` publishes its address.
@@ -63,6 +68,8 @@ class ServerConfig:
     lr_scaling: Literal["staleness"] | None
     optimizer: Literal["sgd", "adam"]
     optimizer_args: dict[str, Any] = field(default_factory=dict)
+    #: Save the shard every this many updates, so a killed server restarts from there.
+    checkpoint_every: int | None = None
 
 
 class Shard:
@@ -98,6 +105,29 @@ class Shard:
             self.optimizer.step()
             self.updates += 1
 
+    def state(self) -> dict[str, Any]:
+        """Everything a restarted server needs (pending softsync gradients are not kept)."""
+        assert self.values is not None and self.optimizer is not None
+        rules = self.rules
+        return {
+            "values": self.values.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+            "version": rules.version,
+            "clocks": dict(rules.clocks),
+            "live": sorted(rules.live),
+            "histogram": dict(rules.histogram),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.init(state["values"].numpy())
+        assert self.optimizer is not None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = state["updates"]
+        rules = self.rules
+        rules.version, rules.clocks = state["version"], dict(state["clocks"])
+        rules.live, rules.histogram = set(state["live"]), Counter(state["histogram"])
+
     def snapshot(self) -> np.ndarray:
         """A copy: the reply is sent without copying while later updates change the shard."""
         assert self.values is not None
@@ -114,8 +144,16 @@ class _Meeting:
 
 
 class _Server:
-    def __init__(self, sock: zmq.Socket[bytes], shard: Shard) -> None:
-        self.sock, self.shard = sock, shard
+    def __init__(
+        self, sock: zmq.Socket[bytes], shard: Shard, checkpoints: Path | None = None
+    ) -> None:
+        self.sock, self.shard, self.checkpoints = sock, shard, checkpoints
+        self.saved_at = shard.updates
+        # after a restart: the version restored, the updates since found lost, and the
+        # workers whose first request (carrying the version they last saw) was counted
+        self.restored_version: int | None = None
+        self.lost_updates = 0
+        self.counted: set[int] = set()
         self.parked: list[tuple[bytes, int, int]] = []  # (identity, worker, clock)
         self.bytes_moved = 0
         self.started = time.monotonic()
@@ -182,6 +220,39 @@ class _Server:
         self.release_joiners_if_over()
         return done
 
+    def checkpoint(self) -> None:
+        """Save the shard if `checkpoint_every` updates were applied since the last save."""
+        every = self.shard.config.checkpoint_every
+        if self.checkpoints is None or every is None:
+            return
+        if self.shard.updates - self.saved_at >= every:
+            ckpt.save(self.checkpoints, self.shard.updates, self.shard.state(), keep=2)
+            self.saved_at = self.shard.updates
+
+    def restore(self) -> None:
+        """Load the newest shard checkpoint: this server was restarted in place."""
+        path = ckpt.latest(self.checkpoints) if self.checkpoints else None
+        if path is None:
+            raise CorralError(
+                "this parameter server was restarted but has no shard checkpoint yet; "
+                "it died before its first `checkpoint_every` updates"
+            )
+        self.shard.restore(ckpt.load(path))
+        self.saved_at = self.shard.updates
+        self.restored_version = self.shard.rules.version
+        print(
+            f"restored from {path.name}: update {self.shard.updates}, "
+            f"version {self.restored_version}",
+            flush=True,
+        )
+
+    def count_lost(self, worker: int, seen_version: int) -> None:
+        """After a restart, a worker's first push says how far the lost shard had got."""
+        if self.restored_version is None or worker in self.counted:
+            return
+        self.counted.add(worker)
+        self.lost_updates = max(self.lost_updates, seen_version - self.restored_version)
+
     def handle(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
         op, shard, rules = header["op"], self.shard, self.shard.rules
         self.bytes_moved += sum(a.nbytes for a in arrays)
@@ -200,7 +271,9 @@ class _Server:
                     },
                 )
                 return
+            self.count_lost(header["worker"], header["version"])
             shard.apply(rules.push(header["worker"], grad, header["version"]))
+            self.checkpoint()
             self.parked.append((ident, header["worker"], rules.clocks[header["worker"]]))
             self.release_parked()
         elif op == "ping":
@@ -240,27 +313,56 @@ class _Server:
                     "updates": shard.updates,
                     "bytes": self.bytes_moved,
                     "seconds": time.monotonic() - self.started,
+                    "lost_updates": self.lost_updates,
                 },
             )
         else:
             self.send(ident, {"error": f"unknown operation '{op}'"})
 
 
+def _bind(sock: zmq.Socket[bytes], host: str, store: dist.Store, rank: int) -> str:
+    """Bind a fresh port, or after a restart the old one, which clients reconnect to."""
+    key = ADDRESS_KEY.format(rank)
+    if os.environ.get("CORRAL_RESTORE") != "1":
+        return f"{host}:{sock.bind_to_random_port(f'tcp://{host}')}"
+    address = store.get(key).decode()
+    try:
+        sock.bind(f"tcp://{address}")
+    except zmq.ZMQError as exc:
+        raise CorralError(
+            f"parameter server {rank} cannot bind its port {address} again to restart "
+            f"({exc}); another process took it"
+        ) from exc
+    return address
+
+
 def serve(config: ServerConfig, keys: JobKeys) -> None:
-    """Entry point of a server process (role ``server``); runs until the job stops it."""
+    """Entry point of a server process (role ``server``); runs until the job stops it.
+
+    Started again after a crash (``CORRAL_RESTORE=1``), it binds its old address, restores
+    its newest shard checkpoint, and only then bumps its incarnation in the store, which
+    tells waiting workers to send their requests again.
+    """
     ctx = context()
     host = os.environ["MASTER_ADDR"]
     zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     auth = start_authenticator(zctx, keys)
     sock = zctx.socket(zmq.ROUTER)
     secure_server(sock, keys)
-    port = sock.bind_to_random_port(f"tcp://{host}")
     store = dist.TCPStore(
         host, int(os.environ["MASTER_PORT"]), None, False, timeout=timedelta(minutes=5)
     )
-    store.set(ADDRESS_KEY.format(ctx.rank), f"{host}:{port}")
-    server = _Server(sock, Shard(config))
+    checkpoints = (
+        ctx.checkpoint_dir / "servers" / f"shard-{ctx.rank}" if ctx.checkpoint_dir else None
+    )
+    server = _Server(sock, Shard(config), checkpoints)
     try:
+        address = _bind(sock, host, store, ctx.rank)
+        if os.environ.get("CORRAL_RESTORE") == "1":
+            server.restore()
+        else:
+            store.set(ADDRESS_KEY.format(ctx.rank), address)
+        store.add(INCARNATION_KEY.format(ctx.rank), 1)
         while True:
             ident, *frames = sock.recv_multipart(copy=False)
             header, arrays = unpack(frames)

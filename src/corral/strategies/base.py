@@ -81,6 +81,10 @@ class Strategy(BaseModel, ABC):
     def step(self, loss: torch.Tensor) -> StepResult:
         """Backpropagate `loss`, update parameters and synchronise as the algorithm says."""
 
+    def helper_restarted(self, role: str, rank: int, lost: list[int], store: dist.Store) -> None:
+        """Caller side: a restartable helper was started again; `lost` are the workers this
+        attempt lost so far, which a helper restored from an older state may still await."""
+
     def join(self) -> tuple[int, list[int]] | None:
         """For a worker joining a running job: the epoch it starts at and that epoch's
         workers, once it may start; ``None`` if the job finished meanwhile."""

@@ -79,6 +79,12 @@ class ParameterServer(Strategy):
     lr_scaling: Literal["staleness"] | None = None
     optimizer: Literal["sgd", "adam"] = "sgd"
     optimizer_args: dict[str, float] = Field(default_factory=lambda: {"lr": 0.05})
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description="save each shard every this many updates; a killed server is then "
+        "restarted from it (counts against max_restarts) instead of failing the attempt",
+    )
 
     _keys: JobKeys | None = PrivateAttr(default=None)
     _client: PSClient | None = PrivateAttr(default=None)
@@ -100,6 +106,7 @@ class ParameterServer(Strategy):
             lr_scaling=self.lr_scaling,
             optimizer=self.optimizer,
             optimizer_args=dict(self.optimizer_args),
+            checkpoint_every=self.checkpoint_every,
         )
         return [
             Role(
@@ -108,6 +115,7 @@ class ParameterServer(Strategy):
                 fn=serve,
                 args=(config, self._keys),
                 resources=resources,
+                restartable=self.checkpoint_every is not None,
             )
         ]
 
@@ -124,7 +132,7 @@ class ParameterServer(Strategy):
             timeout=timedelta(minutes=5),
         )
         addresses = [store.get(ADDRESS_KEY.format(i)).decode() for i in range(self.servers)]
-        self._client = PSClient(addresses, self._keys, ctx.rank)
+        self._client = PSClient(addresses, self._keys, ctx.rank, store=store)
         values = _flat_values(model)
         self._layout = Layout.split(values.size, self.servers)
         _load_values(model, self._client.init(values, self._layout))
@@ -145,16 +153,27 @@ class ParameterServer(Strategy):
     def tolerates_worker_loss(self) -> bool:
         return self.mode != "sync"
 
-    def worker_lost(self, rank: int, successor: int | None, store: dist.Store) -> dict[str, Any]:
+    def _tell_servers(
+        self, store: dist.Store, lost: list[tuple[int, int | None]]
+    ) -> dict[str, Any]:
+        """Caller side: report lost workers to every server; server 0's account of the last."""
         keys = [ADDRESS_KEY.format(i) for i in range(self.servers)]
         if self._keys is None or not store.check(keys):
             return {}  # lost before the servers were up: nobody waits for it yet
         addresses = [store.get(k).decode() for k in keys]
         client = PSClient(addresses, self._keys, worker=-1, timeout_s=30.0)
         try:
-            done = client.lost(rank, successor)
+            return [client.lost(rank, successor) for rank, successor in lost][-1]
         finally:
             client.close()
+
+    def helper_restarted(self, role: str, rank: int, lost: list[int], store: dist.Store) -> None:
+        """A restored server may remember workers lost since its checkpoint: tell it again."""
+        if lost:
+            self._tell_servers(store, [(r, None) for r in lost])
+
+    def worker_lost(self, rank: int, successor: int | None, store: dist.Store) -> dict[str, Any]:
+        done = self._tell_servers(store, [(rank, successor)])
         if not done:
             return {}  # it had not started an epoch
         steps, samples, steps_done = done["steps"], done["samples"], done["steps_done"]
@@ -199,6 +218,7 @@ class ParameterServer(Strategy):
             "staleness_histogram": histogram,
             "server_updates": float(stats[0]["updates"]),  # every shard sees every update
             "server_mb_per_s": sum(s["bytes"] / s["seconds"] for s in stats) / 1e6,
+            "server_lost_updates": float(sum(s["lost_updates"] for s in stats)),
         }
 
     def finish(self) -> None:

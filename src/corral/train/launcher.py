@@ -12,11 +12,13 @@ finish or one fails. On failure every worker is stopped, the root cause is picke
 signal beats an exception, an exception beats the communication errors it causes in
 peers), and `corral.train.restarts.decide` says whether to relaunch.
 
-A job whose strategy trains on without a lost worker sets `LaunchOptions.on_worker_lost`.
-Then a worker that dies (not of a deterministic error) does not end the attempt:
+A job whose strategy trains on without a lost worker sets
+`LaunchOptions.tolerate_worker_loss`, and helper roles may be `restartable`. Then a process
+that dies (not of a deterministic error) need not end the attempt:
 `corral.train.restarts.decide_loss` says whether a new worker, with a new rank, joins in
-its place, the callback tells the strategy (which releases whoever waits for the dead
-one), and the job's result comes from the lowest surviving rank.
+a lost one's place, or a helper starts again with its old rank; `LaunchOptions.on_lost`
+tells the strategy (which releases whoever waits for the dead one), and the job's result
+comes from the lowest surviving rank.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -72,9 +75,11 @@ class LaunchOptions:
     host: str = "127.0.0.1"
     on_report: Callable[[Message], None] | None = None
     extra_roles: list[Role] = field(default_factory=list)
-    #: Set by strategies that tolerate losing workers; called on the watching thread for
-    #: every absorbed loss, with the driver's rendezvous store (where servers publish).
-    on_worker_lost: Callable[[WorkerLoss, dist.Store], None] | None = None
+    #: Whether the strategy trains on without a lost worker (see `decide_loss`).
+    tolerate_worker_loss: bool = False
+    #: Called on the watching thread for every loss the attempt absorbs, with the driver's
+    #: rendezvous store (where servers publish their addresses).
+    on_lost: Callable[[ProcessLoss, dist.Store], None] | None = None
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -86,10 +91,13 @@ class LaunchOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorkerLoss:
-    """A worker the job lost and trains on without; `replaced_by` is its successor's rank."""
+class ProcessLoss:
+    """A process the job lost and went on without: `replaced_by` is the rank started in its
+    place (a worker's successor; for a restarted helper, its own rank), if any."""
 
+    role: str
     rank: int
+    attempt: int
     failure: restarts.Failure
     replaced_by: int | None
     reason: str
@@ -169,7 +177,7 @@ class _Processes:
         }
         if self.opts.checkpoint_dir is not None:
             env["CORRAL_CHECKPOINT_DIR"] = str(self.opts.checkpoint_dir)
-        if self.opts.on_worker_lost is not None:
+        if self.opts.tolerate_worker_loss:
             env["CORRAL_ELASTIC"] = "1"
         argv = [sys.executable, "-m", "corral.train.worker", str(self.payload)]
         return ProcessSpec(role=role, rank=rank, argv=argv, env=env, resources=resources)
@@ -187,6 +195,10 @@ class _Processes:
 
     def joiner(self, rank: int) -> ProcessSpec:
         return self.spec("worker", rank, self.opts.resources, CORRAL_JOINING="1")
+
+    def restarted(self, role: str, rank: int) -> ProcessSpec:
+        (resources,) = [r.resources for r in self.opts.extra_roles if r.name == role]
+        return self.spec(role, rank, resources, CORRAL_RESTORE="1")
 
 
 class _Watch:
@@ -207,7 +219,8 @@ class _Watch:
         self.results: dict[int, Any] = {}
         self.first_trouble: float | None = None
         self.restarts_done = restarts_done
-        self.lost: set[int] = set()
+        self.absorbed: Counter[tuple[str, int]] = Counter()
+        self.restartable = {r.name for r in self.opts.extra_roles if r.restartable}
         self.workers = processes.opts.workers  # grows as workers join
 
     def _take(self, msg: Message) -> None:
@@ -241,8 +254,8 @@ class _Watch:
         while True:
             self._drain(0.05)
             exits = self.group.poll()
-            bad = [e for e in exits if e.returncode != 0 and e.rank not in self._absorbed(e)]
-            if bad and self.opts.on_worker_lost is not None and self._absorb(bad, exits):
+            bad = self._new_failures(exits)
+            if bad and self._absorb(bad, exits):
                 continue
             if bad and self.first_trouble is None:
                 self.first_trouble = time.monotonic()
@@ -260,16 +273,30 @@ class _Watch:
         A job that tolerates losing workers waits for the exit instead, and then decides.
         """
         body = msg.body or {}
-        return self.opts.on_worker_lost is None or msg.role != "worker" or body["deterministic"]
+        return body["deterministic"] or not self._tolerated(msg.role)
+
+    def _tolerated(self, role: str) -> bool:
+        if role == "worker":
+            return self.opts.tolerate_worker_loss
+        return role in self.restartable
 
     def _outcome(self, **kw: Any) -> _Outcome:
         return _Outcome(restarts_done=self.restarts_done, **kw)
 
-    def _absorbed(self, e: Exit) -> set[int]:
-        return self.lost if e.role == "worker" else set()
+    def _new_failures(self, exits: list[Exit]) -> list[Exit]:
+        """Failed exits not yet absorbed (a restarted helper reuses its role and rank)."""
+        seen: Counter[tuple[str, int]] = Counter()
+        bad = []
+        for e in exits:
+            if e.returncode != 0:
+                seen[e.role, e.rank] += 1
+                if seen[e.role, e.rank] > self.absorbed[e.role, e.rank]:
+                    bad.append(e)
+        return bad
 
     def _absorb(self, bad: list[Exit], exits: list[Exit]) -> bool:
-        """Go on without the dead workers in `bad` if the policy allows; False to fail."""
+        """Go on without (or with replacements for) the processes in `bad` if the policy
+        allows every one of them; False to fail the attempt."""
         self._drain(0.05)  # the error a dying worker sent arrives before its exit is seen
         running = self.workers - len({e.rank for e in exits if e.role == "worker"})
         decisions = []
@@ -277,6 +304,7 @@ class _Watch:
             failure = self._failure_of(e)
             decision = restarts.decide_loss(
                 failure,
+                tolerated=self._tolerated(e.role),
                 survivors=running,
                 restarts_done=self.restarts_done,
                 max_restarts=self.opts.max_restarts,
@@ -285,25 +313,32 @@ class _Watch:
             if decision is None:
                 return False
             decisions.append((e, failure, decision))
-        assert self.opts.on_worker_lost is not None
         for e, failure, decision in decisions:
-            self.lost.add(e.rank)
-            self.errors.pop(("worker", e.rank), None)
+            self.absorbed[e.role, e.rank] += 1
+            self.errors.pop((e.role, e.rank), None)
             successor = None
-            if isinstance(decision, restarts.Replace):
-                self.restarts_done = decision.restarts_done
-                successor = self._next_rank()
+            if isinstance(decision, restarts.Continue):
+                reason = decision.reason
+            elif e.role == "worker":
+                self.restarts_done, successor = decision.restarts_done, self.workers
                 self.group.add(self.processes.joiner(successor))
                 self.workers += 1
                 reason = f"worker {successor} joins in its place"
             else:
-                reason = decision.reason
-            loss = WorkerLoss(rank=e.rank, failure=failure, replaced_by=successor, reason=reason)
-            self.opts.on_worker_lost(loss, self.store)
+                self.restarts_done, successor = decision.restarts_done, e.rank
+                self.group.add(self.processes.restarted(e.role, e.rank))
+                reason = f"{e.role} {e.rank} restarts and restores its state"
+            loss = ProcessLoss(
+                role=e.role,
+                rank=e.rank,
+                attempt=self.processes.attempt,
+                failure=failure,
+                replaced_by=successor,
+                reason=reason,
+            )
+            if self.opts.on_lost is not None:
+                self.opts.on_lost(loss, self.store)
         return True
-
-    def _next_rank(self) -> int:
-        return self.workers
 
     def _failure_of(self, e: Exit) -> restarts.Failure:
         msg = self.errors.get((e.role, e.rank))

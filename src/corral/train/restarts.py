@@ -65,18 +65,33 @@ class Continue:
 
 
 def decide_loss(
-    failure: Failure, *, survivors: int, restarts_done: int, max_restarts: int, can_add: bool
+    failure: Failure,
+    *,
+    tolerated: bool,
+    survivors: int,
+    restarts_done: int,
+    max_restarts: int,
+    can_add: bool,
 ) -> Replace | Continue | None:
-    """For a job that tolerates losing workers: replace one, go on without it, or neither.
+    """Whether the job absorbs the loss of one process instead of failing the attempt.
 
-    ``None`` means the loss cannot be absorbed (a deterministic error would strike the
-    survivors too, or nobody is left to train) and the attempt fails as a whole.
-    Replacements count against `max_restarts`, like whole-group restarts.
+    `tolerated` says whether the job can lose this process at all: for workers, whether the
+    strategy trains on without one; for helpers (servers), whether their role restarts in
+    place. A worker is replaced by a successor with a new rank, or the survivors continue;
+    a helper is started again or the attempt fails. ``None`` means the loss cannot be
+    absorbed: not tolerated, a deterministic error that would strike again, nobody left
+    to train, or a helper with no restart left. Replacements count against
+    `max_restarts`, like whole-group restarts.
     """
-    if failure.role != "worker" or failure.deterministic or survivors == 0:
+    if not tolerated or failure.deterministic:
         return None
+    replace = can_add and restarts_done < max_restarts
+    if failure.role != "worker":
+        return Replace(restarts_done=restarts_done + 1) if replace else None
+    if survivors == 0:
+        return None
+    if replace:
+        return Replace(restarts_done=restarts_done + 1)
     if not can_add:
         return Continue("this engine cannot add a worker to a running job")
-    if restarts_done >= max_restarts:
-        return Continue(f"no restarts left (max_restarts={max_restarts})")
-    return Replace(restarts_done=restarts_done + 1)
+    return Continue(f"no restarts left (max_restarts={max_restarts})")

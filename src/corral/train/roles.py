@@ -2,7 +2,9 @@
 
 A strategy that needs helpers returns `Role`s from ``prepare_job``; the launcher starts
 them with the workers, in the same plan, and stops them when the workers are done. A
-helper that dies fails the attempt like a worker would.
+helper that dies fails the attempt like a worker would, unless its role is `restartable`:
+then, while ``max_restarts`` allows, the launcher starts it again with the same rank and
+``CORRAL_RESTORE=1``, and it restores its own state (a parameter shard's checkpoint).
 """
 
 from __future__ import annotations
@@ -23,3 +25,4 @@ class Role:
     fn: Callable[..., Any]
     args: tuple[Any, ...] = ()
     resources: Resources = field(default_factory=Resources)
+    restartable: bool = False

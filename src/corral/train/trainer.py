@@ -27,7 +27,7 @@ from corral.errors import SpecError
 from corral.spec import TrainSettings, parse
 from corral.strategies import Strategy
 from corral.train import checkpoint as ckpt
-from corral.train.launcher import LaunchOptions, WorkerLoss, launch
+from corral.train.launcher import LaunchOptions, ProcessLoss, launch
 from corral.train.loop import LossFn, ModelArg, OptimizerFn, TrainTask, build_model, train_worker
 from corral.train.progress import log_report
 
@@ -45,8 +45,9 @@ class Result:
             ``syncs`` (communication rounds) and ``time_s``.
         checkpoint: Path of the last checkpoint written.
         lost_workers: One dict per worker the job lost and trained on without (strategies
-            that tolerate it): ``rank``, ``cause``, ``epoch``, ``steps_done``/``steps`` of
-            its share of that epoch, ``samples_not_trained`` and ``replaced_by``.
+            that tolerate it): ``rank``, ``attempt``, ``cause``, ``epoch``,
+            ``steps_done``/``steps`` of its share of that epoch, ``samples_not_trained``
+            and ``replaced_by``.
     """
 
     model: torch.nn.Module
@@ -227,7 +228,8 @@ class Trainer:
             engine=self.engine,
             on_report=losses.report,
             extra_roles=extra,
-            on_worker_lost=losses.lost if s.strategy.tolerates_worker_loss() else None,
+            tolerate_worker_loss=s.strategy.tolerates_worker_loss(),
+            on_lost=losses.lost,
         )
         out = launch(train_worker, (task,), opts)
         local_model.load_state_dict(out["state_dict"])
@@ -272,13 +274,24 @@ class _Losses:
         if self.on_report is not None:
             self.on_report(msg)
 
-    def lost(self, loss: WorkerLoss, store: dist.Store) -> None:
-        left = self.strategy.worker_lost(loss.rank, loss.replaced_by, store)
+    def lost(self, loss: ProcessLoss, store: dist.Store) -> None:
         cause = loss.failure.detail
         if loss.failure.exc_type:
             cause = f"raised {loss.failure.exc_type}: {cause}"
+        if loss.role != "worker":
+            lost = [w["rank"] for w in self.workers if w["attempt"] == loss.attempt]
+            self.strategy.helper_restarted(loss.role, loss.rank, lost, store)
+            log.warning("%s %d %s; %s", loss.role, loss.rank, cause, loss.reason)
+            return
+        left = self.strategy.worker_lost(loss.rank, loss.replaced_by, store)
         self.workers.append(
-            {"rank": loss.rank, "cause": cause, **left, "replaced_by": loss.replaced_by}
+            {
+                "rank": loss.rank,
+                "attempt": loss.attempt,
+                "cause": cause,
+                **left,
+                "replaced_by": loss.replaced_by,
+            }
         )
         undone = (
             f" in epoch {left['epoch']} after {left['steps_done']} of its {left['steps']} "
