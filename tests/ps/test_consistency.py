@@ -110,3 +110,15 @@ def test_layout_refuses_impossible_splits():
         Layout.split(10, 0)
     with pytest.raises(ValueError, match="cannot be split over 4 servers"):
         Layout.split(3, 4)
+
+
+def test_a_joining_worker_starts_at_the_slowest_clock_so_nobody_waits_for_it():
+    c = Consistency(mode="ssp", workers=3, staleness=1)
+    for _ in range(5):
+        c.push(0, g(1), c.version)
+    for _ in range(4):
+        c.push(2, g(1), c.version)
+    c.leave(1)  # lost
+    c.push(3, g(1), c.version)  # its successor's first push joins it at clock 4, then 5
+    assert c.clocks == {0: 5, 2: 4, 3: 5} and c.live == {0, 2, 3}
+    assert c.may_reply(0, 5) and c.may_reply(3, 5)
