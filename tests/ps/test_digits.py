@@ -46,7 +46,7 @@ def accuracy_of(strategy, checkpoints: Path, *, workers: int = 4, epochs: int = 
         (
             corral.ParameterServer(mode="ssp", servers=2, staleness=3, optimizer_args=SERVER_SGD),
             0.965,
-            60,  # arrival order varies from run to run: train closer to convergence
+            80,  # arrival order varies from run to run: train closer to convergence
         ),
         (
             corral.ParameterServer(
@@ -71,7 +71,9 @@ def accuracy_of(strategy, checkpoints: Path, *, workers: int = 4, epochs: int = 
     ids=["sync", "ssp", "async", "softsync", "gossip"],
 )
 def test_digits_accuracy_with_four_workers(tmp_path, strategy, at_least, epochs):
-    assert accuracy_of(strategy, tmp_path, epochs=epochs) >= at_least
+    accuracy = accuracy_of(strategy, tmp_path, epochs=epochs)
+    print(f"accuracy {accuracy:.4f}")
+    assert accuracy >= at_least
 
 
 def test_staleness_scaling_rescues_async_at_a_rate_that_diverges_without_it(tmp_path):
