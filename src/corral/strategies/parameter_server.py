@@ -119,6 +119,10 @@ class ParameterServer(Strategy):
             )
         ]
 
+    def _addresses(self, store: dist.Store) -> list[str]:
+        """Where the servers listen, as they published it (waits for them to start)."""
+        return [store.get(ADDRESS_KEY.format(i)).decode() for i in range(self.servers)]
+
     def setup(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
     ) -> torch.nn.Module:
@@ -131,8 +135,7 @@ class ParameterServer(Strategy):
             False,
             timeout=timedelta(minutes=5),
         )
-        addresses = [store.get(ADDRESS_KEY.format(i)).decode() for i in range(self.servers)]
-        self._client = PSClient(addresses, self._keys, ctx.rank, store=store)
+        self._client = PSClient(self._addresses(store), self._keys, ctx.rank, store=store)
         values = _flat_values(model)
         self._layout = Layout.split(values.size, self.servers)
         _load_values(model, self._client.init(values, self._layout))
@@ -160,8 +163,7 @@ class ParameterServer(Strategy):
         keys = [ADDRESS_KEY.format(i) for i in range(self.servers)]
         if self._keys is None or not store.check(keys):
             return {}  # lost before the servers were up: nobody waits for it yet
-        addresses = [store.get(k).decode() for k in keys]
-        client = PSClient(addresses, self._keys, worker=-1, timeout_s=30.0)
+        client = PSClient(self._addresses(store), self._keys, worker=-1, timeout_s=30.0)
         try:
             return [client.lost(rank, successor) for rank, successor in lost][-1]
         finally:

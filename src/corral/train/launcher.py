@@ -379,8 +379,8 @@ class _Watch:
                 candidates.append((1, 0.0, self._from_exit(e)))
         for msg in self.errors.values():
             body = msg.body or {}
-            rank_ = 2 if body["secondary"] else 1
-            candidates.append((rank_, body["time"], self._from_message(msg)))
+            priority = 2 if body["secondary"] else 1
+            candidates.append((priority, body["time"], self._from_message(msg)))
         candidates.sort(key=lambda c: (c[0], c[1]))
         return candidates[0][2]
 
