@@ -162,3 +162,40 @@ def test_a_process_without_the_job_key_gets_nothing():
     assert out["values"] == [0.0, 1.0, 2.0, 3.0]  # the rogue's init never landed
     assert "gradient of 7 elements for a shard of 4" in out["shape_error"]
     assert repr(keys) == "JobKeys(<hidden>)"
+
+
+def push_one_step_twice(keys: JobKeys) -> dict:
+    """Inside a worker: send the same numbered push twice, as a resend after a restart may."""
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        None,
+        False,
+        timeout=timedelta(seconds=60),
+    )
+    client = PSClient([store.get(ADDRESS_KEY.format(0)).decode()], keys, worker=0)
+    layout = Layout.split(4, 1)
+    client.init(np.zeros(4, dtype=np.float32), layout)
+    push = ({"op": "step", "worker": 0, "version": 0, "seq": 1}, [np.ones(4, np.float32)])
+    first = client._exchange([push])[0][1][0].tolist()
+    again = client._exchange([push])[0][1][0].tolist()
+    updates = client.stats()[0]["updates"]
+    client.close()
+    return {"first": first, "again": again, "updates": updates}
+
+
+def test_a_resent_push_is_answered_but_applied_once():
+    keys = JobKeys.generate()
+    config = ServerConfig(
+        mode="async",
+        workers=1,
+        staleness=0,
+        quorum=1,
+        lr_scaling=None,
+        optimizer="sgd",
+        optimizer_args={"lr": 0.5},
+    )
+    server = Role(name="server", count=1, fn=serve, args=(config, keys), resources=Resources())
+    out = launch(push_one_step_twice, (keys,), LaunchOptions(workers=1, extra_roles=[server]))
+    assert out["first"] == out["again"] == [-0.5] * 4
+    assert out["updates"] == 1

@@ -29,8 +29,9 @@ divided by its staleness (Zhang et al., "Staleness-aware Async-SGD", IJCAI 2016)
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,8 +42,12 @@ Mode = Literal["sync", "async", "ssp", "softsync"]
 class Update:
     """Apply ``lr * lr_scale`` times `gradient` (already averaged) to the shard."""
 
-    gradient: np.ndarray
+    gradient: Any
     lr_scale: float
+
+
+def mean_of_arrays(gradients: list[Any]) -> Any:
+    return np.mean(gradients, axis=0)
 
 
 @dataclass
@@ -54,17 +59,20 @@ class Consistency:
     staleness: int = 0
     quorum: int = 1
     lr_scaling: Literal["staleness"] | None = None
+    #: How a group of gradients becomes one (sync, softsync); the server passes one that
+    #: also averages sparse rows. Gradients are otherwise opaque here.
+    average: Callable[[list[Any]], Any] = mean_of_arrays
     version: int = 0
     clocks: dict[int, int] = field(default_factory=dict)
     live: set[int] = field(default_factory=set)
     histogram: Counter[int] = field(default_factory=Counter)
-    _pending: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    _pending: list[tuple[Any, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.live = set(range(self.workers))
         self.clocks = dict.fromkeys(self.live, 0)
 
-    def push(self, worker: int, gradient: np.ndarray, seen_version: int) -> list[Update]:
+    def push(self, worker: int, gradient: Any, seen_version: int) -> list[Update]:
         """Record one gradient computed on `seen_version`; returns the updates to apply."""
         if worker not in self.live:
             self.join(worker)
@@ -107,7 +115,7 @@ class Consistency:
         while self._pending and len(self._pending) >= max(size, 1):
             group, self._pending = self._pending[:size], self._pending[size:]
             stale = np.mean([self._note(seen) for _, seen in group])
-            mean = np.mean([g for g, _ in group], axis=0)
+            mean = self.average([g for g, _ in group])
             self.version += 1
             updates.append(Update(mean, self._scale(float(stale))))
         return updates

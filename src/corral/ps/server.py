@@ -10,9 +10,11 @@ the order of arrival.
 Protocol (JSON header + raw float32 buffers, see `corral.comm.frames`):
 
 ``ping``  → {}                  is the server there, and does it accept our key?
-``init``  [values] → [values]   the first worker's values win; everyone gets them back
-``step``  [gradient] → [values] push one gradient, get fresh values when allowed
-``pull``  → [values]            current values, never waits (a joining worker)
+``init``  [values, tables…] → same   the first worker's values win; all get them back
+``step``  [gradient, rows…] → [values] push one gradient (dense slice, touched table rows),
+                                get fresh dense values when allowed
+``pull``  → [values, tables…]   current values, never waits (epoch end, a joining worker)
+``rows``  [rows per table] → [values per table]   the rows a batch is about to use
 ``leave`` → {}                  this worker is done; stop waiting for it
 ``stats`` → {histogram, …}      staleness histogram, updates, bytes moved
 
@@ -50,6 +52,7 @@ from corral.comm.frames import pack, unpack
 from corral.errors import CorralError
 from corral.ps.client import INCARNATION_KEY
 from corral.ps.consistency import Consistency, Mode, Update
+from corral.ps.gradient import Gradient
 from corral.train import checkpoint as ckpt
 from corral.train.context import context
 
@@ -83,35 +86,58 @@ class Shard:
             staleness=config.staleness,
             quorum=config.quorum,
             lr_scaling=config.lr_scaling,
+            average=Gradient.mean,
         )
         self.values: torch.Tensor | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.tables: list[torch.nn.Parameter] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
         self.base_lr = 0.0
         self.updates = 0
 
-    def init(self, values: np.ndarray) -> None:
+    def init(self, values: np.ndarray, tables: Sequence[np.ndarray] = ()) -> None:
+        """Take the first worker's values; later offers are ignored."""
         if self.values is not None:
             return
         self.values = torch.nn.Parameter(torch.from_numpy(values.copy()))
-        cls = torch.optim.SGD if self.config.optimizer == "sgd" else torch.optim.Adam
-        self.optimizer = cls([self.values], **self.config.optimizer_args)
-        self.base_lr = self.optimizer.param_groups[0]["lr"]
+        self.tables = [torch.nn.Parameter(torch.from_numpy(t.copy())) for t in tables]
+        args = self.config.optimizer_args
+        if self.config.optimizer == "sgd":
+            self.optimizers = [torch.optim.SGD([self.values], **args)]
+            if self.tables:  # torch's SGD takes sparse gradients, but not weight decay
+                sparse = {k: v for k, v in args.items() if k in ("lr", "momentum", "dampening")}
+                self.optimizers.append(torch.optim.SGD(self.tables, **sparse))
+        else:
+            self.optimizers = [torch.optim.Adam([self.values], **args)]
+            if self.tables:  # lazy Adam: moments of untouched rows stay as they are
+                sparse = {k: v for k, v in args.items() if k in ("lr", "betas", "eps")}
+                self.optimizers.append(torch.optim.SparseAdam(self.tables, **sparse))
+        self.base_lr = self.optimizers[0].param_groups[0]["lr"]
 
     def apply(self, updates: list[Update]) -> None:
-        assert self.values is not None and self.optimizer is not None
+        assert self.values is not None
         for update in updates:
-            self.values.grad = torch.from_numpy(np.asarray(update.gradient, dtype=np.float32))
-            self.optimizer.param_groups[0]["lr"] = self.base_lr * update.lr_scale
-            self.optimizer.step()
+            gradient: Gradient = update.gradient
+            self.values.grad = torch.from_numpy(np.asarray(gradient.dense, dtype=np.float32))
+            for table, (rows, values) in zip(self.tables, gradient.rows, strict=True):
+                table.grad = torch.sparse_coo_tensor(
+                    torch.from_numpy(np.asarray(rows, dtype=np.int64))[None],
+                    torch.from_numpy(np.asarray(values, dtype=np.float32)),
+                    tuple(table.shape),
+                    check_invariants=False,  # `_Server.mismatch` checked the row numbers
+                ).coalesce()
+            for optimizer in self.optimizers:
+                optimizer.param_groups[0]["lr"] = self.base_lr * update.lr_scale
+                optimizer.step()
             self.updates += 1
 
     def state(self) -> dict[str, Any]:
         """Everything a restarted server needs (pending softsync gradients are not kept)."""
-        assert self.values is not None and self.optimizer is not None
+        assert self.values is not None
         rules = self.rules
         return {
             "values": self.values.detach().clone(),
-            "optimizer": self.optimizer.state_dict(),
+            "tables": [t.detach().clone() for t in self.tables],
+            "optimizers": [o.state_dict() for o in self.optimizers],
             "updates": self.updates,
             "version": rules.version,
             "clocks": dict(rules.clocks),
@@ -120,18 +146,24 @@ class Shard:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.init(state["values"].numpy())
-        assert self.optimizer is not None
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.init(state["values"].numpy(), [t.numpy() for t in state["tables"]])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
         self.updates = state["updates"]
         rules = self.rules
         rules.version, rules.clocks = state["version"], dict(state["clocks"])
         rules.live, rules.histogram = set(state["live"]), Counter(state["histogram"])
 
-    def snapshot(self) -> np.ndarray:
-        """A copy: the reply is sent without copying while later updates change the shard."""
+    def snapshot(self, tables: bool = False) -> list[np.ndarray]:
+        """Copies (replies are sent without copying while later updates change the shard):
+        the dense slice, and with `tables` every table's rows too."""
         assert self.values is not None
-        return self.values.detach().numpy().copy()
+        parts = [self.values, *self.tables] if tables else [self.values]
+        return [p.detach().numpy().copy() for p in parts]
+
+    def rows(self, wanted: list[np.ndarray]) -> list[np.ndarray]:
+        """Copies of the requested rows of each table (row numbers local to this shard)."""
+        return [t.detach().numpy()[r] for t, r in zip(self.tables, wanted, strict=True)]
 
 
 @dataclass
@@ -154,6 +186,7 @@ class _Server:
         self.restored_version: int | None = None
         self.lost_updates = 0
         self.counted: set[int] = set()
+        self.last_push: dict[int, int] = {}  # worker → sequence number of its last push
         self.parked: list[tuple[bytes, int, int]] = []  # (identity, worker, clock)
         self.bytes_moved = 0
         self.started = time.monotonic()
@@ -168,8 +201,10 @@ class _Server:
         self.bytes_moved += sum(len(f) for f in frames[1:])
         self.sock.send_multipart([ident, *frames], copy=False)
 
-    def send_values(self, ident: bytes) -> None:
-        self.send(ident, {"version": self.shard.rules.version}, [self.shard.snapshot()])
+    def send_values(self, ident: bytes, tables: bool = False) -> None:
+        """The dense slice (a step's reply; tables are pulled by rows before use), or with
+        `tables` everything (init, pull)."""
+        self.send(ident, {"version": self.shard.rules.version}, self.shard.snapshot(tables))
 
     def release_parked(self) -> None:
         still = []
@@ -253,33 +288,50 @@ class _Server:
         self.counted.add(worker)
         self.lost_updates = max(self.lost_updates, seen_version - self.restored_version)
 
+    def mismatch(self, grad: Gradient) -> str:
+        """What is wrong with a pushed gradient's shape, or "" if it fits this shard."""
+        values, tables = self.shard.values, self.shard.tables
+        if values is None:
+            return f"gradient of {grad.dense.size} elements for a shard of no values yet"
+        if grad.dense.size != values.numel():
+            return f"gradient of {grad.dense.size} elements for a shard of {values.numel()}"
+        if len(grad.rows) != len(tables):
+            return f"rows for {len(grad.rows)} sparse tables, but the model has {len(tables)}"
+        for t, ((rows, values_), table) in enumerate(zip(grad.rows, tables, strict=True)):
+            if values_.shape != (len(rows), table.shape[1]) or (
+                len(rows) and not 0 <= rows.min() <= rows.max() < table.shape[0]
+            ):
+                return (
+                    f"rows {values_.shape} for table {t}, whose slice here is {tuple(table.shape)}"
+                )
+        return ""
+
     def handle(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
         op, shard, rules = header["op"], self.shard, self.shard.rules
         self.bytes_moved += sum(a.nbytes for a in arrays)
         if op == "init":
-            shard.init(arrays[0])
-            self.send_values(ident)
+            shard.init(arrays[0], arrays[1:])
+            self.send_values(ident, tables=True)
         elif op == "step":
-            (grad,) = arrays
-            if shard.values is None or grad.size != shard.values.numel():
-                size = "no values yet" if shard.values is None else f"{shard.values.numel()}"
-                self.send(
-                    ident,
-                    {
-                        "error": f"gradient of {grad.size} elements for a shard of "
-                        f"{size}: did the model's parameters change shape?"
-                    },
-                )
+            grad = Gradient.from_arrays(arrays)
+            problem = self.mismatch(grad)
+            if problem:
+                self.send(ident, {"error": f"{problem}: did the model's parameters change shape?"})
                 return
-            self.count_lost(header["worker"], header["version"])
-            shard.apply(rules.push(header["worker"], grad, header["version"]))
-            self.checkpoint()
-            self.parked.append((ident, header["worker"], rules.clocks[header["worker"]]))
+            worker = header["worker"]
+            if header["seq"] > self.last_push.get(worker, -1):  # else: a resent copy
+                self.last_push[worker] = header["seq"]
+                self.count_lost(worker, header["version"])
+                shard.apply(rules.push(worker, grad, header["version"]))
+                self.checkpoint()
+            self.parked.append((ident, worker, rules.clocks[worker]))
             self.release_parked()
         elif op == "ping":
             self.send(ident, {})
         elif op == "pull":
-            self.send_values(ident)
+            self.send_values(ident, tables=True)
+        elif op == "rows":
+            self.send(ident, {}, shard.rows(arrays))
         elif op == "leave":
             self.drop(header["worker"])
             self.send(ident, {})
@@ -297,8 +349,9 @@ class _Server:
             self.send(ident, {})
         elif op == "meet":
             meeting = self.meetings.setdefault(header["epoch"], _Meeting(np.zeros_like(arrays[0])))
-            meeting.total += arrays[0]
-            meeting.came.add(header["worker"])
+            if header["worker"] not in meeting.came:  # else: a resent copy
+                meeting.total += arrays[0]
+                meeting.came.add(header["worker"])
             meeting.waiting.append(ident)
             self.release_meetings()
         elif op == "join":

@@ -22,6 +22,7 @@ than a few workers.
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import timedelta
 from typing import Any, ClassVar, Literal
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import Field, PrivateAttr
+from torch.utils.hooks import RemovableHandle
 
 from corral.comm.curve import JobKeys
 from corral.engines.base import Resources
@@ -42,22 +44,49 @@ from corral.strategies.base import StepResult, Strategy
 from corral.train.context import Context
 from corral.train.roles import Role
 
-
-def _flat_values(model: torch.nn.Module) -> np.ndarray:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy().copy()
+_SPARSE = (torch.nn.Embedding, torch.nn.EmbeddingBag)
 
 
-def _flat_grads(model: torch.nn.Module) -> np.ndarray:
-    grads = [
-        torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
-        for p in model.parameters()
-    ]
-    return torch.cat(grads).numpy()
+class _Parameters:
+    """The model as the servers hold it: one flat dense vector, plus the weight tables of
+    embeddings built with ``sparse=True``, which move as touched rows only."""
 
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.sparse: list[torch.nn.Embedding | torch.nn.EmbeddingBag] = [
+            m for m in model.modules() if isinstance(m, _SPARSE) and m.sparse
+        ]
+        tables = {id(m.weight) for m in self.sparse}
+        self.dense = [p for p in model.parameters() if id(p) not in tables]
 
-def _load_values(model: torch.nn.Module, values: np.ndarray) -> None:
-    with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(torch.from_numpy(values), model.parameters())
+    def tables(self) -> list[np.ndarray]:
+        """Writable views of the tables: the client writes pulled rows straight in."""
+        return [m.weight.detach().numpy() for m in self.sparse]
+
+    def values(self) -> np.ndarray:
+        return torch.nn.utils.parameters_to_vector(self.dense).detach().numpy().copy()
+
+    def load(self, values: np.ndarray) -> None:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(values), self.dense)
+
+    def grads(self) -> np.ndarray:
+        grads = [
+            torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
+            for p in self.dense
+        ]
+        return torch.cat(grads).numpy()
+
+    def row_grads(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per table, the rows this step touched and their gradient rows."""
+        out = []
+        for m in self.sparse:
+            grad = m.weight.grad
+            if grad is None:
+                out.append((np.empty(0, np.int64), np.empty((0, m.weight.shape[1]), np.float32)))
+            else:
+                grad = grad.coalesce()
+                out.append((grad.indices()[0].numpy(), grad.values().numpy()))
+        return out
 
 
 class ParameterServer(Strategy):
@@ -90,6 +119,8 @@ class ParameterServer(Strategy):
     _client: PSClient | None = PrivateAttr(default=None)
     _layout: Layout | None = PrivateAttr(default=None)
     _model: torch.nn.Module | None = PrivateAttr(default=None)
+    _params: _Parameters = PrivateAttr()
+    _hooks: list[RemovableHandle] = PrivateAttr(default_factory=list)
 
     def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:
         if self.mode == "softsync" and self.quorum > workers:
@@ -136,22 +167,36 @@ class ParameterServer(Strategy):
             timeout=timedelta(minutes=5),
         )
         self._client = PSClient(self._addresses(store), self._keys, ctx.rank, store=store)
-        values = _flat_values(model)
-        self._layout = Layout.split(values.size, self.servers)
-        _load_values(model, self._client.init(values, self._layout))
+        params = self._params = _Parameters(model)
+        values, tables = params.values(), params.tables()
+        self._layout = Layout.split(values.size, self.servers, [len(t) for t in tables])
+        params.load(self._client.init(values, self._layout, tables))
+        self._hooks = [
+            m.register_forward_pre_hook(functools.partial(self._pull_rows, t))
+            for t, m in enumerate(params.sparse)
+        ]
         self._model = model
         return model
 
+    def _pull_rows(self, table: int, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        """Before an embedding runs: fetch the current values of the rows it will read."""
+        assert self._client is not None and self._layout is not None
+        rows = torch.unique(args[0]).cpu().numpy()
+        wanted = [rows if t == table else rows[:0] for t in range(len(self._layout.rows))]
+        values = self._client.rows(self._layout, wanted)[table]
+        self._params.tables()[table][rows] = values
+
     def step(self, loss: torch.Tensor) -> StepResult:
         assert self._model is not None and self._client is not None and self._layout
+        params = self._params
         self._model.zero_grad(set_to_none=True)
         loss.backward()
-        _load_values(self._model, self._client.step(_flat_grads(self._model), self._layout))
+        params.load(self._client.step(params.grads(), self._layout, params.row_grads()))
         return StepResult(synced=True)
 
     def finish_epoch(self) -> None:
         assert self._model is not None and self._client is not None and self._layout
-        _load_values(self._model, self._client.pull(self._layout))
+        self._params.load(self._client.pull(self._layout, self._params.tables()))
 
     def tolerates_worker_loss(self) -> bool:
         return self.mode != "sync"
@@ -193,7 +238,7 @@ class ParameterServer(Strategy):
         reply = self._client.join()
         if reply.get("finished"):
             return None
-        _load_values(self._model, self._client.pull(self._layout))  # the values of now
+        self._params.load(self._client.pull(self._layout, self._params.tables()))  # of now
         return reply["epoch"], reply["members"]
 
     def begin_epoch(self, epoch: int, *, steps: int, samples: int) -> None:
@@ -220,10 +265,14 @@ class ParameterServer(Strategy):
             "staleness_histogram": histogram,
             "server_updates": float(stats[0]["updates"]),  # every shard sees every update
             "server_mb_per_s": sum(s["bytes"] / s["seconds"] for s in stats) / 1e6,
+            "server_bytes": float(sum(s["bytes"] for s in stats)),  # since the job started
             "server_lost_updates": float(sum(s["lost_updates"] for s in stats)),
         }
 
     def finish(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if self._client is not None:
             self._client.leave()
             self._client.close()
