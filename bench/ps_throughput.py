@@ -10,6 +10,9 @@ parameters (default 100M = 400 MB), against, in the same run:
   receiver process doing ``recv_into``, for 2 s, once before and once after the PS runs —
   the physical limit of this machine is the best of these runs (loopback on a small,
   shared VM is noisy, and the best buffer size depends on the caches);
+* one CURVE-encrypted ZeroMQ stream (PUSH → PULL, 4 MiB messages, the job's kind of keys
+  and ZAP handler) for 2 s: the limit of the encrypted, authenticated transport every
+  corral connection must use, with no parameter-server work at all;
 * an Elephas-style parameter server written here as the baseline: ONE
   ``ThreadingHTTPServer`` process holding the whole model as a numpy array; workers POST
   pickled gradients (``/update``: ``weights = weights - delta`` under a lock) and GET the
@@ -166,6 +169,73 @@ def run_tcp(chunk: int, seconds: float) -> tuple[int, float]:
     return result
 
 
+# --------------------------------------------------------------------------- CURVE stream
+
+
+def curve_receiver(keys: Any, port_out: Connection, out: Connection) -> None:
+    import zmq
+
+    from corral.comm.curve import secure_server, start_authenticator
+
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    auth = start_authenticator(zctx, keys)
+    sock = zctx.socket(zmq.PULL)
+    sock.rcvhwm = 4
+    secure_server(sock, keys)
+    port_out.send(sock.bind_to_random_port("tcp://127.0.0.1"))
+    total, first, last = 0, 0.0, 0.0
+    while True:
+        frame = sock.recv(copy=False)
+        if len(frame) == 0:
+            break
+        if total == 0:
+            first = time.perf_counter()
+        total += len(frame)
+        last = time.perf_counter()
+    out.send((total, last - first))
+    auth.stop()
+    sock.close(linger=0)
+    zctx.term()
+
+
+def curve_sender(keys: Any, port: int, chunk: int, seconds: float) -> None:
+    import zmq
+
+    from corral.comm.curve import secure_client
+
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = zctx.socket(zmq.PUSH)
+    sock.sndhwm = 4
+    secure_client(sock, keys)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    data = np.ones(chunk, dtype=np.uint8)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sock.send(data, copy=False)
+    sock.send(b"")
+    sock.close(linger=-1)
+    zctx.term()
+
+
+def run_curve(chunk: int, seconds: float) -> tuple[int, float]:
+    """One CURVE-encrypted ZeroMQ stream between two processes: the limit of an encrypted,
+    authenticated transport here (corral's own, without any parameter-server work)."""
+    from corral.comm.curve import JobKeys
+
+    keys = JobKeys.generate()
+    ctx = mp.get_context("spawn")
+    port_here, port_there = ctx.Pipe(duplex=False)
+    here, there = ctx.Pipe(duplex=False)
+    receiver = ctx.Process(target=curve_receiver, args=(keys, port_there, there))
+    receiver.start()
+    sender = ctx.Process(target=curve_sender, args=(keys, port_here.recv(), chunk, seconds))
+    sender.start()
+    sender.join()
+    result = here.recv()
+    receiver.join()
+    return result
+
+
 # --------------------------------------------------------------------------- Elephas-style
 
 
@@ -305,6 +375,11 @@ def main() -> None:
             tcp_runs[mib].append(sent / seconds)
 
     tcp_round("before")
+    curve_sent, curve_seconds = timed(
+        "CURVE stream", functools.partial(run_curve, 4 * 2**20, args.tcp_seconds)
+    )
+    curve = curve_sent / curve_seconds
+    log(f"CURVE ZeroMQ stream 4 MiB: {curve / MB:.0f} MB/s")
     ours_results = timed("corral PS", lambda: run_corral(numel, args.warmup, args.steps))
     ours = throughput(ours_results)
     log(f"corral PS: {ours / MB:.0f} MB/s ({ours_results})")
@@ -340,6 +415,10 @@ def main() -> None:
             f"{args.tcp_seconds:g} s before and after the rest ({each} MB/s); the better | "
             f"{max(runs) / MB:.0f} | {ours / max(runs):.2f} |"
         )
+    print(
+        f"| CURVE ZeroMQ stream, 1 PUSH→PULL, 4 MiB messages (the encrypted transport's limit) | "
+        f"{args.tcp_seconds:g} s | {curve / MB:.0f} | {ours / curve:.2f} |"
+    )
     if theirs is None:
         print("| Elephas-style: 1 HTTP server, pickle | skipped | | |")
     else:
@@ -351,6 +430,7 @@ def main() -> None:
         f"\ncorral / raw TCP (best row, {tcp / MB:.0f} MB/s) = {ours / tcp:.2f} (target >= 0.50); "
         + (f"corral / Elephas-style = {ours / theirs:.1f}x" if theirs else "Elephas-style skipped")
         + " (target >= 10x)."
+        f" corral / CURVE stream = {ours / curve:.2f}."
     )
 
 

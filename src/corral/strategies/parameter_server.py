@@ -184,7 +184,7 @@ class ParameterServer(Strategy):
         rows = torch.unique(args[0]).cpu().numpy()
         wanted = [rows if t == table else rows[:0] for t in range(len(self._layout.rows))]
         values = self._client.rows(self._layout, wanted)[table]
-        self._params.tables()[table][rows] = values
+        self._params.sparse[table].weight.detach().numpy()[rows] = values
 
     def step(self, loss: torch.Tensor) -> StepResult:
         assert self._model is not None and self._client is not None and self._layout
