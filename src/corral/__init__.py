@@ -28,6 +28,7 @@ _EXPORTS = {
     "OptimizerSpec": "corral.spec",
     "ParameterServer": "corral.strategies",
     "Result": "corral.train.trainer",
+    "SparkEngine": "corral.engines.spark",
     "SpecError": "corral.errors",
     "Strategy": "corral.strategies",
     "TrainSettings": "corral.spec",
@@ -52,6 +53,7 @@ __all__ = [
     "OptimizerSpec",
     "ParameterServer",
     "Result",
+    "SparkEngine",
     "SpecError",
     "Strategy",
     "TrainSettings",
@@ -77,6 +79,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from corral.engines.spark import SparkEngine
     from corral.errors import (
         CheckpointError,
         CorralError,

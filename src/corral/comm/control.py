@@ -61,7 +61,7 @@ class ControlServer:
         while True:
             try:
                 body = conn.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: closed by close() meanwhile
                 self.messages.put(Message(role, rank, None))
                 return
             self.messages.put(Message(role, rank, body))

@@ -1,6 +1,32 @@
-"""Where processes run: local subprocesses now, a Spark barrier stage next."""
+"""Where processes run: local subprocesses (the default) or a Spark barrier stage."""
 
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
 from corral.engines.local import LocalEngine
+from corral.errors import SpecError
 
-__all__ = ["Engine", "Exit", "LocalEngine", "Plan", "ProcessSpec", "Resources", "WorkerGroup"]
+__all__ = [
+    "Engine",
+    "Exit",
+    "LocalEngine",
+    "Plan",
+    "ProcessSpec",
+    "Resources",
+    "WorkerGroup",
+    "resolve",
+]
+
+
+def resolve(engine: Engine | str | None) -> Engine:
+    """An engine from what a user may pass: an `Engine`, ``"local"``, ``"spark"`` or None.
+
+    ``"spark"`` uses the active SparkSession; pyspark is imported only then.
+    """
+    if isinstance(engine, Engine):
+        return engine
+    if engine is None or engine == "local":
+        return LocalEngine()
+    if engine == "spark":
+        from corral.engines.spark import SparkEngine
+
+        return SparkEngine()
+    raise SpecError(f"engine: unknown engine {engine!r}; allowed: 'local', 'spark' or an Engine")

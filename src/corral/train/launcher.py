@@ -45,6 +45,7 @@ import cloudpickle
 import torch.distributed as dist
 
 from corral.comm.control import ControlServer, Message
+from corral.engines import resolve
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
 from corral.engines.local import LocalEngine
 from corral.errors import CorralError, LaunchError, SpecError, WorkerError
@@ -472,7 +473,7 @@ def run(
     max_restarts: int = 0,
     master_port: int | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
-    engine: Engine | None = None,
+    engine: Engine | str | None = None,
 ) -> Any:
     """Run your own torch.distributed function on `workers` processes; return rank 0's value.
 
@@ -499,6 +500,6 @@ def run(
         max_restarts=max_restarts,
         master_port=master_port,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
-        engine=engine or LocalEngine(),
+        engine=resolve(engine),
     )
     return launch(fn, args, opts)

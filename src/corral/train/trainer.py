@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from corral.comm.control import Message
 from corral.data import Source, as_source
+from corral.engines import resolve
 from corral.engines.base import Engine, Resources
-from corral.engines.local import LocalEngine
 from corral.errors import SpecError
 from corral.spec import TrainSettings, parse
 from corral.strategies import Strategy
@@ -88,6 +88,8 @@ class Trainer:
         max_restarts: Relaunch all workers from the newest checkpoint this many times
             when one dies.
         resume_from: A checkpoint file, or a folder of them, to continue from.
+        engine: Where the processes run: ``"local"`` (default), ``"spark"`` (the active
+            SparkSession; see `corral.SparkEngine`) or an `Engine`.
     """
 
     def __init__(
@@ -111,7 +113,7 @@ class Trainer:
         max_restarts: int = 0,
         resume_from: str | os.PathLike[str] | None = None,
         master_port: int | None = None,
-        engine: Engine | None = None,
+        engine: Engine | str | None = None,
     ) -> None:
         for name, value in (("loss", loss), ("optimizer", optimizer or callable)):
             if not callable(value):
@@ -148,7 +150,7 @@ class Trainer:
         if optimizer is None and self.settings.strategy.needs_optimizer:
             raise SpecError(f"optimizer: required by the {self.settings.strategy.kind} strategy")
         self.model, self.loss, self.optimizer = model, loss, optimizer
-        self.engine = engine or LocalEngine()
+        self.engine = resolve(engine)
 
     @classmethod
     def from_settings(

@@ -1,0 +1,186 @@
+"""Spark as corral's cluster engine: every process of a plan is one task of a barrier stage.
+
+`SparkEngine.launch` runs a single barrier stage of as many tasks as the plan has
+processes (workers, and servers beside them). Spark starts them all at once or not at all,
+which is what gang-scheduled training needs. Task ``i`` takes process ``i`` of the plan by
+its partition id (from ``BarrierTaskContext``), not by any port or host guessed on the
+driver. It runs the process with the local engine, on the executor, so the guarantees of
+`corral.engines.local` hold there too: the process runs in its own process group, has
+no orphans when its task is killed, and prefixes its log lines ``[worker 3]``.
+
+Each task reports its process's exit (code, and the tail of its log) to the driver over
+an authenticated control connection the moment it happens, so the launcher sees a failed
+rank within seconds instead of when the stage ends. Stopping the group cancels the
+stage's Spark job group with ``interruptOnCancel``, so no task is left running.
+
+Before submitting, the engine checks what a barrier stage would otherwise wait on for
+minutes: that the cluster has a task slot for every process, and that dynamic allocation
+(which barrier mode refuses) is off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from corral.comm.control import ControlClient, ControlServer
+from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
+from corral.engines.local import LocalEngine
+from corral.errors import LaunchError
+
+if TYPE_CHECKING:
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+#: Lines of a process's log sent back with its exit, for error reports.
+_LOG_TAIL = 200
+#: How long to wait for a first executor to register (a cluster just started has none).
+_SLOTS_WAIT_S = 30.0
+
+
+def _task(
+    specs: list[ProcessSpec], exits_at: tuple[str, int], exits_key: bytes
+) -> Callable[[Iterable[int]], Iterable[int]]:
+    """The function every barrier task runs: start process `partitionId`, report its exit."""
+
+    def run(_: Iterable[int]) -> Iterator[int]:
+        from pyspark import BarrierTaskContext
+
+        spec = specs[BarrierTaskContext.get().partitionId()]
+        # the executor's interpreter: on a cluster, the driver's path may not exist there
+        spec = dataclasses.replace(spec, argv=[sys.executable, *spec.argv[1:]])
+        group = LocalEngine().launch(Plan(processes=[spec]))
+        try:
+            (end,) = group.wait()
+            tail = "\n".join(group.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
+        finally:
+            group.stop()
+        client = ControlClient(exits_at, exits_key, spec.role, spec.rank)
+        client.send({"kind": "exit", "returncode": end.returncode, "logs": tail})
+        client.close()
+        yield end.returncode
+
+    return run
+
+
+def _task_slots(sc: SparkContext) -> int:
+    """Tasks the cluster can run at once with the default resource profile."""
+    jsc = sc._jsc.sc()  # type: ignore[union-attr]
+    profile = jsc.resourceProfileManager().defaultResourceProfile()
+    return int(jsc.maxNumConcurrentTasks(profile))
+
+
+class SparkWorkerGroup(WorkerGroup):
+    """The processes of one plan, running as the tasks of one Spark barrier stage."""
+
+    def __init__(self, sc: SparkContext, plan: Plan) -> None:
+        self._sc, self._plan = sc, plan
+        self._job_group = f"corral-{uuid.uuid4().hex[:12]}"
+        self._channel = ControlServer(sc.getConf().get("spark.driver.host", "127.0.0.1"))
+        self._exits: dict[tuple[str, int], Exit] = {}
+        self._logs: dict[tuple[str, int], str] = {}
+        self._failure: str | None = None
+        self._thread = threading.Thread(target=self._run_stage, name=self._job_group, daemon=True)
+        self._thread.start()
+
+    def _run_stage(self) -> None:
+        n = len(self._plan.processes)
+        task = _task(self._plan.processes, self._channel.address, self._channel.authkey)
+        self._sc.setJobGroup(self._job_group, "corral training job", interruptOnCancel=True)
+        try:
+            self._sc.parallelize(range(n), n).barrier().mapPartitions(task).collect()
+        except Exception as exc:  # cancelled by stop(), or the stage failed in Spark itself
+            self._failure = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+
+    def poll(self) -> list[Exit]:
+        while True:
+            try:
+                msg = self._channel.messages.get_nowait()
+            except queue.Empty:
+                break
+            if msg.body is not None and msg.body.get("kind") == "exit":
+                key = (msg.role, msg.rank)
+                self._exits[key] = Exit(
+                    role=msg.role, rank=msg.rank, returncode=msg.body["returncode"]
+                )
+                self._logs[key] = msg.body["logs"]
+        if not self._thread.is_alive() and self._failure is not None:
+            # the stage died without our tasks reporting (an executor lost, say)
+            for p in self._plan.processes:
+                if (p.role, p.rank) not in self._exits:
+                    self._exits[p.role, p.rank] = Exit(role=p.role, rank=p.rank, returncode=1)
+                    self._logs[p.role, p.rank] = f"the Spark stage failed: {self._failure}"
+        return list(self._exits.values())
+
+    def wait(self, timeout: float | None = None) -> list[Exit]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self.poll()) < len(self._plan.processes):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self._thread.join(0.05)
+        return self.poll()
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Cancel the stage: Spark interrupts every task, whose process group then dies."""
+        if self._thread.is_alive():
+            self._sc.cancelJobGroup(self._job_group)
+            self._thread.join(grace + 30.0)
+        self._channel.close()
+
+    def logs(self, role: str, rank: int) -> str:
+        self.poll()
+        return self._logs.get((role, rank), "")
+
+
+class SparkEngine(Engine):
+    """Runs plans as Spark barrier stages on the given (or the active) SparkSession.
+
+    Example:
+        >>> spark = SparkSession.builder.master("local[2]").getOrCreate()
+        >>> corral.run(train, workers=2, engine=corral.SparkEngine(spark))
+    """
+
+    def __init__(self, spark: SparkSession | None = None) -> None:
+        if spark is None:
+            try:
+                from pyspark.sql import SparkSession
+            except ImportError as exc:
+                raise LaunchError(
+                    "the Spark engine needs pyspark: pip install 'corral[spark]'"
+                ) from exc
+            spark = SparkSession.getActiveSession()
+            if spark is None:
+                raise LaunchError(
+                    "no active SparkSession: create one first, or pass corral.SparkEngine(spark)"
+                )
+        self.spark = spark
+
+    def launch(self, plan: Plan) -> SparkWorkerGroup:
+        sc = self.spark.sparkContext
+        if sc.getConf().get("spark.dynamicAllocation.enabled", "false").lower() == "true":
+            raise LaunchError(
+                "Spark's barrier mode, which corral's training stage needs, refuses dynamic "
+                "allocation: set spark.dynamicAllocation.enabled=false for this application"
+            )
+        wanted = len(plan.processes)
+        deadline = time.monotonic() + _SLOTS_WAIT_S
+        slots = _task_slots(sc)
+        while slots == 0 and time.monotonic() < deadline:  # no executor has registered yet
+            time.sleep(0.5)
+            slots = _task_slots(sc)
+        if slots < wanted:
+            roles = ", ".join(
+                f"{sum(p.role == r for p in plan.processes)} {r}"
+                for r in dict.fromkeys(p.role for p in plan.processes)
+            )
+            raise LaunchError(
+                f"the job needs {wanted} task slots at once ({roles}) but the Spark cluster "
+                f"has {slots}; ask for fewer workers or give the cluster more executor cores"
+            )
+        return SparkWorkerGroup(sc, plan)

@@ -1,0 +1,73 @@
+"""The Spark engine on a real local[2] session: barrier tasks, failures, slots, servers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import blobs
+
+import corral
+from corral.engines.spark import SparkEngine
+from corral.errors import LaunchError, SpecError, WorkerError
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+
+def sum_of_ranks() -> dict:
+    """A plain torch.distributed function; also says whether a Spark task started it."""
+    dist.init_process_group("gloo")
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    dist.destroy_process_group()
+    return {"sum": t.item(), "parent": parent}
+
+
+def test_run_starts_every_rank_as_a_barrier_task(spark):
+    out = corral.run(sum_of_ranks, workers=2, engine="spark")  # the active session
+    assert out["sum"] == 3.0
+    assert "pyspark" in out["parent"]  # its parent is a Spark Python worker
+
+
+def fail_on_rank_one() -> None:
+    if int(os.environ["RANK"]) == 1:
+        raise ValueError("rank one cannot go on")
+    dist.init_process_group("gloo")
+    dist.barrier()  # rank 0 waits here for a peer that never comes
+
+
+def test_a_failing_rank_fails_the_run_and_cancels_the_stage(spark):
+    with pytest.raises(WorkerError, match="worker 1 raised ValueError: rank one cannot go on"):
+        corral.run(fail_on_rank_one, workers=2, engine=SparkEngine(spark))
+    assert spark.sparkContext.statusTracker().getActiveJobsIds() == []
+
+
+def test_more_processes_than_task_slots_fail_at_once(spark):
+    with pytest.raises(LaunchError, match=r"needs 3 task slots at once \(3 worker\).* has 2"):
+        corral.run(sum_of_ranks, workers=3, engine=SparkEngine(spark))
+
+
+def test_parameter_servers_run_as_tasks_of_the_same_stage(spark, tmp_path):
+    trainer = corral.Trainer(
+        model=lambda: torch.nn.Sequential(
+            torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ),
+        loss=torch.nn.CrossEntropyLoss(),
+        strategy=corral.ParameterServer(mode="async", servers=1, optimizer_args={"lr": 0.2}),
+        workers=1,
+        epochs=3,
+        batch_size=16,
+        checkpoint_dir=tmp_path,
+        engine=SparkEngine(spark),
+    )
+    result = trainer.fit(blobs(300), validation=blobs(100, seed=1), on_report=None)
+    assert result.metrics["val_accuracy"] > 0.9
+
+
+def test_an_unknown_engine_is_named():
+    with pytest.raises(SpecError, match="engine: unknown engine 'yarn'; allowed: 'local', 'spark'"):
+        corral.run(sum_of_ranks, workers=1, engine="yarn")
