@@ -75,3 +75,24 @@ def spark():
     )
     yield session
     session.stop()
+
+
+def sequential_sgd(reference, data, *, lr: float, workers: int = 2, batch_size: int = 16):
+    """Train `reference` in one process as sync data parallelism should: every step, all
+    workers' batches of epoch 0 at once, plain SGD. Returns it."""
+    import torch
+
+    from corral.data import as_source
+
+    opt = torch.optim.SGD(reference.parameters(), lr=lr)
+    source = as_source(data)
+    ranks = [
+        list(source.batches(rank=r, world_size=workers, epoch=0, seed=0, batch_size=batch_size))
+        for r in range(workers)
+    ]
+    for step in zip(*ranks, strict=True):
+        opt.zero_grad()
+        x, y = torch.cat([x for x, _ in step]), torch.cat([y for _, y in step])
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        opt.step()
+    return reference

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import blobs
+from conftest import blobs, sequential_sgd
 
 import corral
 from corral.comm.curve import JobKeys
-from corral.data import as_source
 from corral.engines.base import Resources
 from corral.errors import CorralError, SpecError
 from corral.ps.client import PSClient
@@ -47,20 +46,8 @@ def fit(strategy: corral.ParameterServer, tmp_path, workers: int = 2, epochs: in
 def test_sync_equals_sequential_sgd_on_the_concatenated_batch(tmp_path):
     ps = corral.ParameterServer(mode="sync", servers=2, optimizer_args={"lr": 0.2})
     result = fit(ps, tmp_path)
-    # the same steps in one process: every step, both workers' batches at once
     torch.manual_seed(0)
-    reference = model()
-    opt = torch.optim.SGD(reference.parameters(), lr=0.2)
-    source = as_source(blobs(256))
-    ranks = [
-        list(source.batches(rank=r, world_size=2, epoch=0, seed=0, batch_size=16)) for r in range(2)
-    ]
-    for (x0, y0), (x1, y1) in zip(*ranks, strict=True):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(
-            reference(torch.cat([x0, x1])), torch.cat([y0, y1])
-        ).backward()
-        opt.step()
+    reference = sequential_sgd(model(), blobs(256), lr=0.2)
     for ours, theirs in zip(result.model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(ours, theirs, atol=1e-5)
     assert result.metrics["staleness_histogram"] == {0: 2 * 8}
@@ -145,8 +132,8 @@ def probe_server(keys: JobKeys) -> dict:
     return {"rogue": rogue_result, "values": values.tolist(), "shape_error": shape_error}
 
 
-def test_a_process_without_the_job_key_gets_nothing():
-    keys = JobKeys.generate()
+def beside_one_server(fn, keys: JobKeys, lr: float):
+    """Run `fn(keys)` on one worker beside one async SGD server of the job `keys`."""
     config = ServerConfig(
         mode="async",
         workers=1,
@@ -154,10 +141,15 @@ def test_a_process_without_the_job_key_gets_nothing():
         quorum=1,
         lr_scaling=None,
         optimizer="sgd",
-        optimizer_args={"lr": 0.1},
+        optimizer_args={"lr": lr},
     )
     server = Role(name="server", count=1, fn=serve, args=(config, keys), resources=Resources())
-    out = launch(probe_server, (keys,), LaunchOptions(workers=1, extra_roles=[server]))
+    return launch(fn, (keys,), LaunchOptions(workers=1, extra_roles=[server]))
+
+
+def test_a_process_without_the_job_key_gets_nothing():
+    keys = JobKeys.generate()
+    out = beside_one_server(probe_server, keys, lr=0.1)
     assert "did not answer within 2 s" in out["rogue"]
     assert out["values"] == [0.0, 1.0, 2.0, 3.0]  # the rogue's init never landed
     assert "gradient of 7 elements for a shard of 4" in out["shape_error"]
@@ -185,17 +177,6 @@ def push_one_step_twice(keys: JobKeys) -> dict:
 
 
 def test_a_resent_push_is_answered_but_applied_once():
-    keys = JobKeys.generate()
-    config = ServerConfig(
-        mode="async",
-        workers=1,
-        staleness=0,
-        quorum=1,
-        lr_scaling=None,
-        optimizer="sgd",
-        optimizer_args={"lr": 0.5},
-    )
-    server = Role(name="server", count=1, fn=serve, args=(config, keys), resources=Resources())
-    out = launch(push_one_step_twice, (keys,), LaunchOptions(workers=1, extra_roles=[server]))
+    out = beside_one_server(push_one_step_twice, JobKeys.generate(), lr=0.5)
     assert out["first"] == out["again"] == [-0.5] * 4
     assert out["updates"] == 1

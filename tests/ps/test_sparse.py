@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import sequential_sgd
 
 import corral
-from corral.data import as_source
 from corral.ps.gradient import Gradient
 from corral.ps.layout import Layout
 
@@ -51,18 +51,7 @@ def fit(tmp_path, *, sparse: bool, mode: str = "sync", samples: int = 256, lr: f
 def test_sync_with_a_sparse_table_equals_sequential_sgd(tmp_path):
     result = fit(tmp_path, sparse=True)
     torch.manual_seed(0)
-    reference = Bag(sparse=False)
-    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
-    source = as_source(tokens(256))
-    ranks = [
-        list(source.batches(rank=r, world_size=2, epoch=0, seed=0, batch_size=16)) for r in range(2)
-    ]
-    for (x0, y0), (x1, y1) in zip(*ranks, strict=True):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(
-            reference(torch.cat([x0, x1])), torch.cat([y0, y1])
-        ).backward()
-        opt.step()
+    reference = sequential_sgd(Bag(sparse=False), tokens(256), lr=0.5)
     for ours, theirs in zip(result.model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(ours, theirs, atol=1e-5)
 
