@@ -94,8 +94,8 @@ def test_roles_server_must_agree_with_the_strategy():
         )
 
 
-def probe_server(keys: JobKeys) -> dict:
-    """Inside a worker: talk to server 0 with a rogue key, then with the job's key."""
+def server_address() -> str:
+    """Inside a worker: where server 0 of this job listens, from the job's store."""
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
@@ -103,7 +103,12 @@ def probe_server(keys: JobKeys) -> dict:
         False,
         timeout=timedelta(seconds=60),
     )
-    address = store.get(ADDRESS_KEY.format(0)).decode()
+    return store.get(ADDRESS_KEY.format(0)).decode()
+
+
+def probe_server(keys: JobKeys) -> dict:
+    """Inside a worker: talk to server 0 with a rogue key, then with the job's key."""
+    address = server_address()
     layout = Layout.split(4, 1)
     rogue_keys = JobKeys.generate()
     # the worst case: the rogue knows the server's public key, but not the client secret
@@ -158,14 +163,7 @@ def test_a_process_without_the_job_key_gets_nothing():
 
 def push_one_step_twice(keys: JobKeys) -> dict:
     """Inside a worker: send the same numbered push twice, as a resend after a restart may."""
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        None,
-        False,
-        timeout=timedelta(seconds=60),
-    )
-    client = PSClient([store.get(ADDRESS_KEY.format(0)).decode()], keys, worker=0)
+    client = PSClient([server_address()], keys, worker=0)
     layout = Layout.split(4, 1)
     client.init(np.zeros(4, dtype=np.float32), layout)
     push = ({"op": "step", "worker": 0, "version": 0, "seq": 1}, [np.ones(4, np.float32)])
