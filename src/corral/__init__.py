@@ -66,7 +66,13 @@ __all__ = [
 ]
 
 
+#: Submodules reachable as attributes without importing them first (``corral.spark.register``).
+_SUBMODULES = ("spark",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"corral.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'corral' has no attribute '{name}'")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -48,12 +48,27 @@ class Result:
             that tolerate it): ``rank``, ``attempt``, ``cause``, ``epoch``,
             ``steps_done``/``steps`` of its share of that epoch, ``samples_not_trained``
             and ``replaced_by``.
+        features: The feature columns trained on (named-column data only).
     """
 
     model: torch.nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
     lost_workers: list[dict[str, Any]] = field(default_factory=list)
+    #: The feature columns trained on, when the data had named columns.
+    features: list[str] | None = None
+
+    def model_udf(
+        self, df: Any, features: list[str] | None = None, output: str = "prediction"
+    ) -> Any:
+        """A Spark DataFrame `df` with a column `output` of this model's predictions.
+
+        Scores whole Arrow batches on the executors; see `corral.spark`. `features`
+        defaults to the columns trained on.
+        """
+        from corral import spark
+
+        return spark.model_udf(df, self, features, output)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -241,6 +256,7 @@ class Trainer:
             history=losses.complete(out["history"]),
             checkpoint=checkpoint,
             lost_workers=losses.workers,
+            features=list(features) if features else None,
         )
 
     def _model_on_caller(self) -> torch.nn.Module:
