@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,34 @@ def test_parameter_servers_run_as_tasks_of_the_same_stage(spark, tmp_path):
 def test_an_unknown_engine_is_named():
     with pytest.raises(SpecError, match="engine: unknown engine 'yarn'; allowed: 'local', 'spark'"):
         corral.run(sum_of_ranks, workers=1, engine="yarn")
+
+
+class DieOnceLoss(torch.nn.Module):
+    """Cross-entropy that kills worker 1 once epoch 1's checkpoint exists, first attempt only."""
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx = corral.context()
+        saved = (ctx.checkpoint_dir / "checkpoint-000001.pt").exists()
+        if ctx.rank == 1 and ctx.restart_count == 0 and saved:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.nn.functional.cross_entropy(out, y)
+
+
+def test_a_killed_task_restarts_the_stage_from_the_checkpoint(spark, tmp_path, caplog):
+    trainer = corral.Trainer(
+        model=lambda: torch.nn.Sequential(
+            torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ),
+        loss=DieOnceLoss(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        workers=2,
+        epochs=3,
+        batch_size=16,
+        max_restarts=1,
+        checkpoint_dir=tmp_path,
+        engine="spark",
+    )
+    result = trainer.fit(blobs(300), on_report=None)
+    assert "worker 1 failed (was killed by SIGKILL); restarting" in caplog.text
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert spark.sparkContext.statusTracker().getActiveJobsIds() == []
