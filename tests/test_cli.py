@@ -129,3 +129,23 @@ def test_a_failing_script_names_the_rank(tmp_path):
 def test_run_a_missing_script(tmp_path):
     out = corral("run", "nope.py", cwd=tmp_path)
     assert out.returncode == 1 and "script nope.py does not exist" in out.stderr
+
+
+@pytest.mark.spark
+def test_train_a_yaml_job_on_spark(job_dir):
+    spec = job_dir / "job.yaml"
+    spec.write_text(
+        spec.read_text()
+        + textwrap.dedent("""
+        engine: spark
+        spark:
+          master: local[2]
+          conf: {spark.driver.host: 127.0.0.1, spark.driver.bindAddress: 127.0.0.1,
+                 spark.ui.enabled: "false"}
+        """)
+    )
+    out = corral("train", "job.yaml", cwd=job_dir)
+    assert out.returncode == 0, out.stderr
+    assert "training summary" in out.stderr
+    assert "Setting default log level" in out.stderr  # pyspark's own word: a session started
+    assert (job_dir / "ckpt" / "checkpoint-000002.pt").exists()

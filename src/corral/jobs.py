@@ -35,5 +35,9 @@ def trainer_for(spec: JobSpec, *, base: Path) -> tuple[Trainer, Source, Source |
     trainer = Trainer.from_settings(
         spec, model=model, loss=_loss(spec.loss, base), optimizer=spec.optimizer
     )
+    if spec.engine == "spark":
+        from corral.engines.spark import SparkEngine, session
+
+        trainer.engine = SparkEngine(session(spec.spark.master, spec.spark.conf))
     validation = _source(spec.validation, base) if spec.validation else None
     return trainer, _source(spec.data, base), validation

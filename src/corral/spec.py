@@ -89,6 +89,14 @@ class DataSpec(_Model):
     label: str
 
 
+class SparkSpec(_Model):
+    """Where a job with ``engine: spark`` runs. Under spark-submit the session already
+    exists and these only fill in what it lacks."""
+
+    master: str = Field("local[*]", description="e.g. local[4], spark://host:7077, yarn")
+    conf: dict[str, str] = Field(default_factory=dict, description="Spark configuration")
+
+
 class OptimizerSpec(_Model):
     """An optimizer by name; also callable on parameters, so Trainer accepts it directly."""
 
@@ -158,7 +166,8 @@ class JobSpec(TrainSettings):
 
     name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$")
     entrypoint: str = Field(description="model factory: 'package.module:fn' or 'file.py:fn'")
-    engine: Literal["local"] = "local"
+    engine: Literal["local", "spark"] = "local"
+    spark: SparkSpec = Field(default_factory=SparkSpec)
     data: DataSpec
     validation: DataSpec | None = None
     loss: str = "cross_entropy"

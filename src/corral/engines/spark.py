@@ -138,6 +138,23 @@ class SparkWorkerGroup(WorkerGroup):
         return self._logs.get((role, rank), "")
 
 
+def session(master: str, conf: dict[str, str]) -> SparkSession:
+    """The active SparkSession, or a new one on `master` with `conf` (the YAML path).
+
+    Executors must run this interpreter, so ``PYSPARK_PYTHON`` is set to it unless given.
+    """
+    import os
+
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.master(master).appName("corral")
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
 class SparkEngine(Engine):
     """Runs plans as Spark barrier stages on the given (or the active) SparkSession.
 
