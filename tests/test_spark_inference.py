@@ -67,7 +67,7 @@ def test_a_regression_model_predicts_doubles(spark):
 def test_bad_feature_columns_are_named(spark, trained):
     result, _ = trained
     df = spark.createDataFrame([(1.0, "x")], ["a", "b"])
-    with pytest.raises(DataError, match=r"feature column\(s\) b \(string\) are not numeric"):
+    with pytest.raises(DataError, match=r"column\(s\) b \(string\) are not numeric"):
         result.model_udf(df)
-    with pytest.raises(DataError, match=r"feature column\(s\) c not in the DataFrame; it has a, b"):
+    with pytest.raises(DataError, match=r"column\(s\) c not in the DataFrame; it has a, b"):
         result.model_udf(df, features=["a", "c"])

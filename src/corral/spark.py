@@ -80,17 +80,44 @@ def _features(model: Any, features: list[str] | None) -> list[str]:
 
 
 def check_columns(df: DataFrame, features: list[str]) -> None:
-    """Refuse missing or non-numeric feature columns, naming them and their types."""
+    """Refuse missing or non-numeric columns, naming them and their types."""
     types = dict(df.dtypes)
     missing = [f for f in features if f not in types]
     if missing:
         raise DataError(
-            f"feature column(s) {', '.join(missing)} not in the DataFrame; it has "
-            f"{', '.join(types)}"
+            f"column(s) {', '.join(missing)} not in the DataFrame; it has {', '.join(types)}"
         )
     wrong = [f"{f} ({types[f]})" for f in features if not types[f].startswith(_NUMERIC)]
     if wrong:
-        raise DataError(f"feature column(s) {', '.join(wrong)} are not numeric")
+        raise DataError(f"column(s) {', '.join(wrong)} are not numeric")
+
+
+def training_input(
+    df: DataFrame, features: list[str] | None, label: str | None, workers: int
+) -> tuple[DataFrame, list[str]]:
+    """Check a Spark DataFrame to train on; returns it narrowed to its columns, and the
+    feature names (default: every column but the label).
+
+    One Spark job counts the rows and the null labels; nothing is collected.
+    """
+    from pyspark.sql import functions as F
+
+    if label is None:
+        raise DataError("label= is required for a Spark DataFrame: name the column")
+    names = features or [c for c in df.columns if c != label]
+    check_columns(df, [*names, label])
+    counts = df.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(F.col(label).isNull().cast("int")).alias("nulls"),
+    ).first()
+    rows, nulls = (counts["rows"], counts["nulls"] or 0) if counts else (0, 0)
+    if rows == 0:
+        raise DataError("the DataFrame has no rows")
+    if nulls:
+        raise DataError(f"label column {label} has {nulls} null value(s) in {rows} rows")
+    if rows < workers:
+        raise DataError(f"the DataFrame has {rows} rows, fewer than the {workers} workers")
+    return df.select(*names, label), names
 
 
 def model_udf(

@@ -13,7 +13,7 @@ from conftest import blobs
 
 import corral
 from corral.engines.spark import SparkEngine
-from corral.errors import LaunchError, SpecError, WorkerError
+from corral.errors import DataError, LaunchError, SpecError, WorkerError
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -103,3 +103,56 @@ def test_a_killed_task_restarts_the_stage_from_the_checkpoint(spark, tmp_path, c
     assert "worker 1 failed (was killed by SIGKILL); restarting" in caplog.text
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     assert spark.sparkContext.statusTracker().getActiveJobsIds() == []
+
+
+def blobs_frame(spark, n: int, partitions: int):
+    x, y = blobs(n)
+    rows = [(float(a), float(b), int(c)) for (a, b), c in zip(x, y, strict=True)]
+    return spark.createDataFrame(rows, ["a", "b", "y"]).repartition(partitions)
+
+
+def test_a_dataframe_trains_where_it_lies(spark, tmp_path):
+    import pandas as pd
+
+    df = blobs_frame(spark, 400, partitions=5)  # not one partition per worker
+    x, y = blobs(200, seed=1)
+    held_out = pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "y": y})
+    trainer = corral.Trainer(
+        model=lambda: torch.nn.Sequential(
+            torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ),
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        strategy=corral.AllReduce(),
+        workers=2,
+        epochs=3,
+        batch_size=16,
+        checkpoint_dir=tmp_path,
+        engine="spark",
+    )
+    result = trainer.fit(df, features=["a", "b"], label="y", validation=held_out, on_report=None)
+    assert [r["samples"] for r in result.history] == [400, 400, 400]  # every row, each epoch
+    assert result.metrics["val_accuracy"] > 0.9
+    assert result.features == ["a", "b"]
+
+
+def test_bad_dataframes_fail_before_any_task_starts(spark, tmp_path):
+    def fit(df, engine="spark"):
+        trainer = corral.Trainer(
+            model=lambda: torch.nn.Linear(2, 3),
+            loss=torch.nn.CrossEntropyLoss(),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            workers=2,
+            checkpoint_dir=tmp_path,
+            engine=engine,
+        )
+        return trainer.fit(df, label="y", on_report=None)
+
+    with pytest.raises(DataError, match=r"column\(s\) b \(string\) are not numeric"):
+        fit(spark.createDataFrame([(1.0, "x", 0)], ["a", "b", "y"]))
+    with pytest.raises(DataError, match="label column y has 1 null value"):
+        fit(spark.createDataFrame([(1.0, 2.0, 0), (1.0, 2.0, None)], "a double, b double, y int"))
+    with pytest.raises(DataError, match="the DataFrame has no rows"):
+        fit(spark.createDataFrame([], "a double, b double, y int"))
+    with pytest.raises(SpecError, match="a Spark DataFrame trains on engine='spark'"):
+        fit(blobs_frame(spark, 10, 1), engine="local")

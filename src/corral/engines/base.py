@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from corral.errors import LaunchError
 
@@ -45,6 +46,9 @@ class Plan:
     """The processes of one attempt of a job; all start together and stop together."""
 
     processes: list[ProcessSpec]
+    #: Data only some engines can deliver to the workers: for the Spark engine, a
+    #: DataFrame whose partitions, one per worker, each worker's task reads.
+    feed: Any = None
 
 
 @dataclass(frozen=True, kw_only=True)

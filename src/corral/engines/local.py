@@ -207,6 +207,8 @@ class LocalEngine(Engine):
     """Runs each process of a plan as a subprocess of the caller, in its own process group."""
 
     def launch(self, plan: Plan) -> LocalWorkerGroup:
+        if plan.feed is not None:
+            raise LaunchError("the local engine cannot read a Spark DataFrame: use engine='spark'")
         gpus = check_resources(plan.processes)
         group = LocalWorkerGroup(os.pipe())
         try:

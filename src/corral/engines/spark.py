@@ -21,15 +21,19 @@ minutes: that the cluster has a task slot for every process, and that dynamic al
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import ControlClient, ControlServer
+from corral.data.spill import ROWS_ENV, SPILL_ENV
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
 from corral.engines.local import LocalEngine
 from corral.errors import LaunchError
@@ -44,27 +48,70 @@ _LOG_TAIL = 200
 _SLOTS_WAIT_S = 30.0
 
 
+def _run_process(spec: ProcessSpec, exits_at: tuple[str, int], exits_key: bytes) -> int:
+    """Inside a task: run `spec` with the local engine, report its exit to the driver."""
+    # the executor's interpreter: on a cluster, the driver's path may not exist there
+    spec = dataclasses.replace(spec, argv=[sys.executable, *spec.argv[1:]])
+    group = LocalEngine().launch(Plan(processes=[spec]))
+    try:
+        (end,) = group.wait()
+        tail = "\n".join(group.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
+    finally:
+        group.stop()
+    client = ControlClient(exits_at, exits_key, spec.role, spec.rank)
+    client.send({"kind": "exit", "returncode": end.returncode, "logs": tail})
+    client.close()
+    return end.returncode
+
+
 def _task(
     specs: list[ProcessSpec], exits_at: tuple[str, int], exits_key: bytes
 ) -> Callable[[Iterable[int]], Iterable[int]]:
-    """The function every barrier task runs: start process `partitionId`, report its exit."""
+    """What every task of a plain barrier stage runs: process number `partitionId`."""
 
     def run(_: Iterable[int]) -> Iterator[int]:
         from pyspark import BarrierTaskContext
 
-        spec = specs[BarrierTaskContext.get().partitionId()]
-        # the executor's interpreter: on a cluster, the driver's path may not exist there
-        spec = dataclasses.replace(spec, argv=[sys.executable, *spec.argv[1:]])
-        group = LocalEngine().launch(Plan(processes=[spec]))
+        yield _run_process(specs[BarrierTaskContext.get().partitionId()], exits_at, exits_key)
+
+    return run
+
+
+def _spill(batches: Iterable[Any], schema: Any, path: str) -> int:
+    """Write record batches to an Arrow IPC file one at a time; returns the rows written."""
+    import pyarrow as pa
+
+    rows = 0
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+def _fed_task(
+    specs: list[ProcessSpec], schema: Any, exits_at: tuple[str, int], exits_key: bytes
+) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """What a worker task fed by a DataFrame runs: spill its partition, learn every
+    partition's size (``allGather``), then run worker number `partitionId` on the file."""
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        from pyspark import BarrierTaskContext
+
+        ctx = BarrierTaskContext.get()
+        spec = specs[ctx.partitionId()]
+        # the executor's scratch space (spark.local.dir), where Spark spills its own data
+        local = os.environ.get("SPARK_LOCAL_DIRS", "").split(",")[0] or None
+        folder = tempfile.mkdtemp(prefix="corral-spill-", dir=local)
         try:
-            (end,) = group.wait()
-            tail = "\n".join(group.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
+            path = os.path.join(folder, "partition.arrow")
+            counts = ctx.allGather(str(_spill(batches, schema, path)))
+            env = {**spec.env, SPILL_ENV: path, ROWS_ENV: ",".join(counts)}
+            code = _run_process(dataclasses.replace(spec, env=env), exits_at, exits_key)
         finally:
-            group.stop()
-        client = ControlClient(exits_at, exits_key, spec.role, spec.rank)
-        client.send({"kind": "exit", "returncode": end.returncode, "logs": tail})
-        client.close()
-        yield end.returncode
+            shutil.rmtree(folder, ignore_errors=True)
+        yield pa.RecordBatch.from_pydict({"returncode": [code]})
 
     return run
 
@@ -77,7 +124,9 @@ def _task_slots(sc: SparkContext) -> int:
 
 
 class SparkWorkerGroup(WorkerGroup):
-    """The processes of one plan, running as the tasks of one Spark barrier stage."""
+    """The processes of one plan, running as the tasks of Spark barrier stages: one stage
+    for all of them, or, when the workers are fed a DataFrame, one for the workers (over
+    its partitions) and one beside it for the other roles."""
 
     def __init__(self, sc: SparkContext, plan: Plan) -> None:
         self._sc, self._plan = sc, plan
@@ -86,17 +135,56 @@ class SparkWorkerGroup(WorkerGroup):
         self._exits: dict[tuple[str, int], Exit] = {}
         self._logs: dict[tuple[str, int], str] = {}
         self._failure: str | None = None
-        self._thread = threading.Thread(target=self._run_stage, name=self._job_group, daemon=True)
-        self._thread.start()
+        at, key = self._channel.address, self._channel.authkey
+        stages: list[Callable[[], Any]] = []
+        if plan.feed is None:
+            stages.append(self._plain(plan.processes, at, key))
+        else:
+            workers = [p for p in plan.processes if p.role == "worker"]
+            others = [p for p in plan.processes if p.role != "worker"]
+            stages.append(self._fed(plan.feed, workers, at, key))
+            if others:
+                stages.append(self._plain(others, at, key))
+        self._threads = [
+            threading.Thread(target=self._run, args=(stage,), name=self._job_group, daemon=True)
+            for stage in stages
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _run_stage(self) -> None:
-        n = len(self._plan.processes)
-        task = _task(self._plan.processes, self._channel.address, self._channel.authkey)
+    def _plain(
+        self, specs: list[ProcessSpec], at: tuple[str, int], key: bytes
+    ) -> Callable[[], Any]:
+        n = len(specs)
+        return lambda: (
+            self._sc.parallelize(range(n), n)
+            .barrier()
+            .mapPartitions(_task(specs, at, key))
+            .collect()
+        )
+
+    @staticmethod
+    def _fed(
+        df: Any, specs: list[ProcessSpec], at: tuple[str, int], key: bytes
+    ) -> Callable[[], Any]:
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        schema = to_arrow_schema(df.schema)
+        task = _fed_task(specs, schema, at, key)
+        parts = df.repartition(len(specs))
+        return lambda: parts.mapInArrow(task, "returncode int", barrier=True).collect()
+
+    def _run(self, stage: Callable[[], Any]) -> None:
         self._sc.setJobGroup(self._job_group, "corral training job", interruptOnCancel=True)
         try:
-            self._sc.parallelize(range(n), n).barrier().mapPartitions(task).collect()
+            stage()
         except Exception as exc:  # cancelled by stop(), or the stage failed in Spark itself
-            self._failure = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            text = str(exc).strip()
+            self._failure = self._failure or (text.splitlines()[0] if text else repr(exc))
+
+    @property
+    def _running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
 
     def poll(self) -> list[Exit]:
         while True:
@@ -110,7 +198,7 @@ class SparkWorkerGroup(WorkerGroup):
                     role=msg.role, rank=msg.rank, returncode=msg.body["returncode"]
                 )
                 self._logs[key] = msg.body["logs"]
-        if not self._thread.is_alive() and self._failure is not None:
+        if not self._running and self._failure is not None:
             # the stage died without our tasks reporting (an executor lost, say)
             for p in self._plan.processes:
                 if (p.role, p.rank) not in self._exits:
@@ -123,14 +211,15 @@ class SparkWorkerGroup(WorkerGroup):
         while len(self.poll()) < len(self._plan.processes):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            self._thread.join(0.05)
+            time.sleep(0.05)
         return self.poll()
 
     def stop(self, grace: float = 1.0) -> None:
         """Cancel the stage: Spark interrupts every task, whose process group then dies."""
-        if self._thread.is_alive():
+        if self._running:
             self._sc.cancelJobGroup(self._job_group)
-            self._thread.join(grace + 30.0)
+            for thread in self._threads:
+                thread.join(grace + 30.0)
         self._channel.close()
 
     def logs(self, role: str, rank: int) -> str:
@@ -143,8 +232,6 @@ def session(master: str, conf: dict[str, str]) -> SparkSession:
 
     Executors must run this interpreter, so ``PYSPARK_PYTHON`` is set to it unless given.
     """
-    import os
-
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

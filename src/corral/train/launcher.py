@@ -81,6 +81,8 @@ class LaunchOptions:
     #: Called on the watching thread for every loss the attempt absorbs, with the driver's
     #: rendezvous store (where servers publish their addresses).
     on_lost: Callable[[ProcessLoss, dist.Store], None] | None = None
+    #: Data for the workers that only some engines deliver (see `Plan.feed`).
+    feed: Any = None
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -191,7 +193,8 @@ class _Processes:
                 self.spec(name, rank, resources)
                 for name, count, resources in roles
                 for rank in range(count)
-            ]
+            ],
+            feed=self.opts.feed,
         )
 
     def joiner(self, rank: int) -> ProcessSpec:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from corral.comm.control import Message
 from corral.data import Source, as_source
+from corral.data.spill import SpillSource
 from corral.engines import resolve
 from corral.engines.base import Engine, Resources
 from corral.errors import SpecError
@@ -203,10 +204,16 @@ class Trainer:
         """
         s = self.settings
         workers = s.roles.worker.count
-        train = as_source(data, features=features, label=label)
-        train.steps_per_epoch(workers, s.batch_size)  # fails now if it cannot be split
+        feed = None
+        if _is_spark_dataframe(data):
+            train, feed, features = self._spark_input(data, features, label, workers)
+        else:
+            train = as_source(data, features=features, label=label)
+            train.steps_per_epoch(workers, s.batch_size)  # fails now if it cannot be split
         valid: Source | None = None
         if validation is not None:
+            if _is_spark_dataframe(validation):  # held-out data is small: score it here
+                validation = validation.toPandas()
             valid = as_source(validation, features=features, label=label)
             valid.steps_per_epoch(workers, s.batch_size)
         resume = ckpt.resolve(s.resume_from) if s.resume_from is not None else None
@@ -247,6 +254,7 @@ class Trainer:
             extra_roles=extra,
             tolerate_worker_loss=s.strategy.tolerates_worker_loss(),
             on_lost=losses.lost,
+            feed=feed,
         )
         out = launch(train_worker, (task,), opts)
         local_model.load_state_dict(out["state_dict"])
@@ -258,6 +266,22 @@ class Trainer:
             lost_workers=losses.workers,
             features=list(features) if features else None,
         )
+
+    def _spark_input(
+        self, df: Any, features: list[str] | None, label: str | None, workers: int
+    ) -> tuple[Source, Any, list[str]]:
+        """A Spark DataFrame stays where it is: each worker's task reads one partition."""
+        from corral.engines.spark import SparkEngine
+        from corral.spark import training_input
+
+        if not isinstance(self.engine, SparkEngine):
+            raise SpecError(
+                "a Spark DataFrame trains on engine='spark' (or corral.SparkEngine(spark)), "
+                "where each worker reads its own partition"
+            )
+        feed, names = training_input(df, features, label, workers)
+        assert label is not None
+        return SpillSource(names, label), feed, names
 
     def _model_on_caller(self) -> torch.nn.Module:
         """Build the model here once: a broken factory fails now, with its own message."""
@@ -324,3 +348,8 @@ class _Losses:
         done = {int(row["epoch"]) for row in history}
         missing = [row for epoch, row in self.rows.items() if epoch not in done]
         return sorted([*missing, *history], key=lambda row: row["epoch"])
+
+
+def _is_spark_dataframe(obj: Any) -> bool:
+    """True for a pyspark DataFrame, without importing pyspark."""
+    return type(obj).__name__ == "DataFrame" and type(obj).__module__.startswith("pyspark.sql")
