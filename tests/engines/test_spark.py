@@ -111,10 +111,11 @@ def blobs_frame(spark, n: int, partitions: int):
     return spark.createDataFrame(rows, ["a", "b", "y"]).repartition(partitions)
 
 
-def test_a_dataframe_trains_where_it_lies(spark, tmp_path):
+@pytest.mark.parametrize("partitions", [5, 2], ids=["repartitioned", "as-it-is"])
+def test_a_dataframe_trains_where_it_lies(spark, tmp_path, partitions):
     import pandas as pd
 
-    df = blobs_frame(spark, 400, partitions=5)  # not one partition per worker
+    df = blobs_frame(spark, 400, partitions=partitions)
     x, y = blobs(200, seed=1)
     held_out = pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "y": y})
     trainer = corral.Trainer(

@@ -6,8 +6,9 @@ executor's local disk before starting the worker. So nothing is collected on the
 no Parquet copy of the DataFrame is written, and memory holds one Arrow batch, not the
 partition. The tasks then exchange their row counts (``BarrierTaskContext.allGather``).
 
-The worker reads the file memory-mapped and takes one batch of rows at a time. Every
-epoch re-reads the same file, in a fresh order. Every worker runs the same number of steps,
+The worker reads the file memory-mapped and decodes one spilled batch (a block) at a
+time. Every epoch re-reads the same file in a fresh order: blocks shuffled, and rows
+within each block, as a shuffle buffer does. Every worker runs the same number of steps,
 set by the largest partition: a smaller partition makes smaller batches, never fewer
 of them.
 """
@@ -41,9 +42,14 @@ class SpillSource(Source):
         self.features, self.label = list(features), label
         self._table: Any = None
         self._rows: list[int] = []
+        self._starts = np.zeros(1, np.int64)
+        self._cached: tuple[int, Any, Any] = (-1, None, None)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"features": self.features, "label": self.label, "_table": None, "_rows": []}
+        return {"features": self.features, "label": self.label}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["features"], state["label"])  # type: ignore[misc]
 
     def _open(self) -> None:
         if self._table is not None:
@@ -76,16 +82,42 @@ class SpillSource(Source):
         return math.ceil(max(self._rows) / batch_size)
 
     def _shard(self, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> Shard:
+        """Blocks (the spilled Arrow batches) in a fresh order, rows shuffled within each:
+        a batch then mostly falls in one block, decoded once, instead of gathering rows
+        from all over the file (measured: the all-over gather took most of an epoch)."""
         self._open()
-        n = self._table.num_rows
-        order = epoch_permutation(n, seed + 7919 * rank, epoch, shuffle=shuffle)
+        starts = np.cumsum([0, *(b.num_rows for b in self._table.to_batches())])
+        rng_seed = seed + 7919 * rank
+        blocks = epoch_permutation(len(starts) - 1, rng_seed, epoch, shuffle=shuffle)
+        order = np.concatenate(
+            [
+                starts[b]
+                + epoch_permutation(starts[b + 1] - starts[b], rng_seed + b, epoch, shuffle=shuffle)
+                for b in blocks
+            ]
+            or [np.empty(0, np.int64)]
+        )
+        self._starts = starts
         return Shard(order=order, take=self._take)
 
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block `b` as a float32 feature matrix and a label vector (the last one kept)."""
+        if self._cached[0] != b:
+            rows = self._table.slice(self._starts[b], self._starts[b + 1] - self._starts[b])
+            x = np.column_stack(
+                [rows.column(f).to_numpy(zero_copy_only=False) for f in self.features]
+            ).astype(np.float32)
+            y = rows.column(self.label).to_numpy(zero_copy_only=False)
+            y = y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float32)
+            self._cached = (b, x, y)
+        return self._cached[1], self._cached[2]
+
     def _take(self, idx: np.ndarray) -> Batch:
-        rows = self._table.take(idx)
-        x = np.column_stack(
-            [rows.column(f).to_numpy(zero_copy_only=False) for f in self.features]
-        ).astype(np.float32)
-        y = rows.column(self.label).to_numpy(zero_copy_only=False)
-        y = y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float32)
-        return torch.from_numpy(x), torch.from_numpy(y)
+        owner = np.searchsorted(self._starts, idx, side="right") - 1
+        xs, ys = [], []
+        for b in dict.fromkeys(owner.tolist()):  # blocks in order of first use
+            x, y = self._block(b)
+            local = idx[owner == b] - self._starts[b]
+            xs.append(x[local])
+            ys.append(y[local])
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))

@@ -171,7 +171,10 @@ class SparkWorkerGroup(WorkerGroup):
 
         schema = to_arrow_schema(df.schema)
         task = _fed_task(specs, schema, at, key)
-        parts = df.repartition(len(specs))
+        # as it is when it already has one partition per worker: no shuffle (barrier mode
+        # refuses a coalesced RDD, so any other count is repartitioned)
+        n = df.rdd.getNumPartitions()
+        parts = df if n == len(specs) else df.repartition(len(specs))
         return lambda: parts.mapInArrow(task, "returncode int", barrier=True).collect()
 
     def _run(self, stage: Callable[[], Any]) -> None:
