@@ -56,18 +56,10 @@ def measure(launch: Callable[[], Any], repeats: int, name: str) -> list[float]:
 
 
 def spark_session(workers: int) -> Any:
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    from pyspark.sql import SparkSession
+    from corral.engines.spark import session
 
-    return (
-        SparkSession.builder.master(f"local[{workers}]")
-        .appName("corral-bench-launch")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.ui.enabled", "false")
-        .getOrCreate()
-    )
+    loopback = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
+    return session(f"local[{workers}]", {**loopback, "spark.ui.enabled": "false"})
 
 
 def row(name: str, times: list[float] | str, ours: list[float] | None = None) -> str:

@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,21 +93,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     args = parser.parse_args()
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
     from pyspark.ml.torch.distributor import TorchDistributor
-    from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
-    spark = (
-        SparkSession.builder.master("local[2]")
-        .appName("corral-bench-ingest")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.ui.enabled", "false")
-        .config("spark.driver.memory", "4g")
-        .getOrCreate()
-    )
+    from corral.engines.spark import session
+
+    loopback = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
+    conf = {**loopback, "spark.ui.enabled": "false", "spark.driver.memory": "4g"}
+    spark = session("local[2]", conf)
     df = spark.range(args.rows).select(
         *(F.rand(seed=i).cast("float").alias(f) for i, f in enumerate(FEATURES))
     )

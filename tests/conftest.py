@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -56,23 +55,43 @@ def blobs(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+#: Spark settings that keep a test driver on loopback, without a web UI.
+LOOPBACK_SPARK_CONF = {
+    "spark.driver.host": "127.0.0.1",
+    "spark.driver.bindAddress": "127.0.0.1",
+    "spark.ui.enabled": "false",
+}
+
+
+class DieOnceLoss:
+    """Cross-entropy that SIGKILLs worker 1 once epoch 1's checkpoint exists (first
+    attempt only): a restart from the last checkpoint must follow."""
+
+    def __call__(self, out, y):
+        import signal
+
+        import torch
+
+        import corral
+
+        ctx = corral.context()
+        if (
+            ctx.rank == 1
+            and ctx.restart_count == 0
+            and (ctx.checkpoint_dir / "checkpoint-000001.pt").exists()
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.nn.functional.cross_entropy(out, y)
+
+
 @pytest.fixture(scope="session")
 def spark():
     """A real Spark session, local[2], driver on 127.0.0.1; skipped in one line without Java."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("Spark needs Java (17) and neither `java` nor JAVA_HOME is set")
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    from pyspark.sql import SparkSession
+    from corral.engines.spark import session as spark_session
 
-    session = (
-        SparkSession.builder.master("local[2]")
-        .appName("corral-tests")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.ui.enabled", "false")
-        .getOrCreate()
-    )
+    session = spark_session("local[2]", LOOPBACK_SPARK_CONF)
     yield session
     session.stop()
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import blobs
+from conftest import DieOnceLoss, blobs
 
 import corral
 from corral.engines.spark import SparkEngine
@@ -72,17 +71,6 @@ def test_parameter_servers_run_as_tasks_of_the_same_stage(spark, tmp_path):
 def test_an_unknown_engine_is_named():
     with pytest.raises(SpecError, match="engine: unknown engine 'yarn'; allowed: 'local', 'spark'"):
         corral.run(sum_of_ranks, workers=1, engine="yarn")
-
-
-class DieOnceLoss(torch.nn.Module):
-    """Cross-entropy that kills worker 1 once epoch 1's checkpoint exists, first attempt only."""
-
-    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx = corral.context()
-        saved = (ctx.checkpoint_dir / "checkpoint-000001.pt").exists()
-        if ctx.rank == 1 and ctx.restart_count == 0 and saved:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return torch.nn.functional.cross_entropy(out, y)
 
 
 def test_a_killed_task_restarts_the_stage_from_the_checkpoint(spark, tmp_path, caplog):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import blobs
+from conftest import DieOnceLoss, blobs
 
 import corral
 from corral.errors import CheckpointError, DataError, SpecError, WorkerError
@@ -134,17 +131,6 @@ def test_resume_continues_a_finished_run(tmp_path):
     ).fit(blobs())
     assert [r["epoch"] for r in more.history] == [1, 2, 3, 4]
     assert more.history[:2] == first.history  # epochs 1–2 were not trained again
-
-
-class DieOnceLoss(torch.nn.Module):
-    """Cross-entropy that kills worker 1 in epoch 2 of the first attempt."""
-
-    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx = corral.context()
-        first_epoch_saved = (ctx.checkpoint_dir / "checkpoint-000001.pt").exists()
-        if ctx.rank == 1 and ctx.restart_count == 0 and first_epoch_saved:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return torch.nn.functional.cross_entropy(out, y)
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, caplog):
