@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd  # at module level: pyspark resolves the UDF's type hints against it
 import torch
 
+from corral.data.arrow import feature_matrix, label_vector
 from corral.errors import DataError, SpecError
 
 if TYPE_CHECKING:
@@ -41,26 +42,36 @@ def _model_of(model: Any) -> torch.nn.Module:
     return copy.deepcopy(module).cpu().eval()
 
 
-def _return_type(model: torch.nn.Module, n_features: int) -> str:
+def _return_type(model: torch.nn.Module, width: int) -> str:
     """``long`` for a classifier, ``double`` otherwise, from one forward pass on zeros."""
     with torch.no_grad():
-        out = model(torch.zeros(1, n_features))
+        out = model(torch.zeros(1, width))
     return "long" if out.ndim == 2 and out.shape[1] > 1 else "double"
 
 
-def predict_udf(spark: SparkSession, model: Any, n_features: int) -> Any:
-    """A pandas UDF of `n_features` numeric columns that returns `model`'s predictions."""
+def _matrix(columns: tuple[pd.Series, ...]) -> np.ndarray:
+    """Scalar columns and columns of equal-length arrays, side by side, as float32."""
+    parts = [
+        np.stack(c.to_numpy()) if c.dtype == object else c.to_numpy().reshape(-1, 1)
+        for c in columns
+    ]
+    return np.hstack(parts).astype(np.float32, copy=False)
+
+
+def predict_udf(spark: SparkSession, model: Any, width: int) -> Any:
+    """A pandas UDF of numeric and array columns, `width` inputs in all, that returns
+    `model`'s predictions."""
     from pyspark.sql.functions import pandas_udf
 
     module = _model_of(model)
-    return_type = _return_type(module, n_features)
+    return_type = _return_type(module, width)
     shared = spark.sparkContext.broadcast(cloudpickle.dumps(module))
     key = uuid.uuid4().hex  # names this model in each executor's cache
 
     def predict(*columns: pd.Series) -> pd.Series:
         if key not in _models:
             _models[key] = cloudpickle.loads(shared.value)
-        x = np.column_stack([c.to_numpy(dtype=np.float32) for c in columns])
+        x = _matrix(columns)
         with torch.no_grad():
             out = _models[key](torch.from_numpy(x))
         values = out.argmax(dim=1) if return_type == "long" else out.reshape(len(x), -1)[:, 0]
@@ -69,8 +80,9 @@ def predict_udf(spark: SparkSession, model: Any, n_features: int) -> Any:
     return pandas_udf(predict, return_type)  # type: ignore[call-overload]
 
 
-def _features(model: Any, features: list[str] | None) -> list[str]:
-    names = features or getattr(model, "features", None)
+def _features(model: Any, features: str | list[str] | None) -> list[str]:
+    names = [features] if isinstance(features, str) else features
+    names = names or getattr(model, "features", None)
     if not names:
         raise SpecError(
             "features: name the model's input columns, in training order "
@@ -79,63 +91,164 @@ def _features(model: Any, features: list[str] | None) -> list[str]:
     return list(names)
 
 
-def check_columns(df: DataFrame, features: list[str]) -> None:
-    """Refuse missing or non-numeric columns, naming them and their types."""
+def _kind(dtype: str) -> str | None:
+    """``scalar``, ``array`` (of numbers) or ``vector`` (Spark ML), from a Spark type name."""
+    if dtype.startswith(_NUMERIC):
+        return "scalar"
+    if dtype == "vector":
+        return "vector"
+    if dtype.startswith("array<") and dtype.removeprefix("array<").startswith(_NUMERIC):
+        return "array"
+    return None
+
+
+def check_columns(df: DataFrame, features: list[str]) -> dict[str, str]:
+    """Refuse missing or non-numeric feature columns, naming them and their types; returns
+    each column's kind (`_kind`)."""
     types = dict(df.dtypes)
     missing = [f for f in features if f not in types]
     if missing:
         raise DataError(
             f"column(s) {', '.join(missing)} not in the DataFrame; it has {', '.join(types)}"
         )
-    wrong = [f"{f} ({types[f]})" for f in features if not types[f].startswith(_NUMERIC)]
+    kinds = {f: _kind(types[f]) for f in features}
+    wrong = [f"{f} ({types[f]})" for f, kind in kinds.items() if kind is None]
     if wrong:
-        raise DataError(f"column(s) {', '.join(wrong)} are not numeric")
+        raise DataError(
+            f"column(s) {', '.join(wrong)} are not numeric, nor arrays or vectors of numbers"
+        )
+    return {f: str(kind) for f, kind in kinds.items()}
+
+
+def _inputs(kinds: dict[str, str]) -> list[Column]:
+    """The feature columns as the model reads them: an ML vector becomes an array."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    return [
+        vector_to_array(F.col(f)).alias(f) if kind == "vector" else F.col(f)
+        for f, kind in kinds.items()
+    ]
+
+
+def _width(rows: Any, kinds: dict[str, str]) -> int:
+    """How many inputs the features give, from `_array_sizes` aggregates in `rows`;
+    refuses array columns whose rows differ in length."""
+    width = 0
+    for i, (f, kind) in enumerate(kinds.items()):
+        if kind == "scalar":
+            width += 1
+            continue
+        low, high = rows[f"min_size_{i}"], rows[f"max_size_{i}"]
+        if low is None or low != high:
+            raise DataError(
+                f"feature column {f} holds arrays of different lengths ({low} to {high}); "
+                "every row needs the same"
+            )
+        width += int(low)
+    return width
+
+
+def _array_sizes(kinds: dict[str, str]) -> list[Column]:
+    from pyspark.sql import functions as F
+
+    sizes = []
+    for i, (f, kind) in enumerate(kinds.items()):
+        if kind != "scalar":
+            sizes += [
+                F.min(F.size(f)).alias(f"min_size_{i}"),
+                F.max(F.size(f)).alias(f"max_size_{i}"),
+            ]
+    return sizes
 
 
 def training_input(
-    df: DataFrame, features: list[str] | None, label: str | None, workers: int
-) -> tuple[DataFrame, list[str]]:
-    """Check a Spark DataFrame to train on; returns it narrowed to its columns, and the
-    feature names (default: every column but the label).
+    df: DataFrame, features: str | list[str] | None, label: str | None, workers: int
+) -> tuple[DataFrame, list[str], int]:
+    """Check a Spark DataFrame to train on; returns it narrowed to its columns (ML vectors
+    as arrays), the feature names (default: every column but the label), and how many
+    inputs they give.
 
-    One Spark job counts the rows and the null labels; nothing is collected.
+    One Spark job counts the rows, the null labels and the null or NaN features, and
+    measures array columns; nothing is collected.
     """
     from pyspark.sql import functions as F
 
     if label is None:
         raise DataError("label= is required for a Spark DataFrame: name the column")
-    names = features or [c for c in df.columns if c != label]
-    check_columns(df, [*names, label])
-    counts = df.agg(
+    names = [features] if isinstance(features, str) else features
+    names = names or [c for c in df.columns if c != label]
+    kinds = check_columns(df, names)
+    if _kind(dict(df.dtypes).get(label, "")) != "scalar":
+        check_columns(df, [label])
+        raise DataError(f"label column {label} must hold one number per row")
+    narrowed = df.select(*_inputs(kinds), label)
+
+    def bad(c: str) -> Column:  # null, or NaN in a floating-point column
+        isnan = F.isnan(c) if dict(df.dtypes)[c] in ("float", "double") else F.lit(False)
+        return F.sum((F.col(c).isNull() | isnan).cast("int"))
+
+    counts = narrowed.agg(
         F.count(F.lit(1)).alias("rows"),
         F.sum(F.col(label).isNull().cast("int")).alias("nulls"),
+        *[bad(f).alias(f"bad_{i}") for i, f in enumerate(names) if kinds[f] == "scalar"],
+        *_array_sizes(kinds),
     ).first()
-    rows, nulls = (counts["rows"], counts["nulls"] or 0) if counts else (0, 0)
-    if rows == 0:
+    if counts is None or counts["rows"] == 0:
         raise DataError("the DataFrame has no rows")
+    rows, nulls = counts["rows"], counts["nulls"] or 0
     if nulls:
         raise DataError(f"label column {label} has {nulls} null value(s) in {rows} rows")
+    bad_features = {
+        f: counts[f"bad_{i}"]
+        for i, f in enumerate(names)
+        if kinds[f] == "scalar" and counts[f"bad_{i}"]
+    }
+    if bad_features:
+        listed = ", ".join(f"{f} ({n})" for f, n in bad_features.items())
+        raise DataError(f"feature column(s) with null or NaN values in {rows} rows: {listed}")
     if rows < workers:
         raise DataError(f"the DataFrame has {rows} rows, fewer than the {workers} workers")
-    return df.select(*names, label), names
+    return narrowed, names, _width(counts, kinds)
+
+
+def held_out(df: DataFrame, features: list[str], label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validation data in a Spark DataFrame, collected to the driver as ``(x, y)`` arrays
+    through Arrow (it is scored on the driver, so it is meant to be small)."""
+    kinds = check_columns(df, features)
+    check_columns(df, [label])
+    table = df.select(*_inputs(kinds), label).toArrow()
+    return feature_matrix(table, features), label_vector(table, label)
 
 
 def model_udf(
-    df: DataFrame, model: Any, features: list[str] | None = None, output: str = "prediction"
+    df: DataFrame,
+    model: Any,
+    features: str | list[str] | None = None,
+    output: str = "prediction",
 ) -> DataFrame:
-    """`df` with a column `output` of `model`'s predictions from the `features` columns."""
+    """`df` with a column `output` of `model`'s predictions from the `features` columns
+    (numbers, arrays of numbers or ML vectors)."""
     names = _features(model, features)
-    check_columns(df, names)
-    udf = predict_udf(df.sparkSession, model, len(names))
-    column: Column = udf(*names)
+    kinds = check_columns(df, names)
+    inputs, sizes = _inputs(kinds), _array_sizes(kinds)
+    width = _width(df.select(*inputs).agg(*sizes).first(), kinds) if sizes else len(names)
+    udf = predict_udf(df.sparkSession, model, width)
+    column: Column = udf(*inputs)
     return df.withColumn(output, column)
 
 
-def register(spark: SparkSession, name: str, model: Any, features: list[str] | None = None) -> None:
+def register(
+    spark: SparkSession, name: str, model: Any, features: str | list[str] | None = None
+) -> None:
     """Make ``name(f1, f2, …)`` a Spark SQL function returning `model`'s predictions.
+
+    Its arguments are numeric columns, or arrays of numbers (SQL cannot pass an ML
+    vector to a Python function: convert it with ``vector_to_array`` first).
 
     Example:
         >>> corral.spark.register(spark, "churn_score", result)
         >>> spark.sql("SELECT id, churn_score(f1, f2, f3) FROM customers")
     """
-    spark.udf.register(name, predict_udf(spark, model, len(_features(model, features))))
+    width = getattr(model, "width", None) or len(_features(model, features))
+    spark.udf.register(name, predict_udf(spark, model, width))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,23 @@ def test_run_starts_every_rank_as_a_barrier_task(spark):
     out = corral.run(sum_of_ranks, workers=2, engine="spark")  # the active session
     assert out["sum"] == 3.0
     assert "pyspark" in out["parent"]  # its parent is a Spark Python worker
+
+
+def where_am_i() -> dict:
+    print(f"hello from rank {os.environ['RANK']}")
+    return {"payload": sys.argv[-1], "host": os.environ["CORRAL_HOST"]}
+
+
+def test_tasks_get_the_payload_shipped_and_stream_their_output_to_the_driver(spark, capsys):
+    out = corral.run(where_am_i, workers=2, engine=SparkEngine(spark))
+    # the payload is a copy in the task's own folder, not a path only the driver has
+    assert "/corral-task-" in out["payload"]
+    assert out["host"] == "127.0.0.1"  # its executor's address (all on loopback here)
+    # printed by the driver itself (capsys sees only this process's sys.stderr, not the
+    # executors' output, which local mode also sends to this terminal)
+    err = capsys.readouterr().err
+    assert "[worker 0] hello from rank 0" in err
+    assert "[worker 1] hello from rank 1" in err
 
 
 def fail_on_rank_one() -> None:
@@ -125,6 +143,52 @@ def test_a_dataframe_trains_where_it_lies(spark, tmp_path, partitions):
     assert result.features == ["a", "b"]
 
 
+def test_a_vector_column_trains_and_scores(spark, tmp_path):
+    from pyspark.ml.linalg import Vectors
+
+    def frame(n: int, seed: int = 0):
+        x, y = blobs(n, seed=seed)
+        rows = [
+            (Vectors.dense(a.tolist()), [float(a[1])], int(c)) for a, c in zip(x, y, strict=True)
+        ]
+        return spark.createDataFrame(rows, ["vec", "extra", "y"])
+
+    trainer = corral.Trainer(
+        model=lambda: torch.nn.Sequential(
+            torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ),
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        workers=2,
+        epochs=3,
+        batch_size=16,
+        checkpoint_dir=tmp_path,
+        engine="spark",
+    )
+    # an ML vector column and an array column: 2 + 1 inputs
+    result = trainer.fit(
+        frame(400),
+        features=["vec", "extra"],
+        label="y",
+        validation=frame(200, seed=1),
+        on_report=None,
+    )
+    assert result.metrics["val_accuracy"] > 0.9
+    assert (result.features, result.width) == (["vec", "extra"], 3)
+    scored = result.model_udf(frame(200, seed=1)).toPandas()
+    assert (scored["prediction"] == scored["y"]).mean() > 0.9
+
+    only_vec = corral.Trainer(
+        model=lambda: torch.nn.Linear(2, 3),
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        workers=2,
+        checkpoint_dir=tmp_path,
+        engine="spark",
+    ).fit(frame(100), features="vec", label="y", on_report=None)
+    assert (only_vec.features, only_vec.width) == (["vec"], 2)
+
+
 def test_bad_dataframes_fail_before_any_task_starts(spark, tmp_path):
     def fit(df, engine="spark"):
         trainer = corral.Trainer(
@@ -141,6 +205,12 @@ def test_bad_dataframes_fail_before_any_task_starts(spark, tmp_path):
         fit(spark.createDataFrame([(1.0, "x", 0)], ["a", "b", "y"]))
     with pytest.raises(DataError, match="label column y has 1 null value"):
         fit(spark.createDataFrame([(1.0, 2.0, 0), (1.0, 2.0, None)], "a double, b double, y int"))
+    with pytest.raises(
+        DataError, match=r"feature column\(s\) with null or NaN values in 2 rows: b \(1\)"
+    ):
+        fit(spark.createDataFrame([(1.0, 2.0, 0), (1.0, float("nan"), 1)], ["a", "b", "y"]))
+    with pytest.raises(DataError, match="feature column v holds arrays of different lengths"):
+        fit(spark.createDataFrame([([1.0, 2.0], 0), ([1.0], 1)], ["v", "y"]))
     with pytest.raises(DataError, match="the DataFrame has no rows"):
         fit(spark.createDataFrame([], "a double, b double, y int"))
     with pytest.raises(SpecError, match="a Spark DataFrame trains on engine='spark'"):

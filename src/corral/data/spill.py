@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from corral.data.arrow import feature_matrix, label_vector
 from corral.data.base import Batch, Shard, Source
 from corral.data.sharding import epoch_permutation
 from corral.errors import DataError
@@ -104,12 +105,8 @@ class SpillSource(Source):
         """Block `b` as a float32 feature matrix and a label vector (the last one kept)."""
         if self._cached[0] != b:
             rows = self._table.slice(self._starts[b], self._starts[b + 1] - self._starts[b])
-            x = np.column_stack(
-                [rows.column(f).to_numpy(zero_copy_only=False) for f in self.features]
-            ).astype(np.float32)
-            y = rows.column(self.label).to_numpy(zero_copy_only=False)
-            y = y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float32)
-            self._cached = (b, x, y)
+            x = feature_matrix(rows, self.features)
+            self._cached = (b, x, label_vector(rows, self.label))
         return self._cached[1], self._cached[2]
 
     def _take(self, idx: np.ndarray) -> Batch:

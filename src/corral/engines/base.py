@@ -8,12 +8,22 @@ training layer decides what to run; the engine decides only where and how.
 
 from __future__ import annotations
 
+import os
 import signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 from corral.errors import LaunchError
+
+#: Environment variable naming the address a process serves on (a parameter server's
+#: shard, a gossip mailbox): the caller's for local processes, the executor's on Spark.
+HOST_ENV = "CORRAL_HOST"
+
+
+def serving_host() -> str:
+    """Inside a process of a plan: the address of this machine its peers reach it at."""
+    return os.environ.get(HOST_ENV) or os.environ["MASTER_ADDR"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +44,9 @@ class ProcessSpec:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    #: Files of the caller's machine the process reads, named in `argv` by these paths.
+    #: An engine that runs it on another machine ships them and rewrites those paths.
+    files: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -105,6 +118,12 @@ class WorkerGroup(ABC):
 
 class Engine(ABC):
     """Somewhere to run plans: local processes, a Spark barrier stage, …"""
+
+    @property
+    def host(self) -> str:
+        """The caller's address as this engine's processes reach it: where the launcher
+        serves the rendezvous store and the control channel."""
+        return "127.0.0.1"
 
     @abstractmethod
     def launch(self, plan: Plan) -> WorkerGroup:

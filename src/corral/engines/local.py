@@ -8,8 +8,9 @@ Guarantees, each checked by tests with real processes:
 * no orphans even if the caller is killed with SIGKILL: every child holds the read end of a
   pipe whose only write end lives in the caller; when the caller dies the pipe closes and
   the child's watchdog kills its own process group (see `corral.engines.watchdog`);
-* every line a process prints is forwarded to the caller's stderr prefixed with
-  ``[worker 3]`` and kept in memory for `WorkerGroup.logs`.
+* every line a process prints is forwarded to the caller's stderr (or another sink: a
+  Spark task sends them on to the driver) prefixed with ``[worker 3]``, and kept in
+  memory for `WorkerGroup.logs`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import IO
 
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
@@ -30,6 +32,19 @@ from corral.errors import LaunchError
 
 #: How many lines of each process's output are kept for `logs()` and error reports.
 LOG_LINES_KEPT = 2000
+
+#: Where forwarded output lines go: one prefixed line, without its newline, per call.
+LogSink = Callable[[str], None]
+
+
+def to_stderr(line: str) -> None:
+    """The default `LogSink`: the caller's stderr."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # caller's stderr closed: keep collecting
+        pass
+
 
 #: Environment variable naming the inherited file descriptor of the parent-death pipe.
 PARENT_FD_ENV = "CORRAL_PARENT_FD"
@@ -91,8 +106,8 @@ def _resource_env(resources: Resources, gpus: list[int]) -> dict[str, str]:
 class _LocalProcess:
     """One child process and the thread that forwards its output."""
 
-    def __init__(self, spec: ProcessSpec, popen: subprocess.Popen[bytes]) -> None:
-        self.spec = spec
+    def __init__(self, spec: ProcessSpec, popen: subprocess.Popen[bytes], sink: LogSink) -> None:
+        self.spec, self.sink = spec, sink
         self.popen = popen
         self.lines: deque[str] = deque(maxlen=LOG_LINES_KEPT)
         assert popen.stdout is not None
@@ -106,11 +121,7 @@ class _LocalProcess:
         for raw in iter(stream.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
             self.lines.append(line)
-            try:
-                sys.stderr.write(prefix + line + "\n")
-                sys.stderr.flush()
-            except (OSError, ValueError):  # caller's stderr closed: keep collecting
-                pass
+            self.sink(prefix + line)
         stream.close()
 
     def kill_group(self, sig: signal.Signals) -> None:
@@ -123,7 +134,8 @@ class LocalWorkerGroup(WorkerGroup):
 
     can_add = True
 
-    def __init__(self, parent_pipe: tuple[int, int]) -> None:
+    def __init__(self, parent_pipe: tuple[int, int], sink: LogSink = to_stderr) -> None:
+        self._sink = sink
         self._procs: list[_LocalProcess] = []
         self._gpus: list[list[int]] = []
         self._parent_pipe_r, self._parent_pipe_w = parent_pipe
@@ -144,7 +156,7 @@ class LocalWorkerGroup(WorkerGroup):
             )
         except OSError as exc:
             raise LaunchError(f"cannot start {spec.label}: {exc}") from exc
-        self._procs.append(_LocalProcess(spec, popen))
+        self._procs.append(_LocalProcess(spec, popen, self._sink))
         self._gpus.append(gpus)
 
     def add(self, spec: ProcessSpec) -> None:
@@ -204,13 +216,20 @@ class LocalWorkerGroup(WorkerGroup):
 
 
 class LocalEngine(Engine):
-    """Runs each process of a plan as a subprocess of the caller, in its own process group."""
+    """Runs each process of a plan as a subprocess of the caller, in its own process group.
+
+    Args:
+        sink: where the processes' prefixed output lines go; the caller's stderr by default.
+    """
+
+    def __init__(self, sink: LogSink = to_stderr) -> None:
+        self.sink = sink
 
     def launch(self, plan: Plan) -> LocalWorkerGroup:
         if plan.feed is not None:
             raise LaunchError("the local engine cannot read a Spark DataFrame: use engine='spark'")
         gpus = check_resources(plan.processes)
-        group = LocalWorkerGroup(os.pipe())
+        group = LocalWorkerGroup(os.pipe(), self.sink)
         try:
             for spec, devices in zip(plan.processes, gpus, strict=True):
                 group.start(spec, devices)

@@ -23,19 +23,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
-import shutil
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import ControlClient, ControlServer
 from corral.data.spill import ROWS_ENV, SPILL_ENV
-from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
-from corral.engines.local import LocalEngine
+from corral.engines.base import HOST_ENV, Engine, Exit, Plan, ProcessSpec, WorkerGroup
+from corral.engines.local import LocalEngine, to_stderr
 from corral.errors import LaunchError
 
 if TYPE_CHECKING:
@@ -48,33 +48,59 @@ _LOG_TAIL = 200
 _SLOTS_WAIT_S = 30.0
 
 
-def _run_process(spec: ProcessSpec, exits_at: tuple[str, int], exits_key: bytes) -> int:
-    """Inside a task: run `spec` with the local engine, report its exit to the driver."""
-    # the executor's interpreter: on a cluster, the driver's path may not exist there
-    spec = dataclasses.replace(spec, argv=[sys.executable, *spec.argv[1:]])
-    group = LocalEngine().launch(Plan(processes=[spec]))
-    try:
-        (end,) = group.wait()
-        tail = "\n".join(group.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
-    finally:
-        group.stop()
+def _run_process(
+    spec: ProcessSpec, folder: str, files: Any, exits_at: tuple[str, int], exits_key: bytes
+) -> int:
+    """Inside a task: run `spec` with the local engine on this executor, its output lines
+    streamed to the driver as they come, and report its exit there.
+
+    `files` (a broadcast of the driver's files the spec names) are written to `folder`,
+    and the process serves on this executor's own address, not the driver's.
+    """
+    from pyspark import BarrierTaskContext
+
+    ctx = BarrierTaskContext.get()
+    host = ctx.getTaskInfos()[ctx.partitionId()].address.rsplit(":", 1)[0]
+    argv = [sys.executable, *spec.argv[1:]]  # on a cluster, the driver's path may not exist
+    for i, original in enumerate(spec.files):
+        local = os.path.join(folder, f"file-{i}-{os.path.basename(original)}")
+        with open(local, "wb") as out:
+            out.write(files.value[original])
+        argv = [local if a == original else a for a in argv]
+    spec = dataclasses.replace(spec, argv=argv, env={**spec.env, HOST_ENV: host})
     client = ControlClient(exits_at, exits_key, spec.role, spec.rank)
-    client.send({"kind": "exit", "returncode": end.returncode, "logs": tail})
-    client.close()
+    try:
+        group = LocalEngine(sink=lambda line: client.send({"kind": "log", "line": line}))
+        running = group.launch(Plan(processes=[spec]))
+        try:
+            (end,) = running.wait()
+            tail = "\n".join(running.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
+        finally:
+            running.stop()
+        client.send({"kind": "exit", "returncode": end.returncode, "logs": tail})
+    finally:
+        client.close()
     return end.returncode
 
 
 def _task(
-    specs: list[ProcessSpec], exits_at: tuple[str, int], exits_key: bytes
+    specs: list[ProcessSpec], files: Any, exits_at: tuple[str, int], exits_key: bytes
 ) -> Callable[[Iterable[int]], Iterable[int]]:
     """What every task of a plain barrier stage runs: process number `partitionId`."""
 
     def run(_: Iterable[int]) -> Iterator[int]:
         from pyspark import BarrierTaskContext
 
-        yield _run_process(specs[BarrierTaskContext.get().partitionId()], exits_at, exits_key)
+        spec = specs[BarrierTaskContext.get().partitionId()]
+        with tempfile.TemporaryDirectory(prefix="corral-task-", dir=_scratch()) as folder:
+            yield _run_process(spec, folder, files, exits_at, exits_key)
 
     return run
+
+
+def _scratch() -> str | None:
+    """The executor's scratch space (spark.local.dir), where Spark spills its own data."""
+    return os.environ.get("SPARK_LOCAL_DIRS", "").split(",")[0] or None
 
 
 def _spill(batches: Iterable[Any], schema: Any, path: str) -> int:
@@ -90,7 +116,11 @@ def _spill(batches: Iterable[Any], schema: Any, path: str) -> int:
 
 
 def _fed_task(
-    specs: list[ProcessSpec], schema: Any, exits_at: tuple[str, int], exits_key: bytes
+    specs: list[ProcessSpec],
+    files: Any,
+    schema: Any,
+    exits_at: tuple[str, int],
+    exits_key: bytes,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """What a worker task fed by a DataFrame runs: spill its partition, learn every
     partition's size (``allGather``), then run worker number `partitionId` on the file."""
@@ -101,16 +131,12 @@ def _fed_task(
 
         ctx = BarrierTaskContext.get()
         spec = specs[ctx.partitionId()]
-        # the executor's scratch space (spark.local.dir), where Spark spills its own data
-        local = os.environ.get("SPARK_LOCAL_DIRS", "").split(",")[0] or None
-        folder = tempfile.mkdtemp(prefix="corral-spill-", dir=local)
-        try:
+        with tempfile.TemporaryDirectory(prefix="corral-task-", dir=_scratch()) as folder:
             path = os.path.join(folder, "partition.arrow")
             counts = ctx.allGather(str(_spill(batches, schema, path)))
             env = {**spec.env, SPILL_ENV: path, ROWS_ENV: ",".join(counts)}
-            code = _run_process(dataclasses.replace(spec, env=env), exits_at, exits_key)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            spec = dataclasses.replace(spec, env=env)
+            code = _run_process(spec, folder, files, exits_at, exits_key)
         yield pa.RecordBatch.from_pydict({"returncode": [code]})
 
     return run
@@ -128,23 +154,26 @@ class SparkWorkerGroup(WorkerGroup):
     for all of them, or, when the workers are fed a DataFrame, one for the workers (over
     its partitions) and one beside it for the other roles."""
 
-    def __init__(self, sc: SparkContext, plan: Plan) -> None:
+    def __init__(self, sc: SparkContext, plan: Plan, host: str) -> None:
         self._sc, self._plan = sc, plan
         self._job_group = f"corral-{uuid.uuid4().hex[:12]}"
-        self._channel = ControlServer(sc.getConf().get("spark.driver.host", "127.0.0.1"))
+        self._channel = ControlServer(host)
         self._exits: dict[tuple[str, int], Exit] = {}
         self._logs: dict[tuple[str, int], str] = {}
         self._failure: str | None = None
-        at, key = self._channel.address, self._channel.authkey
+        # the driver's files the processes read (the job's payload), shipped once to each
+        # executor rather than read from a path that exists only on the driver
+        shipped = {f: Path(f).read_bytes() for p in plan.processes for f in p.files}
+        self._files = sc.broadcast(shipped)
         stages: list[Callable[[], Any]] = []
         if plan.feed is None:
-            stages.append(self._plain(plan.processes, at, key))
+            stages.append(self._plain(plan.processes))
         else:
             workers = [p for p in plan.processes if p.role == "worker"]
             others = [p for p in plan.processes if p.role != "worker"]
-            stages.append(self._fed(plan.feed, workers, at, key))
+            stages.append(self._fed(plan.feed, workers))
             if others:
-                stages.append(self._plain(others, at, key))
+                stages.append(self._plain(others))
         self._threads = [
             threading.Thread(target=self._run, args=(stage,), name=self._job_group, daemon=True)
             for stage in stages
@@ -152,25 +181,16 @@ class SparkWorkerGroup(WorkerGroup):
         for thread in self._threads:
             thread.start()
 
-    def _plain(
-        self, specs: list[ProcessSpec], at: tuple[str, int], key: bytes
-    ) -> Callable[[], Any]:
-        n = len(specs)
-        return lambda: (
-            self._sc.parallelize(range(n), n)
-            .barrier()
-            .mapPartitions(_task(specs, at, key))
-            .collect()
-        )
+    def _plain(self, specs: list[ProcessSpec]) -> Callable[[], Any]:
+        n, at, key = len(specs), self._channel.address, self._channel.authkey
+        task = _task(specs, self._files, at, key)
+        return lambda: self._sc.parallelize(range(n), n).barrier().mapPartitions(task).collect()
 
-    @staticmethod
-    def _fed(
-        df: Any, specs: list[ProcessSpec], at: tuple[str, int], key: bytes
-    ) -> Callable[[], Any]:
+    def _fed(self, df: Any, specs: list[ProcessSpec]) -> Callable[[], Any]:
         from pyspark.sql.pandas.types import to_arrow_schema
 
         schema = to_arrow_schema(df.schema)
-        task = _fed_task(specs, schema, at, key)
+        task = _fed_task(specs, self._files, schema, self._channel.address, self._channel.authkey)
         # as it is when it already has one partition per worker: no shuffle (barrier mode
         # refuses a coalesced RDD, so any other count is repartitioned)
         n = df.rdd.getNumPartitions()
@@ -195,7 +215,9 @@ class SparkWorkerGroup(WorkerGroup):
                 msg = self._channel.messages.get_nowait()
             except queue.Empty:
                 break
-            if msg.body is not None and msg.body.get("kind") == "exit":
+            if msg.body is not None and msg.body.get("kind") == "log":
+                to_stderr(msg.body["line"])
+            elif msg.body is not None and msg.body.get("kind") == "exit":
                 key = (msg.role, msg.rank)
                 self._exits[key] = Exit(
                     role=msg.role, rank=msg.rank, returncode=msg.body["returncode"]
@@ -224,6 +246,7 @@ class SparkWorkerGroup(WorkerGroup):
             for thread in self._threads:
                 thread.join(grace + 30.0)
         self._channel.close()
+        self._files.unpersist(blocking=False)
 
     def logs(self, role: str, rank: int) -> str:
         self.poll()
@@ -268,6 +291,11 @@ class SparkEngine(Engine):
                 )
         self.spark = spark
 
+    @property
+    def host(self) -> str:
+        """The driver's address as the executors reach it (``spark.driver.host``)."""
+        return str(self.spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1"))
+
     def launch(self, plan: Plan) -> SparkWorkerGroup:
         sc = self.spark.sparkContext
         if sc.getConf().get("spark.dynamicAllocation.enabled", "false").lower() == "true":
@@ -290,4 +318,4 @@ class SparkEngine(Engine):
                 f"the job needs {wanted} task slots at once ({roles}) but the Spark cluster "
                 f"has {slots}; ask for fewer workers or give the cluster more executor cores"
             )
-        return SparkWorkerGroup(sc, plan)
+        return SparkWorkerGroup(sc, plan, self.host)

@@ -49,6 +49,7 @@ import zmq
 
 from corral.comm.curve import JobKeys, secure_server, start_authenticator
 from corral.comm.frames import pack, unpack
+from corral.engines.base import serving_host
 from corral.errors import CorralError
 from corral.ps.client import INCARNATION_KEY
 from corral.ps.consistency import Consistency, Mode, Update
@@ -397,13 +398,17 @@ def serve(config: ServerConfig, keys: JobKeys) -> None:
     tells waiting workers to send their requests again.
     """
     ctx = context()
-    host = os.environ["MASTER_ADDR"]
+    host = serving_host()
     zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     auth = start_authenticator(zctx, keys)
     sock = zctx.socket(zmq.ROUTER)
     secure_server(sock, keys)
     store = dist.TCPStore(
-        host, int(os.environ["MASTER_PORT"]), None, False, timeout=timedelta(minutes=5)
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        None,
+        False,
+        timeout=timedelta(minutes=5),
     )
     checkpoints = (
         ctx.checkpoint_dir / "servers" / f"shard-{ctx.rank}" if ctx.checkpoint_dir else None

@@ -31,7 +31,7 @@ from pydantic import Field, PrivateAttr
 
 from corral.comm.curve import JobKeys, secure_client, secure_server, start_authenticator
 from corral.comm.frames import pack, unpack
-from corral.engines.base import Resources
+from corral.engines.base import Resources, serving_host
 from corral.errors import CorralError, SpecError
 from corral.strategies.averaging import average_, broadcast_
 from corral.strategies.base import StepResult, Strategy
@@ -114,11 +114,15 @@ class Gossip(Strategy):
         if self._keys is None:
             raise SpecError("the gossip strategy must be launched by corral")
         broadcast_([p.data for p in model.parameters()])
-        host = os.environ["MASTER_ADDR"]
+        host = serving_host()
         values = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
         self._mailbox = _Mailbox(self._keys, host, values)
         store = dist.TCPStore(
-            host, int(os.environ["MASTER_PORT"]), None, False, timeout=timedelta(minutes=5)
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            None,
+            False,
+            timeout=timedelta(minutes=5),
         )
         store.set(_ADDRESS_KEY.format(ctx.rank), f"{host}:{self._mailbox.port}")
         self._zctx = zmq.Context()

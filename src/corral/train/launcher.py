@@ -46,7 +46,15 @@ import torch.distributed as dist
 
 from corral.comm.control import ControlServer, Message
 from corral.engines import resolve
-from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
+from corral.engines.base import (
+    HOST_ENV,
+    Engine,
+    Exit,
+    Plan,
+    ProcessSpec,
+    Resources,
+    WorkerGroup,
+)
 from corral.engines.local import LocalEngine
 from corral.errors import CorralError, LaunchError, SpecError, WorkerError
 from corral.train import restarts
@@ -73,7 +81,6 @@ class LaunchOptions:
     checkpoint_dir: Path | None = None
     keep_checkpoints: int = 3
     engine: Engine = field(default_factory=LocalEngine)
-    host: str = "127.0.0.1"
     on_report: Callable[[Message], None] | None = None
     extra_roles: list[Role] = field(default_factory=list)
     #: Whether the strategy trains on without a lost worker (see `decide_loss`).
@@ -162,7 +169,10 @@ class _Processes:
 
     def spec(self, role: str, rank: int, resources: Resources, **extra: str) -> ProcessSpec:
         env = {
-            "MASTER_ADDR": self.opts.host,
+            "MASTER_ADDR": self.opts.engine.host,
+            # the address this process serves on (PS shards, gossip mailboxes); an engine
+            # that runs it on another machine replaces it with that machine's
+            HOST_ENV: self.opts.engine.host,
             "MASTER_PORT": str(self.store_port),
             "WORLD_SIZE": str(self.opts.workers),
             "LOCAL_WORLD_SIZE": str(self.opts.workers),
@@ -183,7 +193,14 @@ class _Processes:
         if self.opts.tolerate_worker_loss:
             env["CORRAL_ELASTIC"] = "1"
         argv = [sys.executable, "-m", "corral.train.worker", str(self.payload)]
-        return ProcessSpec(role=role, rank=rank, argv=argv, env=env, resources=resources)
+        return ProcessSpec(
+            role=role,
+            rank=rank,
+            argv=argv,
+            env=env,
+            resources=resources,
+            files=(str(self.payload),),
+        )
 
     def plan(self) -> Plan:
         roles = [("worker", self.opts.workers, self.opts.resources)]
@@ -412,8 +429,8 @@ class _Watch:
 
 
 def _attempt(payload: Path, opts: LaunchOptions, attempt: int, restarts_done: int) -> _Outcome:
-    store = _host_store(opts.host, opts.master_port)
-    control = ControlServer(opts.host)
+    store = _host_store(opts.engine.host, opts.master_port)
+    control = ControlServer(opts.engine.host)
     group: WorkerGroup | None = None
     try:
         processes = _Processes(opts, payload, store.port, control, attempt)

@@ -50,6 +50,7 @@ class Result:
             ``steps_done``/``steps`` of its share of that epoch, ``samples_not_trained``
             and ``replaced_by``.
         features: The feature columns trained on (named-column data only).
+        width: The model's number of inputs, when the features were Spark columns.
     """
 
     model: torch.nn.Module
@@ -58,9 +59,11 @@ class Result:
     lost_workers: list[dict[str, Any]] = field(default_factory=list)
     #: The feature columns trained on, when the data had named columns.
     features: list[str] | None = None
+    #: How many inputs those columns gave (array and vector columns give several).
+    width: int | None = None
 
     def model_udf(
-        self, df: Any, features: list[str] | None = None, output: str = "prediction"
+        self, df: Any, features: str | list[str] | None = None, output: str = "prediction"
     ) -> Any:
         """A Spark DataFrame `df` with a column `output` of this model's predictions.
 
@@ -186,7 +189,7 @@ class Trainer:
         self,
         data: Any,
         *,
-        features: list[str] | None = None,
+        features: str | list[str] | None = None,
         label: str | None = None,
         validation: Any = None,
         on_report: Callable[[Message], None] | None = log_report,
@@ -204,17 +207,26 @@ class Trainer:
         """
         s = self.settings
         workers = s.roles.worker.count
-        feed = None
+        feed, width = None, None
         if _is_spark_dataframe(data):
-            train, feed, features = self._spark_input(data, features, label, workers)
+            train, feed, features, width = self._spark_input(data, features, label, workers)
         else:
+            if isinstance(features, str):
+                raise SpecError(
+                    "features: a single column name (an array or vector column) is for "
+                    "Spark DataFrames; here, pass a list of numeric columns"
+                )
             train = as_source(data, features=features, label=label)
             train.steps_per_epoch(workers, s.batch_size)  # fails now if it cannot be split
         valid: Source | None = None
         if validation is not None:
             if _is_spark_dataframe(validation):  # held-out data is small: score it here
-                validation = validation.toPandas()
-            valid = as_source(validation, features=features, label=label)
+                from corral.spark import held_out
+
+                assert features is not None and label is not None  # set by _spark_input
+                valid = as_source(held_out(validation, list(features), label))
+            else:
+                valid = as_source(validation, features=features, label=label)
             valid.steps_per_epoch(workers, s.batch_size)
         resume = ckpt.resolve(s.resume_from) if s.resume_from is not None else None
         if resume is not None:
@@ -265,11 +277,12 @@ class Trainer:
             checkpoint=checkpoint,
             lost_workers=losses.workers,
             features=list(features) if features else None,
+            width=width,
         )
 
     def _spark_input(
-        self, df: Any, features: list[str] | None, label: str | None, workers: int
-    ) -> tuple[Source, Any, list[str]]:
+        self, df: Any, features: str | list[str] | None, label: str | None, workers: int
+    ) -> tuple[Source, Any, list[str], int]:
         """A Spark DataFrame stays where it is: each worker's task reads one partition."""
         from corral.engines.spark import SparkEngine
         from corral.spark import training_input
@@ -279,9 +292,9 @@ class Trainer:
                 "a Spark DataFrame trains on engine='spark' (or corral.SparkEngine(spark)), "
                 "where each worker reads its own partition"
             )
-        feed, names = training_input(df, features, label, workers)
+        feed, names, width = training_input(df, features, label, workers)
         assert label is not None
-        return SpillSource(names, label), feed, names
+        return SpillSource(names, label), feed, names, width
 
     def _model_on_caller(self) -> torch.nn.Module:
         """Build the model here once: a broken factory fails now, with its own message."""
