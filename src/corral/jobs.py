@@ -38,6 +38,8 @@ def trainer_for(spec: JobSpec, *, base: Path) -> tuple[Trainer, Source, Source |
     if spec.engine == "spark":
         from corral.engines.spark import SparkEngine, session
 
-        trainer.engine = SparkEngine(session(spec.spark.master, spec.spark.conf))
+        trainer.engine = SparkEngine(
+            session(spec.spark.master, spec.spark.conf), buffer_mb=spec.spark.buffer_mb
+        )
     validation = _source(spec.validation, base) if spec.validation else None
     return trainer, _source(spec.data, base), validation

@@ -95,6 +95,9 @@ class SparkSpec(_Model):
 
     master: str = Field("local[*]", description="e.g. local[4], spark://host:7077, yarn")
     conf: dict[str, str] = Field(default_factory=dict, description="Spark configuration")
+    buffer_mb: float = Field(
+        64.0, gt=0, description="most MiB of its partition a worker holds in memory at once"
+    )
 
 
 class OptimizerSpec(_Model):

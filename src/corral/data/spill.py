@@ -2,15 +2,16 @@
 
 On the Spark engine, each worker's task receives its partition of the DataFrame as Arrow
 record batches (``mapInArrow``) and writes them, one batch at a time, to a file on the
-executor's local disk before starting the worker. So nothing is collected on the driver,
-no Parquet copy of the DataFrame is written, and memory holds one Arrow batch, not the
-partition. The tasks then exchange their row counts (``BarrierTaskContext.allGather``).
+executor's local disk before starting the worker, in blocks of at most the engine's
+``buffer_mb``. So nothing is collected on the driver, no Parquet copy of the DataFrame is
+written, and memory holds one Arrow batch, not the partition. The tasks then exchange
+their row counts (``BarrierTaskContext.allGather``).
 
-The worker reads the file memory-mapped and decodes one spilled batch (a block) at a
-time. Every epoch re-reads the same file in a fresh order: blocks shuffled, and rows
-within each block, as a shuffle buffer does. Every worker runs the same number of steps,
-set by the largest partition: a smaller partition makes smaller batches, never fewer
-of them.
+The worker reads and decodes one block at a time, so its memory, too, is bounded by the
+buffer, not by the partition's size. Every epoch re-reads the same file in a fresh
+order: blocks shuffled, and rows within each block, as a shuffle buffer does. Every
+worker runs the same number of steps, set by the largest partition: a smaller partition
+makes smaller batches, never fewer of them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from corral.errors import DataError
 #: Environment variables the Spark engine sets for a worker: its spill file, and the row
 #: counts of all workers' partitions, comma-separated, in rank order.
 SPILL_ENV, ROWS_ENV = "CORRAL_SPILL", "CORRAL_PARTITION_ROWS"
+#: Beside the spill file, in a file of this suffix: the row count of each of its blocks.
+BLOCKS_SUFFIX = ".blocks"
 
 
 class SpillSource(Source):
@@ -41,7 +44,7 @@ class SpillSource(Source):
 
     def __init__(self, features: Sequence[str], label: str) -> None:
         self.features, self.label = list(features), label
-        self._table: Any = None
+        self._reader: Any = None
         self._rows: list[int] = []
         self._starts = np.zeros(1, np.int64)
         self._cached: tuple[int, Any, Any] = (-1, None, None)
@@ -53,7 +56,10 @@ class SpillSource(Source):
         self.__init__(state["features"], state["label"])  # type: ignore[misc]
 
     def _open(self) -> None:
-        if self._table is not None:
+        """Open the file, reading only its footer: a block is read when a batch needs it,
+        into memory freed when the next block replaces it (not memory-mapped, whose
+        pages would stay resident, and count, until the kernel needs them back)."""
+        if self._reader is not None:
             return
         import pyarrow as pa
 
@@ -63,8 +69,11 @@ class SpillSource(Source):
             raise DataError(
                 "a Spark DataFrame is read inside Spark tasks only: train it with engine='spark'"
             ) from exc
-        self._table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        self._reader = pa.ipc.open_file(pa.OSFile(path, "rb"))
         self._rows = [int(n) for n in rows.split(",")]
+        with open(path + BLOCKS_SUFFIX) as blocks:
+            sizes = [int(n) for n in blocks.read().split(",") if n]
+        self._starts = np.cumsum([0, *sizes])
 
     @property
     def num_samples(self) -> int:
@@ -87,7 +96,7 @@ class SpillSource(Source):
         a batch then mostly falls in one block, decoded once, instead of gathering rows
         from all over the file (measured: the all-over gather took most of an epoch)."""
         self._open()
-        starts = np.cumsum([0, *(b.num_rows for b in self._table.to_batches())])
+        starts = self._starts
         rng_seed = seed + 7919 * rank
         blocks = epoch_permutation(len(starts) - 1, rng_seed, epoch, shuffle=shuffle)
         order = np.concatenate(
@@ -98,13 +107,13 @@ class SpillSource(Source):
             ]
             or [np.empty(0, np.int64)]
         )
-        self._starts = starts
         return Shard(order=order, take=self._take)
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Block `b` as a float32 feature matrix and a label vector (the last one kept)."""
         if self._cached[0] != b:
-            rows = self._table.slice(self._starts[b], self._starts[b + 1] - self._starts[b])
+            self._cached = (-1, None, None)  # let the old block go before reading the next
+            rows = self._reader.get_batch(b)
             x = feature_matrix(rows, self.features)
             self._cached = (b, x, label_vector(rows, self.label))
         return self._cached[1], self._cached[2]

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import ControlClient, ControlServer
-from corral.data.spill import ROWS_ENV, SPILL_ENV
+from corral.data.spill import BLOCKS_SUFFIX, ROWS_ENV, SPILL_ENV
 from corral.engines.base import HOST_ENV, Engine, Exit, Plan, ProcessSpec, WorkerGroup
 from corral.engines.local import LocalEngine, to_stderr
-from corral.errors import LaunchError
+from corral.errors import LaunchError, SpecError
 
 if TYPE_CHECKING:
     from pyspark import SparkContext
@@ -103,15 +103,27 @@ def _scratch() -> str | None:
     return os.environ.get("SPARK_LOCAL_DIRS", "").split(",")[0] or None
 
 
-def _spill(batches: Iterable[Any], schema: Any, path: str) -> int:
-    """Write record batches to an Arrow IPC file one at a time; returns the rows written."""
+def _spill(batches: Iterable[Any], schema: Any, path: str, buffer_bytes: int) -> int:
+    """Write record batches to an Arrow IPC file in blocks of at most `buffer_bytes`, and
+    the blocks' row counts beside it (`BLOCKS_SUFFIX`); returns the rows written.
+
+    Memory holds one incoming batch; a worker later decodes one block at a time.
+    """
     import pyarrow as pa
 
-    rows = 0
+    rows, blocks = 0, []
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for batch in batches:
-            writer.write_batch(batch)
+            if not batch.num_rows:
+                continue
+            per_block = max(1, int(buffer_bytes * batch.num_rows / max(1, batch.nbytes)))
+            for start in range(0, batch.num_rows, per_block):
+                block = batch.slice(start, per_block)
+                writer.write_batch(block)
+                blocks.append(block.num_rows)
             rows += batch.num_rows
+    with open(path + BLOCKS_SUFFIX, "w") as out:
+        out.write(",".join(map(str, blocks)))
     return rows
 
 
@@ -119,6 +131,7 @@ def _fed_task(
     specs: list[ProcessSpec],
     files: Any,
     schema: Any,
+    buffer_bytes: int,
     exits_at: tuple[str, int],
     exits_key: bytes,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
@@ -133,7 +146,7 @@ def _fed_task(
         spec = specs[ctx.partitionId()]
         with tempfile.TemporaryDirectory(prefix="corral-task-", dir=_scratch()) as folder:
             path = os.path.join(folder, "partition.arrow")
-            counts = ctx.allGather(str(_spill(batches, schema, path)))
+            counts = ctx.allGather(str(_spill(batches, schema, path, buffer_bytes)))
             env = {**spec.env, SPILL_ENV: path, ROWS_ENV: ",".join(counts)}
             spec = dataclasses.replace(spec, env=env)
             code = _run_process(spec, folder, files, exits_at, exits_key)
@@ -154,8 +167,8 @@ class SparkWorkerGroup(WorkerGroup):
     for all of them, or, when the workers are fed a DataFrame, one for the workers (over
     its partitions) and one beside it for the other roles."""
 
-    def __init__(self, sc: SparkContext, plan: Plan, host: str) -> None:
-        self._sc, self._plan = sc, plan
+    def __init__(self, sc: SparkContext, plan: Plan, host: str, buffer_bytes: int) -> None:
+        self._sc, self._plan, self._buffer_bytes = sc, plan, buffer_bytes
         self._job_group = f"corral-{uuid.uuid4().hex[:12]}"
         self._channel = ControlServer(host)
         self._exits: dict[tuple[str, int], Exit] = {}
@@ -190,7 +203,8 @@ class SparkWorkerGroup(WorkerGroup):
         from pyspark.sql.pandas.types import to_arrow_schema
 
         schema = to_arrow_schema(df.schema)
-        task = _fed_task(specs, self._files, schema, self._channel.address, self._channel.authkey)
+        at, key = self._channel.address, self._channel.authkey
+        task = _fed_task(specs, self._files, schema, self._buffer_bytes, at, key)
         # as it is when it already has one partition per worker: no shuffle (barrier mode
         # refuses a coalesced RDD, so any other count is repartitioned)
         n = df.rdd.getNumPartitions()
@@ -271,12 +285,21 @@ def session(master: str, conf: dict[str, str]) -> SparkSession:
 class SparkEngine(Engine):
     """Runs plans as Spark barrier stages on the given (or the active) SparkSession.
 
+    Args:
+        spark: the session; by default the active one.
+        buffer_mb: the most memory a worker fed a DataFrame holds of its partition at
+            once: the partition is spilled to the executor's disk in blocks this large,
+            and read back one block at a time, however large the partition.
+
     Example:
         >>> spark = SparkSession.builder.master("local[2]").getOrCreate()
         >>> corral.run(train, workers=2, engine=corral.SparkEngine(spark))
     """
 
-    def __init__(self, spark: SparkSession | None = None) -> None:
+    def __init__(self, spark: SparkSession | None = None, *, buffer_mb: float = 64.0) -> None:
+        if buffer_mb <= 0:
+            raise SpecError(f"buffer_mb: must be more than 0, got {buffer_mb}")
+        self.buffer_bytes = int(buffer_mb * 2**20)
         if spark is None:
             try:
                 from pyspark.sql import SparkSession
@@ -318,4 +341,4 @@ class SparkEngine(Engine):
                 f"the job needs {wanted} task slots at once ({roles}) but the Spark cluster "
                 f"has {slots}; ask for fewer workers or give the cluster more executor cores"
             )
-        return SparkWorkerGroup(sc, plan, self.host)
+        return SparkWorkerGroup(sc, plan, self.host, self.buffer_bytes)
