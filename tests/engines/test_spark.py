@@ -69,6 +69,11 @@ def test_more_processes_than_task_slots_fail_at_once(spark):
         corral.run(sum_of_ranks, workers=3, engine=SparkEngine(spark))
 
 
+def test_gpus_in_local_mode_are_refused_with_the_fix(spark):
+    with pytest.raises(LaunchError, match="Spark's local mode cannot hand GPUs to tasks"):
+        corral.run(sum_of_ranks, workers=1, gpus_per_worker=1, engine=SparkEngine(spark))
+
+
 def test_parameter_servers_run_as_tasks_of_the_same_stage(spark, tmp_path):
     trainer = corral.Trainer(
         model=lambda: torch.nn.Sequential(

@@ -123,6 +123,9 @@ DRIVER = textwrap.dedent("""
         dist.destroy_process_group()
         return {"sum": t.item(), "parent": parent.decode()}
 
+    def threads():
+        return torch.get_num_threads()
+
     spark = (SparkSession.builder.master(sys.argv[1]).appName("corral-standalone")
              .config("spark.driver.host", "127.0.0.1")
              .config("spark.driver.bindAddress", "127.0.0.1")
@@ -130,6 +133,12 @@ DRIVER = textwrap.dedent("""
              .config("spark.executor.memory", "1g").getOrCreate())
     try:
         out = corral.run(ranks, workers=2, engine="spark")
+        # a stage-level task profile of 2 CPUs: one such task fits the 2-core worker
+        out["threads"] = corral.run(threads, workers=1, cpus_per_worker=2, engine="spark")
+        try:
+            corral.run(threads, workers=2, cpus_per_worker=2, engine="spark")
+        except corral.errors.LaunchError as exc:
+            out["too_big"] = str(exc)
         model = torch.nn.Linear(2, 3)
         df = spark.createDataFrame([(1.0, 2.0), (-1.0, 0.5)], ["a", "b"])
         got = [r.prediction for r in corral.spark.model_udf(df, model, ["a", "b"]).collect()]
@@ -155,4 +164,8 @@ def test_run_and_model_udf_on_a_standalone_cluster(cluster, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["sum"] == 3.0 and out["udf_ok"]
+    assert out["threads"] == 2
+    assert "2 worker tasks each need 2 CPU(s) and 0 GPU(s), but the Spark cluster can run 1" in (
+        out.get("too_big", "")
+    )
     assert "pyspark" in out["parent"]  # each rank ran under an executor's Python worker

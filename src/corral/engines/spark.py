@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import ControlClient, ControlServer
 from corral.data.spill import BLOCKS_SUFFIX, ROWS_ENV, SPILL_ENV
-from corral.engines.base import HOST_ENV, Engine, Exit, Plan, ProcessSpec, WorkerGroup
+from corral.engines.base import HOST_ENV, Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
 from corral.engines.local import LocalEngine, to_stderr
 from corral.errors import LaunchError, SpecError
 
@@ -67,7 +67,11 @@ def _run_process(
         with open(local, "wb") as out:
             out.write(files.value[original])
         argv = [local if a == original else a for a in argv]
-    spec = dataclasses.replace(spec, argv=argv, env={**spec.env, HOST_ENV: host})
+    env = {**spec.env, HOST_ENV: host}
+    gpus = ctx.resources().get("gpu")
+    if spec.resources.gpus and gpus is not None:  # the executor's GPUs Spark gave this task
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
+    spec = dataclasses.replace(spec, argv=argv, env=env)
     client = ControlClient(exits_at, exits_key, spec.role, spec.rank)
     try:
         group = LocalEngine(sink=lambda line: client.send({"kind": "log", "line": line}))
@@ -155,11 +159,110 @@ def _fed_task(
     return run
 
 
-def _task_slots(sc: SparkContext) -> int:
-    """Tasks the cluster can run at once with the default resource profile."""
+def _task_slots(sc: SparkContext, profile: Any = None) -> int:
+    """Tasks the cluster can run at once with `profile` (default: the application's)."""
     jsc = sc._jsc.sc()  # type: ignore[union-attr]
-    profile = jsc.resourceProfileManager().defaultResourceProfile()
-    return int(jsc.maxNumConcurrentTasks(profile))
+    if profile is None:
+        return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
+    return int(jsc.maxNumConcurrentTasks(profile._java_resource_profile))
+
+
+def _default_task(sc: SparkContext) -> Resources:
+    """What every task gets unless a stage asks otherwise (``spark.task.*``)."""
+    conf = sc.getConf()
+    gpus = float(conf.get("spark.task.resource.gpu.amount", "0") or 0)
+    return Resources(cpus=int(conf.get("spark.task.cpus", "1") or 1), gpus=int(gpus))
+
+
+def _profile(sc: SparkContext, resources: Resources) -> Any:
+    """A stage-level task profile asking `resources`' CPUs and GPUs of each task, or
+    ``None`` where the application's defaults already give them.
+
+    Local mode schedules no task resources: there a process's CPUs are only pinned by the
+    process itself (as on the local engine), and GPUs cannot be handed out at all.
+    """
+    default = _default_task(sc)
+    if (resources.cpus, resources.gpus) == (default.cpus, default.gpus):
+        return None
+    if (sc.master or "").startswith("local"):
+        if resources.gpus:
+            raise LaunchError(
+                "Spark's local mode cannot hand GPUs to tasks: run on a cluster whose "
+                "executors have them (spark.executor.resource.gpu.amount), or use "
+                "engine='local'"
+            )
+        return None
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    requests = TaskResourceRequests().cpus(resources.cpus)
+    if resources.gpus:
+        requests = requests.resource("gpu", resources.gpus)
+    profile = ResourceProfileBuilder().require(requests).build
+    sc._jsc.sc().resourceProfileManager().addResourceProfile(  # type: ignore[union-attr]
+        profile._java_resource_profile
+    )
+    return profile
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    """Processes that run as one barrier stage: same resources, so one task profile."""
+
+    specs: list[ProcessSpec]
+    resources: Resources
+    #: Whether these are the workers, fed the plan's DataFrame partitions.
+    fed: bool
+    #: The stage-level task profile (`_profile`); ``None`` for the defaults.
+    profile: Any
+
+    def describe(self) -> str:
+        roles = dict.fromkeys(p.role for p in self.specs)
+        return ", ".join(f"{sum(p.role == r for p in self.specs)} {r}" for r in roles)
+
+
+def _stages(sc: SparkContext, plan: Plan) -> list[_Stage]:
+    """The plan's processes grouped into barrier stages: the fed workers by themselves,
+    and the rest by the resources each asks."""
+    groups: dict[tuple[bool, Resources], list[ProcessSpec]] = {}
+    for p in plan.processes:
+        fed = plan.feed is not None and p.role == "worker"
+        groups.setdefault((fed, p.resources), []).append(p)
+    return [
+        _Stage(specs=specs, resources=res, fed=fed, profile=_profile(sc, res))
+        for (fed, res), specs in groups.items()
+    ]
+
+
+def _check_slots(sc: SparkContext, stages: list[_Stage]) -> None:
+    """Refuse a plan the cluster cannot run all at once, which a barrier stage would
+    otherwise wait on for minutes before failing."""
+    deadline = time.monotonic() + _SLOTS_WAIT_S
+    slots = _task_slots(sc)
+    while slots == 0 and time.monotonic() < deadline:  # no executor has registered yet
+        time.sleep(0.5)
+        slots = _task_slots(sc)
+    default = _default_task(sc)
+    for stage in stages:
+        if stage.profile is None:
+            continue
+        fit = _task_slots(sc, stage.profile)
+        if fit < len(stage.specs):
+            raise LaunchError(
+                f"the job's {stage.describe()} tasks each need {stage.resources.cpus} CPU(s) "
+                f"and {stage.resources.gpus} GPU(s), but the Spark cluster can run {fit} such "
+                "task(s) at once; ask for fewer processes or resources, or give it more"
+            )
+    everything = _Stage(
+        specs=[p for s in stages for p in s.specs], resources=default, fed=False, profile=None
+    )
+    cpus = sum(len(s.specs) * (s.resources.cpus if s.profile else default.cpus) for s in stages)
+    if cpus > slots * default.cpus:
+        wanted = cpus // default.cpus
+        raise LaunchError(
+            f"the job needs {wanted} task slots at once ({everything.describe()}) but the "
+            f"Spark cluster has {slots}; ask for fewer workers or give the cluster more "
+            "executor cores"
+        )
 
 
 class SparkWorkerGroup(WorkerGroup):
@@ -167,7 +270,9 @@ class SparkWorkerGroup(WorkerGroup):
     for all of them, or, when the workers are fed a DataFrame, one for the workers (over
     its partitions) and one beside it for the other roles."""
 
-    def __init__(self, sc: SparkContext, plan: Plan, host: str, buffer_bytes: int) -> None:
+    def __init__(
+        self, sc: SparkContext, plan: Plan, stages: list[_Stage], host: str, buffer_bytes: int
+    ) -> None:
         self._sc, self._plan, self._buffer_bytes = sc, plan, buffer_bytes
         self._job_group = f"corral-{uuid.uuid4().hex[:12]}"
         self._channel = ControlServer(host)
@@ -178,38 +283,37 @@ class SparkWorkerGroup(WorkerGroup):
         # executor rather than read from a path that exists only on the driver
         shipped = {f: Path(f).read_bytes() for p in plan.processes for f in p.files}
         self._files = sc.broadcast(shipped)
-        stages: list[Callable[[], Any]] = []
-        if plan.feed is None:
-            stages.append(self._plain(plan.processes))
-        else:
-            workers = [p for p in plan.processes if p.role == "worker"]
-            others = [p for p in plan.processes if p.role != "worker"]
-            stages.append(self._fed(plan.feed, workers))
-            if others:
-                stages.append(self._plain(others))
         self._threads = [
-            threading.Thread(target=self._run, args=(stage,), name=self._job_group, daemon=True)
+            threading.Thread(
+                target=self._run,
+                args=(self._fed(plan.feed, stage) if stage.fed else self._plain(stage),),
+                name=self._job_group,
+                daemon=True,
+            )
             for stage in stages
         ]
         for thread in self._threads:
             thread.start()
 
-    def _plain(self, specs: list[ProcessSpec]) -> Callable[[], Any]:
-        n, at, key = len(specs), self._channel.address, self._channel.authkey
-        task = _task(specs, self._files, at, key)
-        return lambda: self._sc.parallelize(range(n), n).barrier().mapPartitions(task).collect()
+    def _plain(self, stage: _Stage) -> Callable[[], Any]:
+        n, at, key = len(stage.specs), self._channel.address, self._channel.authkey
+        task = _task(stage.specs, self._files, at, key)
+        rdd = self._sc.parallelize(range(n), n).barrier().mapPartitions(task)
+        if stage.profile is not None:
+            rdd = rdd.withResources(stage.profile)
+        return rdd.collect
 
-    def _fed(self, df: Any, specs: list[ProcessSpec]) -> Callable[[], Any]:
+    def _fed(self, df: Any, stage: _Stage) -> Callable[[], Any]:
         from pyspark.sql.pandas.types import to_arrow_schema
 
         schema = to_arrow_schema(df.schema)
         at, key = self._channel.address, self._channel.authkey
-        task = _fed_task(specs, self._files, schema, self._buffer_bytes, at, key)
+        task = _fed_task(stage.specs, self._files, schema, self._buffer_bytes, at, key)
         # as it is when it already has one partition per worker: no shuffle (barrier mode
         # refuses a coalesced RDD, so any other count is repartitioned)
-        n = df.rdd.getNumPartitions()
-        parts = df if n == len(specs) else df.repartition(len(specs))
-        return lambda: parts.mapInArrow(task, "returncode int", barrier=True).collect()
+        n, wanted = df.rdd.getNumPartitions(), len(stage.specs)
+        parts = df if n == wanted else df.repartition(wanted)
+        return parts.mapInArrow(task, "returncode int", barrier=True, profile=stage.profile).collect
 
     def _run(self, stage: Callable[[], Any]) -> None:
         self._sc.setJobGroup(self._job_group, "corral training job", interruptOnCancel=True)
@@ -326,19 +430,6 @@ class SparkEngine(Engine):
                 "Spark's barrier mode, which corral's training stage needs, refuses dynamic "
                 "allocation: set spark.dynamicAllocation.enabled=false for this application"
             )
-        wanted = len(plan.processes)
-        deadline = time.monotonic() + _SLOTS_WAIT_S
-        slots = _task_slots(sc)
-        while slots == 0 and time.monotonic() < deadline:  # no executor has registered yet
-            time.sleep(0.5)
-            slots = _task_slots(sc)
-        if slots < wanted:
-            roles = ", ".join(
-                f"{sum(p.role == r for p in plan.processes)} {r}"
-                for r in dict.fromkeys(p.role for p in plan.processes)
-            )
-            raise LaunchError(
-                f"the job needs {wanted} task slots at once ({roles}) but the Spark cluster "
-                f"has {slots}; ask for fewer workers or give the cluster more executor cores"
-            )
-        return SparkWorkerGroup(sc, plan, self.host, self.buffer_bytes)
+        stages = _stages(sc, plan)
+        _check_slots(sc, stages)
+        return SparkWorkerGroup(sc, plan, stages, self.host, self.buffer_bytes)
