@@ -64,7 +64,16 @@ def test_threads_are_pinned_to_the_cpus_asked_for():
     assert group.logs("worker", 0) == "3"
 
 
-@pytest.mark.skipif(_available_gpus() > 0, reason="this machine has GPUs")
+def test_gpus_are_handed_out_from_the_callers_own_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,GPU-5f1c")
+    show = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+    group = LocalEngine().launch(Plan(processes=[proc(0, show, gpus=1), proc(1, show, gpus=1)]))
+    group.wait(timeout=60)
+    group.stop()
+    assert (group.logs("worker", 0), group.logs("worker", 1)) == ("2", "GPU-5f1c")
+
+
+@pytest.mark.skipif(bool(_available_gpus()), reason="this machine has GPUs")
 def test_gpus_the_machine_lacks_are_refused():
     with pytest.raises(LaunchError, match="asks for 2 GPU"):
         LocalEngine().launch(Plan(processes=[proc(0, "pass", gpus=1), proc(1, "pass", gpus=1)]))

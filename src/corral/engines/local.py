@@ -50,37 +50,40 @@ def to_stderr(line: str) -> None:
 PARENT_FD_ENV = "CORRAL_PARENT_FD"
 
 
-def _available_gpus() -> int:
-    """GPUs the caller may hand out, without initialising CUDA in the caller."""
+def _available_gpus() -> list[str]:
+    """The GPUs the caller may hand out, as a child's ``CUDA_VISIBLE_DEVICES`` names them,
+    found without initialising CUDA in the caller: the caller's own visible devices
+    (indices or UUIDs) when it has some, else every GPU ``nvidia-smi`` lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
+        return [d.strip() for d in visible.split(",") if d.strip()]
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return []
     try:
         out = subprocess.run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return len([line for line in out.stdout.splitlines() if line.startswith("GPU ")])
+        return []
+    gpus = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
+    return [str(i) for i in range(len(gpus))]
 
 
 def _total_memory_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
 
 
-def check_resources(processes: list[ProcessSpec]) -> list[list[int]]:
-    """Refuse a plan this machine cannot hold; returns the GPU indices for each process.
+def check_resources(processes: list[ProcessSpec]) -> list[list[str]]:
+    """Refuse a plan this machine cannot hold; returns the GPUs for each process.
 
     CPUs may be oversubscribed (the OS time-shares them and tests rely on it), but GPUs
     are handed out exclusively and memory asked for must exist.
     """
     wanted_gpus = sum(p.resources.gpus for p in processes)
-    have_gpus = _available_gpus() if wanted_gpus else 0
-    if wanted_gpus > have_gpus:
+    have = _available_gpus() if wanted_gpus else []
+    if wanted_gpus > len(have):
         raise LaunchError(
-            f"the job asks for {wanted_gpus} GPU(s) in all but this machine has {have_gpus}"
+            f"the job asks for {wanted_gpus} GPU(s) in all but this machine has {len(have)}"
         )
     wanted_mb = sum(p.resources.memory_mb or 0 for p in processes)
     if wanted_mb > _total_memory_mb():
@@ -90,16 +93,16 @@ def check_resources(processes: list[ProcessSpec]) -> list[list[int]]:
         )
     assignment, next_gpu = [], 0
     for p in processes:
-        assignment.append(list(range(next_gpu, next_gpu + p.resources.gpus)))
+        assignment.append(have[next_gpu : next_gpu + p.resources.gpus])
         next_gpu += p.resources.gpus
     return assignment
 
 
-def _resource_env(resources: Resources, gpus: list[int]) -> dict[str, str]:
+def _resource_env(resources: Resources, gpus: list[str]) -> dict[str, str]:
     """Pin thread pools to the CPUs asked for, and show each process only its GPUs."""
     threads = str(resources.cpus)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CORRAL_CPUS": threads}
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     return env
 
 
@@ -137,10 +140,10 @@ class LocalWorkerGroup(WorkerGroup):
     def __init__(self, parent_pipe: tuple[int, int], sink: LogSink = to_stderr) -> None:
         self._sink = sink
         self._procs: list[_LocalProcess] = []
-        self._gpus: list[list[int]] = []
+        self._gpus: list[list[str]] = []
         self._parent_pipe_r, self._parent_pipe_w = parent_pipe
 
-    def start(self, spec: ProcessSpec, gpus: list[int]) -> None:
+    def start(self, spec: ProcessSpec, gpus: list[str]) -> None:
         """Start `spec` on the given GPUs; it inherits the read end of the parent-death pipe."""
         env = {**os.environ, **_resource_env(spec.resources, gpus), **spec.env}
         env[PARENT_FD_ENV] = str(self._parent_pipe_r)
@@ -168,7 +171,7 @@ class LocalWorkerGroup(WorkerGroup):
             if p.popen.poll() is None
             for g in gs
         }
-        free = [g for g in range(_available_gpus() if spec.resources.gpus else 0) if g not in busy]
+        free = [g for g in (_available_gpus() if spec.resources.gpus else []) if g not in busy]
         self.start(spec, free[: spec.resources.gpus])
 
     def poll(self) -> list[Exit]:

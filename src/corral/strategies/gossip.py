@@ -115,7 +115,7 @@ class Gossip(Strategy):
             raise SpecError("the gossip strategy must be launched by corral")
         broadcast_([p.data for p in model.parameters()])
         host = serving_host()
-        values = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+        values = torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy()
         self._mailbox = _Mailbox(self._keys, host, values)
         store = dist.TCPStore(
             os.environ["MASTER_ADDR"],
@@ -144,13 +144,16 @@ class Gossip(Strategy):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy().copy()
+        flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().copy()
         while mailbox.received:  # peers that averaged with us since our last step
             flat = (flat + mailbox.received.popleft()) / 2
         for peer in self._rng.sample(sorted(self._peers), min(self.peers, len(self._peers))):
             flat = (flat + self._exchange(peer, flat)) / 2
+        device = next(model.parameters()).device
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(torch.from_numpy(flat), model.parameters())
+            torch.nn.utils.vector_to_parameters(
+                torch.from_numpy(flat).to(device), model.parameters()
+            )
         mailbox.publish(flat)
         return StepResult(synced=bool(self._peers))
 
@@ -167,7 +170,7 @@ class Gossip(Strategy):
         self._mailbox.received.clear()  # the exact average below supersedes pending ones
         with torch.no_grad():
             average_([p.data for p in self._model.parameters()])
-        flat = torch.nn.utils.parameters_to_vector(self._model.parameters()).detach().numpy()
+        flat = torch.nn.utils.parameters_to_vector(self._model.parameters()).detach().cpu().numpy()
         self._mailbox.publish(flat)
 
     def finish(self) -> None:

@@ -55,6 +55,11 @@ class _Parameters:
         self.sparse: list[torch.nn.Embedding | torch.nn.EmbeddingBag] = [
             m for m in model.modules() if isinstance(m, _SPARSE) and m.sparse
         ]
+        if any(m.weight.device.type != "cpu" for m in self.sparse):
+            raise SpecError(
+                "ParameterServer: sparse embedding tables (sparse=True) train on the CPU "
+                "only; run this job without GPUs, or make the embedding dense"
+            )
         tables = {id(m.weight) for m in self.sparse}
         self.dense = [p for p in model.parameters() if id(p) not in tables]
 
@@ -63,18 +68,20 @@ class _Parameters:
         return [m.weight.detach().numpy() for m in self.sparse]
 
     def values(self) -> np.ndarray:
-        return torch.nn.utils.parameters_to_vector(self.dense).detach().numpy().copy()
+        return torch.nn.utils.parameters_to_vector(self.dense).detach().cpu().numpy().copy()
 
     def load(self, values: np.ndarray) -> None:
+        """Set the dense parameters, on whatever device they live (a GPU's too)."""
+        device = self.dense[0].device if self.dense else torch.device("cpu")
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(torch.from_numpy(values), self.dense)
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(values).to(device), self.dense)
 
     def grads(self) -> np.ndarray:
         grads = [
             torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
             for p in self.dense
         ]
-        return torch.cat(grads).numpy()
+        return torch.cat(grads).cpu().numpy()
 
     def row_grads(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per table, the rows this step touched and their gradient rows."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from corral.comm.control import ControlClient
-from corral.errors import CorralError
+from corral.errors import CorralError, LaunchError
 from corral.train import checkpoint as ckpt
 
 
@@ -44,10 +44,17 @@ class Context:
 
     @property
     def device(self) -> torch.device:
-        """The GPU this worker was given, or the CPU."""
-        if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES"):
-            return torch.device("cuda", 0)
-        return torch.device("cpu")
+        """The GPU this worker was given, or the CPU; a GPU given but unusable is an error
+        rather than a silent fall back to the CPU."""
+        if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise LaunchError(
+                f"{self.role} {self.rank} was given GPU(s) "
+                f"{os.environ['CUDA_VISIBLE_DEVICES']} but CUDA cannot use them here: "
+                "check the driver and that the device exists"
+            )
+        return torch.device("cuda", 0)
 
     def report(self, **metrics: Any) -> None:
         """Send metrics to the driver, which logs them and shows them in the CLI."""
