@@ -1,0 +1,1 @@
+"""The multi-user job service: store, scheduler, runner, API and UI."""
