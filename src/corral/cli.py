@@ -100,6 +100,53 @@ def train(
     _guarded(action)
 
 
+@app.command()
+def server(
+    db: Annotated[
+        str, typer.Option(help="database URL: sqlite:///file.db, or postgresql://…")
+    ] = "sqlite:///corral-service.db",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port; 0 picks a free one")] = 8642,
+    state_dir: Annotated[Path, typer.Option(help="job folders: logs, checkpoints")] = Path(
+        "corral-service"
+    ),
+    cpus: Annotated[float | None, typer.Option(help="CPUs to schedule (default: all)")] = None,
+    memory: Annotated[
+        str | None, typer.Option(help="memory to schedule, e.g. 16g (default: all)")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs to schedule (default: all)")] = None,
+    preemption: Annotated[
+        bool, typer.Option(help="let high-priority jobs stop preemptible ones of their team")
+    ] = False,
+) -> None:
+    """Start the job service: REST API and web UI on one port, jobs on this machine."""
+    from corral.service.cluster import machine_pool
+    from corral.service.resources import Resources
+    from corral.service.scheduler import Policy
+    from corral.service.server import ServerOptions, serve
+    from corral.spec import RoleSpec, parse
+
+    def action() -> None:
+        here = machine_pool()
+        mib = parse(RoleSpec, {"memory": memory}, source="--memory").memory if memory else None
+        pool = Resources(
+            cpus=here.cpus if cpus is None else cpus,
+            memory_mib=here.memory_mib if mib is None else mib,
+            gpus=here.gpus if gpus is None else gpus,
+        )
+        opts = ServerOptions(
+            db=db,
+            host=host,
+            port=port,
+            state_dir=state_dir.resolve(),
+            pool=pool,
+            policy=Policy(preemption=preemption),
+        )
+        serve(opts)
+
+    _guarded(action)
+
+
 def main() -> None:
     """Console entry point (also ``python -m corral``)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

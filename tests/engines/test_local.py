@@ -9,7 +9,7 @@ import pytest
 from conftest import alive, wait_until
 
 from corral.engines import Exit, LocalEngine, Plan, ProcessSpec, Resources
-from corral.engines.local import _available_gpus
+from corral.engines.local import available_gpus
 from corral.errors import LaunchError
 
 
@@ -73,7 +73,7 @@ def test_gpus_are_handed_out_from_the_callers_own_visible_devices(monkeypatch):
     assert (group.logs("worker", 0), group.logs("worker", 1)) == ("2", "GPU-5f1c")
 
 
-@pytest.mark.skipif(bool(_available_gpus()), reason="this machine has GPUs")
+@pytest.mark.skipif(bool(available_gpus()), reason="this machine has GPUs")
 def test_gpus_the_machine_lacks_are_refused():
     with pytest.raises(LaunchError, match="asks for 2 GPU"):
         LocalEngine().launch(Plan(processes=[proc(0, "pass", gpus=1), proc(1, "pass", gpus=1)]))

@@ -50,7 +50,7 @@ def to_stderr(line: str) -> None:
 PARENT_FD_ENV = "CORRAL_PARENT_FD"
 
 
-def _available_gpus() -> list[str]:
+def available_gpus() -> list[str]:
     """The GPUs the caller may hand out, as a child's ``CUDA_VISIBLE_DEVICES`` names them,
     found without initialising CUDA in the caller: the caller's own visible devices
     (indices or UUIDs) when it has some, else every GPU ``nvidia-smi`` lists."""
@@ -80,7 +80,7 @@ def check_resources(processes: list[ProcessSpec]) -> list[list[str]]:
     are handed out exclusively and memory asked for must exist.
     """
     wanted_gpus = sum(p.resources.gpus for p in processes)
-    have = _available_gpus() if wanted_gpus else []
+    have = available_gpus() if wanted_gpus else []
     if wanted_gpus > len(have):
         raise LaunchError(
             f"the job asks for {wanted_gpus} GPU(s) in all but this machine has {len(have)}"
@@ -171,7 +171,7 @@ class LocalWorkerGroup(WorkerGroup):
             if p.popen.poll() is None
             for g in gs
         }
-        free = [g for g in (_available_gpus() if spec.resources.gpus else []) if g not in busy]
+        free = [g for g in (available_gpus() if spec.resources.gpus else []) if g not in busy]
         self.start(spec, free[: spec.resources.gpus])
 
     def poll(self) -> list[Exit]:

@@ -1,0 +1,266 @@
+"""The REST API (``/api``) and the app that serves it beside the web UI, on one port.
+
+Every route asks who is calling (`corral.service.auth`). A user sees, follows and cancels
+only their own team's jobs. Another team's job answers 404, exactly as a job that does
+not exist, so ids leak nothing. Only admins manage teams, users and quotas. A spec is
+validated with the same model as ``corral train`` (`corral.spec.JobSpec`): a wrong field
+is a 422 that names it. A job that could never fit the pool or its team's quota is
+refused at submit, with the numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.responses import Response
+
+from corral.errors import SpecError
+from corral.service.auth import AdminUser, CurrentUser
+from corral.service.cluster import cluster_state, demand_of
+from corral.service.models import (
+    Cluster,
+    Demand,
+    EventOut,
+    JobDetail,
+    JobOut,
+    LogPage,
+    Me,
+    NewUser,
+    QueueEntry,
+    QuotaBody,
+    QuotaOut,
+    SubmitRequest,
+    TeamBody,
+    TeamUsage,
+    UserBody,
+)
+from corral.service.resources import Quota, Resources
+from corral.service.scheduler import Launch, Policy, QueuedJob, check_admissible, explain
+from corral.service.store import FINAL, Job, Store, StoreError, User
+from corral.spec import JobSpec, parse
+
+#: The largest request body accepted: a job spec is a few kilobytes.
+MAX_BODY = 1 << 20
+ACTIVE = ("queued", "running", "restarting")
+
+
+class _BodyLimit(BaseHTTPMiddleware):
+    """Refuse oversize bodies before reading them (413), declared or streamed."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+            return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, 413)
+        return await call_next(request)
+
+
+def _demand(resources: Resources) -> Demand:
+    return Demand(
+        cpus=resources.cpus, memory_mib=int(resources.memory_mib), gpus=int(resources.gpus)
+    )
+
+
+def _quota_body(q: Quota | None) -> QuotaBody | None:
+    return None if q is None else QuotaBody(cpus=q.cpus, memory_mib=q.memory_mib, gpus=q.gpus)
+
+
+def _visible(store: Store, user: User, job_id: str) -> Job:
+    """The job, if `user` may see it; otherwise the same 404 as for no job at all."""
+    job = store.job(job_id)
+    if job is None or (job.team != user.team and not user.admin):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job '{job_id}'")
+    return job
+
+
+def _used(jobs: list[Job]) -> Resources:
+    total = Resources()
+    for job in jobs:
+        total = total + job.demand
+    return total
+
+
+def router() -> APIRouter:
+    api = APIRouter(prefix="/api")
+
+    def store_of(request: Request) -> Store:
+        return request.app.state.store  # type: ignore[no-any-return]
+
+    def base_url(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
+    @api.get("/me")
+    def me(user: CurrentUser) -> Me:
+        return Me(name=user.name, team=user.team, admin=user.admin)
+
+    @api.post("/jobs", status_code=status.HTTP_201_CREATED)
+    def submit(body: SubmitRequest, user: CurrentUser, request: Request) -> JobOut:
+        store = store_of(request)
+        try:
+            spec = parse(JobSpec, body.spec, source="spec")
+        except SpecError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        demand = demand_of(spec)
+        probe = QueuedJob(id="new", team=user.team, demand=demand, submitted=time.time())
+        refused = check_admissible(probe, request.app.state.pool, store.quotas().get(user.team))
+        if refused:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"refused: {refused}")
+        job, _ = store.add_job(
+            user=user,
+            name=spec.name,
+            spec=spec.model_dump(mode="json"),
+            demand=demand,
+            priority=body.priority,
+            max_restarts=spec.max_restarts,
+            client_key=body.client_key,
+        )
+        return JobOut.of(job, base_url(request))
+
+    @api.get("/jobs")
+    def jobs(
+        user: CurrentUser,
+        request: Request,
+        state: Annotated[list[str] | None, Query(description="only these states")] = None,
+        owner: Annotated[str | None, Query(alias="user", max_length=64)] = None,
+        all_states: Annotated[bool, Query(description="include ended jobs")] = False,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
+    ) -> list[JobOut]:
+        states = state or (None if all_states else list(ACTIVE))
+        team = None if user.admin else user.team
+        found = store_of(request).jobs(team=team, states=states, user=owner, limit=limit)
+        return [JobOut.of(j, base_url(request)) for j in found]
+
+    @api.get("/jobs/{job_id}")
+    def job(job_id: str, user: CurrentUser, request: Request) -> JobDetail:
+        store = store_of(request)
+        found = _visible(store, user, job_id)
+        return JobDetail(
+            **JobOut.of(found, base_url(request)).model_dump(),
+            spec=found.spec,
+            events=[EventOut.of(e) for e in store.events(job_id)],
+            metrics=store.metrics(job_id),
+        )
+
+    @api.get("/jobs/{job_id}/logs")
+    def logs(
+        job_id: str,
+        user: CurrentUser,
+        request: Request,
+        after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    ) -> LogPage:
+        store = store_of(request)
+        found = _visible(store, user, job_id)
+        page = store.logs(job_id, after)
+        return LogPage(lines=page.lines, next=page.next, final=found.final)
+
+    @api.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: str, user: CurrentUser, request: Request) -> JobOut:
+        store = store_of(request)
+        found = _visible(store, user, job_id)
+        if found.state not in FINAL:
+            store.request_cancel(job_id)
+            reason = f"cancelled by {user.name}"
+            # a queued job never started: cancel it here; the runner stops running ones
+            store.transition(job_id, ["queued"], "cancelled", reason)
+        return JobOut.of(store.job(job_id) or found, base_url(request))
+
+    @api.get("/quota")
+    def quota(user: CurrentUser, request: Request) -> QuotaOut:
+        store = store_of(request)
+        q = store.quotas().get(user.team) or Quota()
+        running = store.jobs(team=user.team, states=["running", "restarting"])
+        return QuotaOut(team=user.team, quota=_quota_body(q), used=_demand(_used(running)))
+
+    @api.get("/cluster")
+    def cluster(user: CurrentUser, request: Request) -> Cluster:
+        store, pool = store_of(request), request.app.state.pool
+        state = cluster_state(store, pool)
+        by_team: dict[str, list[Any]] = {}
+        for r in state.running:
+            by_team.setdefault(r.team, []).append(r)
+        queued_by_team: dict[str, int] = {}
+        for q in state.queued:
+            queued_by_team[q.team] = queued_by_team.get(q.team, 0) + 1
+        teams = sorted(set(by_team) | set(queued_by_team))
+        usage = [
+            TeamUsage(
+                team=team,
+                used=_demand(sum((r.demand for r in by_team.get(team, [])), Resources())),
+                quota=_quota_body(state.quotas.get(team)),
+                running=len(by_team.get(team, [])),
+                queued=queued_by_team.get(team, 0),
+            )
+            for team in teams
+        ]
+        jobs_by_id = {j.id: j for j in store.jobs(states=["queued"])}
+        queue = []
+        for position, decision in enumerate(explain(state, time.time(), request.app.state.policy)):
+            job = jobs_by_id.get(decision.job_id)
+            if job is None:
+                continue
+            mine = user.admin or job.team == user.team
+            reason = "starts at the next pass" if isinstance(decision, Launch) else decision.reason
+            queue.append(
+                QueueEntry(
+                    position=position + 1,
+                    team=job.team,
+                    id=job.id if mine else None,
+                    name=job.name if mine else None,
+                    reason=reason if mine else "",
+                )
+            )
+        used = sum((r.demand for r in state.running), Resources())
+        return Cluster(pool=_demand(pool), used=_demand(used), teams=usage, queue=queue)
+
+    @api.get("/admin/teams")
+    def teams(_: AdminUser, request: Request) -> list[str]:
+        return store_of(request).teams()
+
+    @api.post("/admin/teams", status_code=status.HTTP_201_CREATED)
+    def add_team(body: TeamBody, _: AdminUser, request: Request) -> list[str]:
+        store = store_of(request)
+        try:
+            store.create_team(body.name)
+        except StoreError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return store.teams()
+
+    @api.get("/admin/users")
+    def users(_: AdminUser, request: Request) -> list[Me]:
+        return [Me(name=u.name, team=u.team, admin=u.admin) for u in store_of(request).users()]
+
+    @api.post("/admin/users", status_code=status.HTTP_201_CREATED)
+    def add_user(body: UserBody, _: AdminUser, request: Request) -> NewUser:
+        try:
+            made, token = store_of(request).create_user(body.name, body.team, admin=body.admin)
+        except StoreError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return NewUser(name=made.name, team=made.team, admin=made.admin, token=token)
+
+    @api.put("/admin/quotas/{team}")
+    def set_quota(team: str, body: QuotaBody, _: AdminUser, request: Request) -> QuotaOut:
+        store = store_of(request)
+        try:
+            store.set_quota(team, Quota(cpus=body.cpus, memory_mib=body.memory_mib, gpus=body.gpus))
+        except StoreError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        running = store.jobs(team=team, states=["running", "restarting"])
+        return QuotaOut(team=team, quota=body, used=_demand(_used(running)))
+
+    return api
+
+
+def create_app(store: Store, *, pool: Resources, policy: Policy | None = None) -> FastAPI:
+    """The service's app: the API here, the web UI mounted beside it."""
+    app = FastAPI(
+        title="corral",
+        description="Multi-user job service for distributed PyTorch training.",
+        version="0.1.0",
+    )
+    app.state.store, app.state.pool, app.state.policy = store, pool, policy or Policy()
+    app.add_middleware(_BodyLimit)
+    app.include_router(router())
+    return app

@@ -1,0 +1,145 @@
+"""The REST API's request and response bodies (they are its OpenAPI schema, too)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.service.store import Event, Job
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SubmitRequest(_Body):
+    spec: dict[str, Any] = Field(description="a job spec, as in a YAML job file")
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first in its team")
+    client_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="the same key from the same user returns the job it made",
+    )
+
+
+class Demand(BaseModel):
+    cpus: float
+    memory_mib: int
+    gpus: int
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    user: str
+    team: str
+    state: str
+    priority: int
+    demand: Demand
+    attempts: int
+    max_restarts: int
+    submitted: float
+    started: float | None
+    ended: float | None
+    reason: str
+    url: str
+
+    @classmethod
+    def of(cls, job: Job, base_url: str) -> JobOut:
+        d = job.demand
+        return cls(
+            id=job.id,
+            name=job.name,
+            user=job.user,
+            team=job.team,
+            state=job.state,
+            priority=job.priority,
+            demand=Demand(cpus=d.cpus, memory_mib=int(d.memory_mib), gpus=int(d.gpus)),
+            attempts=job.attempts,
+            max_restarts=job.max_restarts,
+            submitted=job.submitted,
+            started=job.started,
+            ended=job.ended,
+            reason=job.reason,
+            url=f"{base_url}/jobs/{job.id}",
+        )
+
+
+class EventOut(BaseModel):
+    at: float
+    state: str
+    reason: str
+
+    @classmethod
+    def of(cls, e: Event) -> EventOut:
+        return cls(at=e.at, state=e.state, reason=e.reason)
+
+
+class JobDetail(JobOut):
+    spec: dict[str, Any]
+    events: list[EventOut]
+    metrics: list[dict[str, Any]]
+
+
+class LogPage(BaseModel):
+    lines: list[str]
+    next: int = Field(description="pass as ?after= to get the lines after these")
+    final: bool = Field(description="the job has ended: no more lines will come")
+
+
+class QuotaBody(_Body):
+    cpus: float | None = Field(None, ge=0)
+    memory_mib: int | None = Field(None, ge=0)
+    gpus: int | None = Field(None, ge=0)
+
+
+class QuotaOut(BaseModel):
+    team: str
+    quota: QuotaBody
+    used: Demand
+
+
+class Me(BaseModel):
+    name: str
+    team: str
+    admin: bool
+
+
+class TeamBody(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class UserBody(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    team: str = Field(min_length=1, max_length=64)
+    admin: bool = False
+
+
+class NewUser(Me):
+    token: str = Field(description="shown once: only its hash is stored")
+
+
+class QueueEntry(BaseModel):
+    position: int
+    team: str
+    id: str | None = Field(description="null for another team's job")
+    name: str | None
+    reason: str
+
+
+class TeamUsage(BaseModel):
+    team: str
+    used: Demand
+    quota: QuotaBody | None
+    running: int
+    queued: int
+
+
+class Cluster(BaseModel):
+    pool: Demand
+    used: Demand
+    teams: list[TeamUsage]
+    queue: list[QueueEntry]

@@ -1,0 +1,289 @@
+"""Carries the scheduler's decisions out: starts, watches, stops and restarts job processes.
+
+Every `tick` (twice a second) the runner
+1. stops jobs whose cancel was requested (SIGTERM to the job's process group, SIGKILL
+   after a grace period, well within 5 seconds);
+2. reaps ended processes: success, or a restart from the newest checkpoint while
+   ``max_restarts`` allows, or failure, each recorded with its reason;
+3. relaunches jobs in ``restarting``, which kept their resources;
+4. asks the scheduler for a pass, and launches what it decides (preempts what it stops);
+5. copies new log lines and metrics from the jobs' files into the store.
+
+Each job attempt is a process of its own session (`corral.service.job`), not tied to the
+server's life. So a server that is killed and started again finds its running jobs and
+*re-attaches* to those still alive (recorded as such). It *restarts* from their last
+checkpoint those that died meanwhile, unless they wrote an exit status: a job that
+finished while the server was down is recorded as finished, never run twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.service.cluster import cluster_state
+from corral.service.job import EXIT, LOG, METRICS, SPEC
+from corral.service.resources import Resources
+from corral.service.scheduler import Launch, Policy, Preempt, schedule
+from corral.service.store import Job, Store
+
+log = logging.getLogger("corral.service")
+
+#: Seconds between SIGTERM and SIGKILL when a job is stopped.
+STOP_GRACE_S = 3.0
+
+
+@dataclass
+class _Attempt:
+    """A job process the runner watches: its own child, or one it re-attached to."""
+
+    job_id: str
+    pid: int
+    folder: Path
+    popen: subprocess.Popen[bytes] | None = None
+    offsets: dict[str, int] = field(default_factory=lambda: {LOG: 0, METRICS: 0})
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return _is_job_process(self.pid, self.folder)
+
+    def exit_status(self) -> tuple[int | None, str | None]:
+        """The attempt's exit code and error, from its exit file (None if it wrote none)."""
+        try:
+            status = json.loads((self.folder / EXIT).read_text())
+        except (OSError, ValueError):
+            if self.popen is not None and self.popen.returncode is not None:
+                return self.popen.returncode, f"its process ended with {self.popen.returncode}"
+            return None, None
+        return int(status["code"]), status.get("error")
+
+    def stop(self) -> None:
+        """SIGTERM the attempt's process group, SIGKILL what is left after the grace."""
+        for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 1.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+            deadline = time.monotonic() + wait
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self.alive():
+                break
+        if self.popen is not None:
+            self.popen.wait()
+
+
+def _is_job_process(pid: int, folder: Path) -> bool:
+    """Whether `pid` is still the job process started on `folder` (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    zombie = stat.rsplit(")", 1)[1].split()[0] == "Z"
+    return not zombie and str(folder).encode() in cmdline
+
+
+class Runner:
+    """Runs the service's jobs as local processes, in a folder per job under `state_dir`."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        pool: Resources,
+        state_dir: Path,
+        policy: Policy | None = None,
+        interval: float = 0.5,
+    ) -> None:
+        self.store, self.pool, self.policy = store, pool, policy or Policy()
+        self.state_dir, self.interval = state_dir, interval
+        self._attempts: dict[str, _Attempt] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def folder(self, job_id: str) -> Path:
+        return self.state_dir / "jobs" / job_id
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="corral-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, stop_jobs: bool = False) -> None:
+        """Stop the loop; the jobs go on running (a new server re-attaches) unless asked."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if stop_jobs:
+            for attempt in self._attempts.values():
+                attempt.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception:  # a pass that failed (database busy, say) is retried next tick
+                log.exception("scheduling pass failed; retrying")
+
+    def recover(self) -> None:
+        """After a (re)start: re-attach to live job processes, settle the rest."""
+        for job in self.store.jobs(states=["running", "restarting"]):
+            folder = self.folder(job.id)
+            attempt = _Attempt(job.id, job.pid or -1, folder)
+            offsets = folder / "offsets.json"
+            if offsets.exists():
+                attempt.offsets = json.loads(offsets.read_text())
+            if job.pid and attempt.alive():
+                self._attempts[job.id] = attempt
+                self.store.transition(
+                    job.id, [job.state], job.state, "re-attached after the server restarted"
+                )
+                continue
+            if attempt.exit_status()[0] is not None:
+                self._attempts[job.id] = attempt  # reaped by the next tick, as any other
+                continue
+            self.store.transition(
+                job.id,
+                ["running", "restarting"],
+                "restarting",
+                "its process was gone after the server restarted; "
+                "restarting from its last checkpoint",
+            )
+
+    # -- one pass -------------------------------------------------------------------
+
+    def tick(self) -> None:
+        self._cancel_requested()
+        self._reap()
+        for job in self.store.jobs(states=["restarting"]):
+            if job.id not in self._attempts:
+                self._launch(job, ["restarting"], "restarted")
+        state = cluster_state(self.store, self.pool)
+        for decision in schedule(state, time.time(), self.policy):
+            if isinstance(decision, Launch):
+                queued = self.store.job(decision.job_id)
+                if queued is not None:
+                    self._launch(queued, ["queued"], "launched: the job fits the pool and quota")
+            elif isinstance(decision, Preempt):
+                self._preempt(decision)
+        self._pump()
+
+    def _cancel_requested(self) -> None:
+        for job in self.store.jobs(states=["running", "restarting"]):
+            if not job.cancel_requested:
+                continue
+            attempt = self._attempts.pop(job.id, None)
+            if attempt is not None:
+                attempt.stop()
+                self._pump_one(attempt)
+            self.store.transition(job.id, [job.state], "cancelled", "cancelled on request")
+
+    def _reap(self) -> None:
+        for job_id, attempt in list(self._attempts.items()):
+            if attempt.alive():
+                continue
+            self._pump_one(attempt)
+            del self._attempts[job_id]
+            job = self.store.job(job_id)
+            if job is None:
+                continue
+            code, error = attempt.exit_status()
+            if code == 0:
+                self.store.transition(job_id, ["running"], "succeeded", "finished")
+            elif job.attempts <= job.max_restarts:
+                why = error or "its process died without an exit status"
+                self.store.transition(
+                    job_id,
+                    ["running"],
+                    "restarting",
+                    f"attempt {job.attempts} failed ({why}); restarting from its last "
+                    f"checkpoint ({job.attempts} of {job.max_restarts} restarts)",
+                )
+            else:
+                why = error or "its process died without an exit status"
+                self.store.transition(job_id, ["running"], "failed", f"failed: {why}")
+
+    def _launch(self, job: Job, expected: list[str], reason: str) -> None:
+        """Start an attempt: claim the job in the store first, so it starts once only."""
+        if not self.store.transition(
+            job.id, expected, "running", reason, started=time.time(), attempts=job.attempts + 1
+        ):
+            return
+        folder = self.folder(job.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SPEC).write_text(json.dumps(job.spec))
+        (folder / EXIT).unlink(missing_ok=True)
+        try:
+            with (folder / LOG).open("ab") as out:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "corral.service.job", str(folder)],
+                    cwd=folder,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # outlives a server restart; stopped as a group
+                )
+        except OSError as exc:
+            self.store.transition(job.id, ["running"], "failed", f"cannot start: {exc}")
+            return
+        self.store.set_fields(job.id, pid=popen.pid)
+        old = self._attempts.get(job.id)
+        attempt = _Attempt(job.id, popen.pid, folder, popen)
+        if old is not None:
+            attempt.offsets = old.offsets
+        else:
+            offsets = folder / "offsets.json"
+            if offsets.exists():
+                attempt.offsets = json.loads(offsets.read_text())
+        self._attempts[job.id] = attempt
+
+    def _preempt(self, decision: Preempt) -> None:
+        attempt = self._attempts.pop(decision.job_id, None)
+        if attempt is None:
+            return
+        attempt.stop()
+        self._pump_one(attempt)
+        self.store.transition(
+            decision.job_id, ["running"], "queued", f"preempted: {decision.reason}"
+        )
+
+    # -- logs and metrics -------------------------------------------------------------
+
+    def _pump(self) -> None:
+        for attempt in self._attempts.values():
+            self._pump_one(attempt)
+
+    def _pump_one(self, attempt: _Attempt) -> None:
+        """Copy the complete lines added to the job's log and metrics files since last."""
+        changed = False
+        for name in (LOG, METRICS):
+            path = attempt.folder / name
+            try:
+                with path.open("rb") as f:
+                    f.seek(attempt.offsets[name])
+                    chunk = f.read(1 << 20)
+            except OSError:
+                continue
+            end = chunk.rfind(b"\n")
+            if end < 0:
+                continue
+            lines = chunk[: end + 1].decode(errors="replace").splitlines()
+            attempt.offsets[name] += end + 1
+            changed = True
+            if name == LOG:
+                self.store.append_logs(attempt.job_id, lines)
+            else:
+                self.store.add_metrics(attempt.job_id, [json.loads(line) for line in lines])
+        if changed:
+            (attempt.folder / "offsets.json").write_text(json.dumps(attempt.offsets))

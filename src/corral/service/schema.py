@@ -1,0 +1,111 @@
+"""The service's tables, as SQLAlchemy Core metadata (the Alembic migrations create them).
+
+A job row holds its spec as validated JSON and its whole-job demand (the scheduler's unit),
+so a scheduling pass reads one table. Every change of a job's state is also a row of
+`events`, with its time and reason: the job page's timeline and the audit trail of
+restarts. Log lines and metrics are rows too, so a restarted server, or another replica
+on the same PostgreSQL, serves them without the job's files.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+teams = Table(
+    "teams",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created", Float, nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("team", String(64), ForeignKey("teams.name"), nullable=False),
+    Column("admin", Boolean, nullable=False, default=False),
+    # sha256 of the token: tokens are 256 random bits, so a slow password hash adds nothing
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created", Float, nullable=False),
+)
+
+quotas = Table(
+    "quotas",
+    metadata,
+    Column("team", String(64), ForeignKey("teams.name"), primary_key=True),
+    Column("cpus", Float, nullable=True),
+    Column("memory_mib", BigInteger, nullable=True),
+    Column("gpus", Integer, nullable=True),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("user", String(64), ForeignKey("users.name"), nullable=False),
+    Column("team", String(64), ForeignKey("teams.name"), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("spec", JSON, nullable=False),
+    Column("cpus", Float, nullable=False),
+    Column("memory_mib", BigInteger, nullable=False),
+    Column("gpus", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_restarts", Integer, nullable=False, default=0),
+    Column("submitted", Float, nullable=False),
+    Column("started", Float, nullable=True),
+    Column("ended", Float, nullable=True),
+    Column("reason", Text, nullable=False, default=""),
+    Column("pid", Integer, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    # the client's key for this submission: a retried POST finds the job it made
+    Column("client_key", String(64), nullable=True),
+    UniqueConstraint("user", "client_key", name="jobs_user_client_key"),
+    Index("jobs_state", "state"),
+    Index("jobs_team_state", "team", "state"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", String(16), ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+logs = Table(
+    "logs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", String(16), ForeignKey("jobs.id"), nullable=False),
+    Column("line", Text, nullable=False),
+    Index("logs_job_id", "job", "id"),
+)
+
+metrics = Table(
+    "metrics",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", String(16), ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("data", JSON, nullable=False),
+)

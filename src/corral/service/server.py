@@ -1,0 +1,96 @@
+"""``corral server``: the store, the runner and the app, on one port.
+
+The port is bound here, before anything starts, so a port in use is one clear error and
+a free port chosen by the OS (``--port 0``) is known before the URL is printed. The first
+start on an empty database creates the team ``admin`` and its user ``admin``, and prints
+that user's token once, to the terminal (never to a log).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.errors import CorralError
+from corral.service.api import create_app
+from corral.service.resources import Resources
+from corral.service.runner import Runner
+from corral.service.scheduler import Policy
+from corral.service.store import Store
+
+log = logging.getLogger("corral.service")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    db: str
+    host: str = "127.0.0.1"
+    port: int = 8642
+    state_dir: Path
+    pool: Resources
+    policy: Policy = field(default_factory=Policy)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CorralError(
+                f"port {port} on {host} is in use: stop what holds it, or pass --port"
+            ) from None
+        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def first_admin(store: Store) -> str | None:
+    """On an empty database, create the admin team and user; returns the token to show."""
+    if store.users():
+        return None
+    if "admin" not in store.teams():
+        store.create_team("admin")
+    return store.create_user("admin", "admin", admin=True)[1]
+
+
+def serve(opts: ServerOptions) -> None:
+    """Run until SIGINT/SIGTERM. Jobs keep running when the server stops; the next start
+    re-attaches to them."""
+    import uvicorn
+
+    sock = bind(opts.host, opts.port)
+    try:
+        store = Store(opts.db)
+    except Exception as exc:
+        sock.close()
+        raise CorralError(f"cannot open the database: {type(exc).__name__}: {exc}") from None
+    token = first_admin(store)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    if token is not None:
+        print(
+            f"created user 'admin' (team 'admin'). Its token, shown only this once:\n"
+            f"  {token}\nlog in with: corral login {url}",
+            flush=True,
+        )
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(store, pool=opts.pool, state_dir=opts.state_dir, policy=opts.policy)
+    runner.start()
+    app = create_app(store, pool=opts.pool, policy=opts.policy)
+    print(
+        f"corral server on {url} (pool: {opts.pool.cpus:g} CPUs, "
+        f"{opts.pool.memory_mib} MiB, {opts.pool.gpus} GPUs)",
+        flush=True,
+    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        runner.stop()
+        store.close()

@@ -1,0 +1,385 @@
+"""The service's state: teams, users, quotas and jobs, in SQLite (a file, the embedded
+default) or PostgreSQL (by URL), behind one small API that the routes, the runner and
+the UI share.
+
+Opening a store brings its schema to the newest Alembic revision. A job's state changes
+only through `transition`, which checks the state it expects in the same statement
+(compare-and-set), so the runner, a cancel request and a restarted server cannot both
+win, and records each change as an event with its time and reason.
+
+Example:
+    >>> store = Store("sqlite:///corral.db")
+    >>> store.create_team("vision")
+    >>> user, token = store.create_user("ada", "vision")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from corral.errors import CorralError
+from corral.service import schema as t
+from corral.service.resources import Quota, Resources
+
+#: Every state a job can be in; the last three are final.
+STATES = ("queued", "running", "restarting", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+#: How a token starts: greppable in leaked text, never a valid id or name.
+TOKEN_PREFIX = "crl_"
+
+
+class StoreError(CorralError):
+    """A request the state does not allow: a duplicate name, an unknown team, …"""
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    team: str
+    admin: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of `jobs`, as the routes and the runner see it."""
+
+    id: str
+    name: str
+    user: str
+    team: str
+    state: str
+    priority: int
+    spec: dict[str, Any]
+    demand: Resources
+    attempts: int
+    max_restarts: int
+    submitted: float
+    started: float | None
+    ended: float | None
+    reason: str
+    pid: int | None
+    cancel_requested: bool
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    state: str
+    reason: str
+
+
+@dataclass
+class Page:
+    """Log lines after a cursor, and the cursor to ask from next time."""
+
+    lines: list[str] = field(default_factory=list)
+    next: int = 0
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets readers (the UI, `logs -f`) go on while the runner writes; the busy
+    timeout makes concurrent writers queue instead of failing at once."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _engine(url: str, **options: Any) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **options)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if url.startswith("postgresql://"):  # psycopg 3, not the psycopg2 SQLAlchemy assumes
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return create_engine(url, pool_pre_ping=True, **options)
+
+
+def _upgrade(engine: Engine) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+class Store:
+    """The service's database. Thread-safe: every method runs in its own transaction."""
+
+    def __init__(self, url: str, **engine_options: Any) -> None:
+        self.url = url
+        self.engine = _engine(url, **engine_options)
+        _upgrade(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- teams, users, quotas -------------------------------------------------------
+
+    def create_team(self, name: str) -> None:
+        try:
+            with self.engine.begin() as db:
+                db.execute(insert(t.teams).values(name=name, created=time.time()))
+        except IntegrityError:
+            raise StoreError(f"team '{name}' already exists") from None
+
+    def teams(self) -> list[str]:
+        with self.engine.connect() as db:
+            return list(db.scalars(select(t.teams.c.name).order_by(t.teams.c.name)))
+
+    def create_user(self, name: str, team: str, *, admin: bool = False) -> tuple[User, str]:
+        """Add a user; returns it and its token, which is stored only hashed: show it once."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        if team not in self.teams():
+            raise StoreError(f"no team '{team}'; create it first")
+        try:
+            with self.engine.begin() as db:
+                db.execute(
+                    insert(t.users).values(
+                        name=name,
+                        team=team,
+                        admin=admin,
+                        token_hash=hash_token(token),
+                        created=time.time(),
+                    )
+                )
+        except IntegrityError:
+            raise StoreError(f"user '{name}' already exists") from None
+        return User(name, team, admin), token
+
+    def user_by_token(self, token: str) -> User | None:
+        with self.engine.connect() as db:
+            row = db.execute(
+                select(t.users).where(t.users.c.token_hash == hash_token(token))
+            ).first()
+        return User(row.name, row.team, bool(row.admin)) if row else None
+
+    def users(self) -> list[User]:
+        with self.engine.connect() as db:
+            rows = db.execute(select(t.users).order_by(t.users.c.name)).all()
+        return [User(r.name, r.team, bool(r.admin)) for r in rows]
+
+    def set_quota(self, team: str, quota: Quota) -> None:
+        if team not in self.teams():
+            raise StoreError(f"no team '{team}'")
+        values = {"cpus": quota.cpus, "memory_mib": quota.memory_mib, "gpus": quota.gpus}
+        with self.engine.begin() as db:
+            done = db.execute(update(t.quotas).where(t.quotas.c.team == team).values(**values))
+            if not done.rowcount:
+                db.execute(insert(t.quotas).values(team=team, **values))
+
+    def quotas(self) -> dict[str, Quota]:
+        with self.engine.connect() as db:
+            rows = db.execute(select(t.quotas)).all()
+        return {r.team: Quota(cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus) for r in rows}
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def add_job(
+        self,
+        *,
+        user: User,
+        name: str,
+        spec: dict[str, Any],
+        demand: Resources,
+        priority: int = 0,
+        max_restarts: int = 0,
+        client_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Queue a job; returns it and whether it is new. A `client_key` seen before from
+        the same user returns the job that key made: a retried submission is stored once."""
+        job_id = secrets.token_hex(6)
+        now = time.time()
+        try:
+            with self.engine.begin() as db:
+                db.execute(
+                    insert(t.jobs).values(
+                        id=job_id,
+                        name=name,
+                        user=user.name,
+                        team=user.team,
+                        state="queued",
+                        priority=priority,
+                        spec=spec,
+                        cpus=demand.cpus,
+                        memory_mib=demand.memory_mib,
+                        gpus=demand.gpus,
+                        attempts=0,
+                        max_restarts=max_restarts,
+                        submitted=now,
+                        reason="submitted",
+                        cancel_requested=False,
+                        client_key=client_key,
+                    )
+                )
+                db.execute(
+                    insert(t.events).values(job=job_id, at=now, state="queued", reason="submitted")
+                )
+        except IntegrityError:
+            if client_key is None:
+                raise
+            with self.engine.connect() as db:
+                existing = db.scalar(
+                    select(t.jobs.c.id).where(
+                        t.jobs.c.user == user.name, t.jobs.c.client_key == client_key
+                    )
+                )
+            job = self.job(existing) if existing else None
+            if job is None:
+                raise
+            return job, False
+        job = self.job(job_id)
+        assert job is not None
+        return job, True
+
+    def job(self, job_id: str) -> Job | None:
+        with self.engine.connect() as db:
+            row = db.execute(select(t.jobs).where(t.jobs.c.id == job_id)).first()
+        return _job(row) if row else None
+
+    def jobs(
+        self,
+        *,
+        team: str | None = None,
+        states: Sequence[str] | None = None,
+        user: str | None = None,
+        limit: int | None = None,
+    ) -> list[Job]:
+        """Jobs, newest first, narrowed by team, states and user."""
+        query = select(t.jobs).order_by(t.jobs.c.submitted.desc(), t.jobs.c.id)
+        if team is not None:
+            query = query.where(t.jobs.c.team == team)
+        if states is not None:
+            query = query.where(t.jobs.c.state.in_(list(states)))
+        if user is not None:
+            query = query.where(t.jobs.c.user == user)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as db:
+            return [_job(r) for r in db.execute(query).all()]
+
+    def count_jobs(self) -> int:
+        with self.engine.connect() as db:
+            return int(db.scalar(select(func.count()).select_from(t.jobs)) or 0)
+
+    def transition(
+        self, job_id: str, expected: Iterable[str], state: str, reason: str, **fields: Any
+    ) -> bool:
+        """Move a job from one of the `expected` states to `state`, with `fields` set, and
+        record the event; False (and no change) when it was in another state by then."""
+        assert state in STATES
+        now = time.time()
+        values = {"state": state, "reason": reason, **fields}
+        if state in FINAL:
+            values.setdefault("ended", now)
+        with self.engine.begin() as db:
+            done = db.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == job_id, t.jobs.c.state.in_(list(expected)))
+                .values(**values)
+            )
+            if not done.rowcount:
+                return False
+            db.execute(insert(t.events).values(job=job_id, at=now, state=state, reason=reason))
+        return True
+
+    def set_fields(self, job_id: str, **fields: Any) -> None:
+        with self.engine.begin() as db:
+            db.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(**fields))
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Ask the runner to stop a job; False if it had already ended."""
+        with self.engine.begin() as db:
+            done = db.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == job_id, t.jobs.c.state.not_in(FINAL))
+                .values(cancel_requested=True)
+            )
+        return bool(done.rowcount)
+
+    def events(self, job_id: str) -> list[Event]:
+        with self.engine.connect() as db:
+            rows = db.execute(
+                select(t.events).where(t.events.c.job == job_id).order_by(t.events.c.id)
+            ).all()
+        return [Event(r.at, r.state, r.reason) for r in rows]
+
+    def append_logs(self, job_id: str, lines: Sequence[str]) -> None:
+        if lines:
+            with self.engine.begin() as db:
+                db.execute(insert(t.logs), [{"job": job_id, "line": line} for line in lines])
+
+    def logs(self, job_id: str, after: int = 0, limit: int = 1000) -> Page:
+        """Log lines after cursor `after` (0: from the start), at most `limit`."""
+        with self.engine.connect() as db:
+            rows = db.execute(
+                select(t.logs.c.id, t.logs.c.line)
+                .where(t.logs.c.job == job_id, t.logs.c.id > after)
+                .order_by(t.logs.c.id)
+                .limit(limit)
+            ).all()
+        return Page([r.line for r in rows], rows[-1].id if rows else after)
+
+    def tail(self, job_id: str, lines: int) -> list[str]:
+        with self.engine.connect() as db:
+            rows = db.execute(
+                select(t.logs.c.line)
+                .where(t.logs.c.job == job_id)
+                .order_by(t.logs.c.id.desc())
+                .limit(lines)
+            ).all()
+        return [r.line for r in reversed(rows)]
+
+    def add_metrics(self, job_id: str, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            now = time.time()
+            with self.engine.begin() as db:
+                db.execute(insert(t.metrics), [{"job": job_id, "at": now, "data": r} for r in rows])
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as db:
+            rows = db.execute(
+                select(t.metrics.c.data).where(t.metrics.c.job == job_id).order_by(t.metrics.c.id)
+            ).all()
+        return [dict(r.data) for r in rows]
+
+
+def _job(row: Any) -> Job:
+    return Job(
+        id=row.id,
+        name=row.name,
+        user=row.user,
+        team=row.team,
+        state=row.state,
+        priority=row.priority,
+        spec=dict(row.spec),
+        demand=Resources(cpus=row.cpus, memory_mib=row.memory_mib, gpus=row.gpus),
+        attempts=row.attempts,
+        max_restarts=row.max_restarts,
+        submitted=row.submitted,
+        started=row.started,
+        ended=row.ended,
+        reason=row.reason,
+        pid=row.pid,
+        cancel_requested=bool(row.cancel_requested),
+    )

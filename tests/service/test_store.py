@@ -1,0 +1,118 @@
+"""The store's contract, run against SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from corral.service.resources import Quota, Resources
+from corral.service.store import Store, StoreError, hash_token
+
+
+def test_users_get_a_token_that_is_stored_only_hashed(store):
+    store.create_team("vision")
+    user, token = store.create_user("ada", "vision", admin=True)
+    assert token.startswith("crl_") and len(token) > 40
+    assert store.user_by_token(token) == user
+    assert store.user_by_token(token + "x") is None
+    with store.engine.connect() as db:
+        stored = db.exec_driver_sql("SELECT token_hash FROM users").scalar()
+    assert stored == hash_token(token) and token not in stored
+
+
+def test_names_are_unique_and_teams_must_exist(store):
+    store.create_team("vision")
+    with pytest.raises(StoreError, match="team 'vision' already exists"):
+        store.create_team("vision")
+    with pytest.raises(StoreError, match="no team 'nlp'"):
+        store.create_user("bob", "nlp")
+    store.create_user("bob", "vision")
+    with pytest.raises(StoreError, match="user 'bob' already exists"):
+        store.create_user("bob", "vision")
+
+
+def test_quotas_are_set_and_replaced(store):
+    store.create_team("vision")
+    store.set_quota("vision", Quota(gpus=4))
+    store.set_quota("vision", Quota(cpus=16, gpus=2))
+    assert store.quotas() == {"vision": Quota(cpus=16, memory_mib=None, gpus=2)}
+
+
+def _user(store):
+    store.create_team("vision")
+    return store.create_user("ada", "vision")[0]
+
+
+def test_a_job_moves_only_from_the_state_expected(store):
+    user = _user(store)
+    job, new = store.add_job(
+        user=user, name="digits", spec={"a": 1}, demand=Resources(cpus=2, memory_mib=512)
+    )
+    assert new and job.state == "queued" and job.team == "vision"
+    assert store.transition(job.id, ["queued"], "running", "launched", pid=123, started=1.0)
+    assert not store.transition(job.id, ["queued"], "running", "launched twice")
+    assert store.transition(job.id, ["running"], "succeeded", "exit code 0")
+    done = store.job(job.id)
+    assert done.state == "succeeded" and done.pid == 123 and done.ended is not None
+    assert [(e.state, e.reason) for e in store.events(job.id)] == [
+        ("queued", "submitted"),
+        ("running", "launched"),
+        ("succeeded", "exit code 0"),
+    ]
+    assert not store.request_cancel(job.id)  # it had ended
+
+
+def test_a_retried_submission_is_stored_once(store):
+    user = _user(store)
+    first, new = store.add_job(user=user, name="a", spec={}, demand=Resources(), client_key="k1")
+    again, again_new = store.add_job(
+        user=user, name="a", spec={}, demand=Resources(), client_key="k1"
+    )
+    assert new and not again_new and again.id == first.id
+    assert store.count_jobs() == 1
+
+
+def test_concurrent_submissions_are_each_stored_exactly_once(store_url):
+    stores = [Store(store_url) for _ in range(2)]  # two connections pools, as two replicas
+    user = _user(stores[0])
+
+    def submit(s: Store, start: int) -> None:
+        for i in range(start, start + 25):
+            s.add_job(user=user, name=f"j{i}", spec={}, demand=Resources(), client_key=f"k{i}")
+            s.add_job(user=user, name=f"j{i}", spec={}, demand=Resources(), client_key=f"k{i}")
+
+    threads = [threading.Thread(target=submit, args=(stores[i % 2], 25 * i)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    names = sorted(j.name for j in stores[0].jobs())
+    assert names == sorted(f"j{i}" for i in range(100))
+    for s in stores:
+        s.close()
+
+
+def test_logs_page_by_cursor_and_metrics_keep_their_order(store):
+    user = _user(store)
+    job, _ = store.add_job(user=user, name="a", spec={}, demand=Resources())
+    store.append_logs(job.id, ["one", "two", "three"])
+    page = store.logs(job.id, limit=2)
+    assert page.lines == ["one", "two"]
+    rest = store.logs(job.id, after=page.next)
+    assert rest.lines == ["three"] and store.logs(job.id, after=rest.next).lines == []
+    assert store.tail(job.id, 2) == ["two", "three"]
+    store.add_metrics(job.id, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}])
+    assert [m["epoch"] for m in store.metrics(job.id)] == [1, 2]
+
+
+def test_jobs_are_listed_by_team_state_and_user(store):
+    user = _user(store)
+    store.create_team("nlp")
+    other, _ = store.create_user("bob", "nlp")
+    mine, _ = store.add_job(user=user, name="a", spec={}, demand=Resources())
+    store.add_job(user=other, name="b", spec={}, demand=Resources())
+    store.transition(mine.id, ["queued"], "cancelled", "cancelled by ada")
+    assert [j.name for j in store.jobs(team="vision")] == ["a"]
+    assert [j.name for j in store.jobs(states=["queued"])] == ["b"]
+    assert [j.name for j in store.jobs(user="bob")] == ["b"]
