@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from corral.errors import CorralError, WorkerError
+from corral.service.commands import register
 
 app = typer.Typer(
     help="corral: distributed PyTorch training on local processes or Spark.",
@@ -145,6 +146,9 @@ def server(
         serve(opts)
 
     _guarded(action)
+
+
+register(app)
 
 
 def main() -> None:

@@ -167,7 +167,7 @@ class JobSpec(TrainSettings):
         4
     """
 
-    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
     entrypoint: str = Field(description="model factory: 'package.module:fn' or 'file.py:fn'")
     engine: Literal["local", "spark"] = "local"
     spark: SparkSpec = Field(default_factory=SparkSpec)

@@ -10,8 +10,9 @@ refused at submit, with the numbers.
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
@@ -30,6 +31,7 @@ from corral.service.models import (
     LogPage,
     Me,
     NewUser,
+    Problem,
     QueueEntry,
     QuotaBody,
     QuotaOut,
@@ -43,18 +45,23 @@ from corral.service.scheduler import Launch, Policy, QueuedJob, check_admissible
 from corral.service.store import FINAL, Job, Store, StoreError, User
 from corral.spec import JobSpec, parse
 
+_JOB_ID = re.compile(r"[0-9a-f]{1,16}")
 #: The largest request body accepted: a job spec is a few kilobytes.
 MAX_BODY = 1 << 20
 ACTIVE = ("queued", "running", "restarting")
+State = Literal["queued", "running", "restarting", "succeeded", "failed", "cancelled"]
 
 
 class _BodyLimit(BaseHTTPMiddleware):
-    """Refuse oversize bodies before reading them (413), declared or streamed."""
+    """Refuse oversize bodies before reading them (413), and bodies streamed without a
+    declared length (411), whose size could only be known by reading them."""
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
             return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, 413)
+        if declared is None and "transfer-encoding" in request.headers:
+            return JSONResponse({"detail": "send the body with a Content-Length"}, 411)
         return await call_next(request)
 
 
@@ -70,7 +77,7 @@ def _quota_body(q: Quota | None) -> QuotaBody | None:
 
 def _visible(store: Store, user: User, job_id: str) -> Job:
     """The job, if `user` may see it; otherwise the same 404 as for no job at all."""
-    job = store.job(job_id)
+    job = store.job(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None or (job.team != user.team and not user.admin):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job '{job_id}'")
     return job
@@ -81,6 +88,49 @@ def _used(jobs: list[Job]) -> Resources:
     for job in jobs:
         total = total + job.demand
     return total
+
+
+def cluster_view(store: Store, pool: Resources, policy: Policy, user: User) -> Cluster:
+    """The pool, each team's use against its quota, and the queue in scheduling order with
+    why each job waits, as `user` may see it: another team's queued job shows its team and
+    place only. GET /api/cluster and the web UI's cluster page both answer with this."""
+    state = cluster_state(store, pool)
+    by_team: dict[str, list[Any]] = {}
+    for r in state.running:
+        by_team.setdefault(r.team, []).append(r)
+    queued_by_team: dict[str, int] = {}
+    for q in state.queued:
+        queued_by_team[q.team] = queued_by_team.get(q.team, 0) + 1
+    teams = sorted(set(by_team) | set(queued_by_team))
+    usage = [
+        TeamUsage(
+            team=team,
+            used=_demand(sum((r.demand for r in by_team.get(team, [])), Resources())),
+            quota=_quota_body(state.quotas.get(team)),
+            running=len(by_team.get(team, [])),
+            queued=queued_by_team.get(team, 0),
+        )
+        for team in teams
+    ]
+    jobs_by_id = {j.id: j for j in store.jobs(states=["queued"])}
+    queue = []
+    for position, decision in enumerate(explain(state, time.time(), policy)):
+        job = jobs_by_id.get(decision.job_id)
+        if job is None:
+            continue
+        mine = user.admin or job.team == user.team
+        reason = "starts at the next pass" if isinstance(decision, Launch) else decision.reason
+        queue.append(
+            QueueEntry(
+                position=position + 1,
+                team=job.team,
+                id=job.id if mine else None,
+                name=job.name if mine else None,
+                reason=reason if mine else "",
+            )
+        )
+    used = sum((r.demand for r in state.running), Resources())
+    return Cluster(pool=_demand(pool), used=_demand(used), teams=usage, queue=queue)
 
 
 def router() -> APIRouter:
@@ -96,9 +146,17 @@ def router() -> APIRouter:
     def me(user: CurrentUser) -> Me:
         return Me(name=user.name, team=user.team, admin=user.admin)
 
-    @api.post("/jobs", status_code=status.HTTP_201_CREATED)
+    @api.post(
+        "/jobs",
+        status_code=status.HTTP_201_CREATED,
+        responses={422: {"model": Problem, "description": "invalid spec, or refused"}},
+    )
     def submit(body: SubmitRequest, user: CurrentUser, request: Request) -> JobOut:
         store = store_of(request)
+        if body.client_key is not None:  # a retry: the job it made, whatever changed since
+            made = store.job_by_key(user.name, body.client_key)
+            if made is not None:
+                return JobOut.of(made, base_url(request))
         try:
             spec = parse(JobSpec, body.spec, source="spec")
         except SpecError as exc:
@@ -123,12 +181,16 @@ def router() -> APIRouter:
     def jobs(
         user: CurrentUser,
         request: Request,
-        state: Annotated[list[str] | None, Query(description="only these states")] = None,
-        owner: Annotated[str | None, Query(alias="user", max_length=64)] = None,
+        state: Annotated[list[State] | None, Query(description="only these states")] = None,
+        owner: Annotated[
+            str | None, Query(alias="user", max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+        ] = None,
         all_states: Annotated[bool, Query(description="include ended jobs")] = False,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
     ) -> list[JobOut]:
-        states = state or (None if all_states else list(ACTIVE))
+        states: list[str] | None = list(state) if state else None
+        if states is None and not all_states:
+            states = list(ACTIVE)
         team = None if user.admin else user.team
         found = store_of(request).jobs(team=team, states=states, user=owner, limit=limit)
         return [JobOut.of(j, base_url(request)) for j in found]
@@ -161,8 +223,8 @@ def router() -> APIRouter:
         store = store_of(request)
         found = _visible(store, user, job_id)
         if found.state not in FINAL:
-            store.request_cancel(job_id)
             reason = f"cancelled by {user.name}"
+            store.request_cancel(job_id, reason)
             # a queued job never started: cancel it here; the runner stops running ones
             store.transition(job_id, ["queued"], "cancelled", reason)
         return JobOut.of(store.job(job_id) or found, base_url(request))
@@ -176,44 +238,8 @@ def router() -> APIRouter:
 
     @api.get("/cluster")
     def cluster(user: CurrentUser, request: Request) -> Cluster:
-        store, pool = store_of(request), request.app.state.pool
-        state = cluster_state(store, pool)
-        by_team: dict[str, list[Any]] = {}
-        for r in state.running:
-            by_team.setdefault(r.team, []).append(r)
-        queued_by_team: dict[str, int] = {}
-        for q in state.queued:
-            queued_by_team[q.team] = queued_by_team.get(q.team, 0) + 1
-        teams = sorted(set(by_team) | set(queued_by_team))
-        usage = [
-            TeamUsage(
-                team=team,
-                used=_demand(sum((r.demand for r in by_team.get(team, [])), Resources())),
-                quota=_quota_body(state.quotas.get(team)),
-                running=len(by_team.get(team, [])),
-                queued=queued_by_team.get(team, 0),
-            )
-            for team in teams
-        ]
-        jobs_by_id = {j.id: j for j in store.jobs(states=["queued"])}
-        queue = []
-        for position, decision in enumerate(explain(state, time.time(), request.app.state.policy)):
-            job = jobs_by_id.get(decision.job_id)
-            if job is None:
-                continue
-            mine = user.admin or job.team == user.team
-            reason = "starts at the next pass" if isinstance(decision, Launch) else decision.reason
-            queue.append(
-                QueueEntry(
-                    position=position + 1,
-                    team=job.team,
-                    id=job.id if mine else None,
-                    name=job.name if mine else None,
-                    reason=reason if mine else "",
-                )
-            )
-        used = sum((r.demand for r in state.running), Resources())
-        return Cluster(pool=_demand(pool), used=_demand(used), teams=usage, queue=queue)
+        app = request.app
+        return cluster_view(store_of(request), app.state.pool, app.state.policy, user)
 
     @api.get("/admin/teams")
     def teams(_: AdminUser, request: Request) -> list[str]:
@@ -234,6 +260,8 @@ def router() -> APIRouter:
 
     @api.post("/admin/users", status_code=status.HTTP_201_CREATED)
     def add_user(body: UserBody, _: AdminUser, request: Request) -> NewUser:
+        if body.team not in store_of(request).teams():
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no team '{body.team}'")
         try:
             made, token = store_of(request).create_user(body.name, body.team, admin=body.admin)
         except StoreError as exc:
@@ -263,4 +291,7 @@ def create_app(store: Store, *, pool: Resources, policy: Policy | None = None) -
     app.state.store, app.state.pool, app.state.policy = store, pool, policy or Policy()
     app.add_middleware(_BodyLimit)
     app.include_router(router())
+    from corral.service.ui import ui_router  # the UI builds on this module's helpers
+
+    app.include_router(ui_router())
     return app

@@ -21,17 +21,22 @@ from corral.comm.control import Message
 from corral.errors import CorralError, WorkerError
 from corral.spec import JobSpec, parse
 from corral.train import checkpoint as ckpt
+from corral.train.progress import format_metrics
 
 SPEC, LOG, METRICS, EXIT = "spec.json", "log", "metrics.jsonl", "exit.json"
 
 
 def _report_to(path: Path) -> Any:
+    """Reports as JSON lines in `path`; each epoch's summary also as a line of the log."""
     out = path.open("a", buffering=1)
 
     def report(msg: Message) -> None:
         metrics = msg.body.get("metrics") if msg.body else None
         if metrics and metrics.get("kind") in ("epoch", "progress"):
             out.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        if metrics and metrics.get("kind") == "epoch":
+            epoch = f"epoch {metrics['epoch']}/{metrics['epochs']}"
+            print(f"{epoch} {format_metrics(metrics)}", flush=True)
 
     return report
 

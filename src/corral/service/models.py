@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.service.store import Event, Job
+if TYPE_CHECKING:  # the CLI imports these models without the database layer
+    from corral.service.store import Event, Job
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Problem(BaseModel):
+    """An error: one line of English, or FastAPI's list of field errors."""
+
+    detail: str | list[dict[str, Any]]
+
+
 class SubmitRequest(_Body):
     spec: dict[str, Any] = Field(description="a job spec, as in a YAML job file")
-    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first in its team")
+    priority: int = Field(
+        0, ge=-1000, le=1000, strict=True, description="higher runs first in its team"
+    )
     client_key: str | None = Field(
         None,
         min_length=1,
@@ -91,9 +100,10 @@ class LogPage(BaseModel):
 
 
 class QuotaBody(_Body):
-    cpus: float | None = Field(None, ge=0)
-    memory_mib: int | None = Field(None, ge=0)
-    gpus: int | None = Field(None, ge=0)
+    # upper bounds both databases hold (PostgreSQL's INTEGER is 32 bits)
+    cpus: float | None = Field(None, ge=0, le=1e9)
+    memory_mib: int | None = Field(None, ge=0, le=2**50)
+    gpus: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 class QuotaOut(BaseModel):

@@ -186,14 +186,14 @@ class Runner:
             attempt = self._attempts.pop(job.id, None)
             if attempt is not None:
                 attempt.stop()
-                self._pump_one(attempt)
-            self.store.transition(job.id, [job.state], "cancelled", "cancelled on request")
+                self._pump_one(attempt, final=True)
+            self.store.transition(job.id, [job.state], "cancelled", job.reason)
 
     def _reap(self) -> None:
         for job_id, attempt in list(self._attempts.items()):
             if attempt.alive():
                 continue
-            self._pump_one(attempt)
+            self._pump_one(attempt, final=True)
             del self._attempts[job_id]
             job = self.store.job(job_id)
             if job is None:
@@ -253,7 +253,7 @@ class Runner:
         if attempt is None:
             return
         attempt.stop()
-        self._pump_one(attempt)
+        self._pump_one(attempt, final=True)
         self.store.transition(
             decision.job_id, ["running"], "queued", f"preempted: {decision.reason}"
         )
@@ -264,26 +264,30 @@ class Runner:
         for attempt in self._attempts.values():
             self._pump_one(attempt)
 
-    def _pump_one(self, attempt: _Attempt) -> None:
-        """Copy the complete lines added to the job's log and metrics files since last."""
+    def _pump_one(self, attempt: _Attempt, *, final: bool = False) -> None:
+        """Copy the lines added to the job's log and metrics files since last time: the
+        complete ones, and once the attempt has ended (`final`) an unfinished last one."""
         changed = False
         for name in (LOG, METRICS):
-            path = attempt.folder / name
             try:
-                with path.open("rb") as f:
+                with (attempt.folder / name).open("rb") as f:
                     f.seek(attempt.offsets[name])
-                    chunk = f.read(1 << 20)
+                    chunk = f.read()
             except OSError:
                 continue
-            end = chunk.rfind(b"\n")
-            if end < 0:
+            end = len(chunk) if final else chunk.rfind(b"\n") + 1
+            if end <= 0:
                 continue
-            lines = chunk[: end + 1].decode(errors="replace").splitlines()
-            attempt.offsets[name] += end + 1
+            lines = chunk[:end].decode(errors="replace").splitlines()
+            attempt.offsets[name] += end
             changed = True
             if name == LOG:
                 self.store.append_logs(attempt.job_id, lines)
             else:
-                self.store.add_metrics(attempt.job_id, [json.loads(line) for line in lines])
+                rows = []
+                for line in lines:
+                    with contextlib.suppress(ValueError):  # a line cut short by a kill
+                        rows.append(json.loads(line))
+                self.store.add_metrics(attempt.job_id, rows)
         if changed:
             (attempt.folder / "offsets.json").write_text(json.dumps(attempt.offsets))

@@ -236,18 +236,10 @@ class Store:
                     insert(t.events).values(job=job_id, at=now, state="queued", reason="submitted")
                 )
         except IntegrityError:
-            if client_key is None:
+            existing = None if client_key is None else self.job_by_key(user.name, client_key)
+            if existing is None:
                 raise
-            with self.engine.connect() as db:
-                existing = db.scalar(
-                    select(t.jobs.c.id).where(
-                        t.jobs.c.user == user.name, t.jobs.c.client_key == client_key
-                    )
-                )
-            job = self.job(existing) if existing else None
-            if job is None:
-                raise
-            return job, False
+            return existing, False
         job = self.job(job_id)
         assert job is not None
         return job, True
@@ -307,15 +299,24 @@ class Store:
         with self.engine.begin() as db:
             db.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(**fields))
 
-    def request_cancel(self, job_id: str) -> bool:
-        """Ask the runner to stop a job; False if it had already ended."""
+    def request_cancel(self, job_id: str, reason: str = "cancelled on request") -> bool:
+        """Ask the runner to stop a job, saying who asked (the job's reason until it
+        stops); False if it had already ended."""
         with self.engine.begin() as db:
             done = db.execute(
                 update(t.jobs)
                 .where(t.jobs.c.id == job_id, t.jobs.c.state.not_in(FINAL))
-                .values(cancel_requested=True)
+                .values(cancel_requested=True, reason=reason)
             )
         return bool(done.rowcount)
+
+    def job_by_key(self, user: str, client_key: str) -> Job | None:
+        """The job `user` submitted with `client_key`, if any."""
+        with self.engine.connect() as db:
+            row = db.execute(
+                select(t.jobs).where(t.jobs.c.user == user, t.jobs.c.client_key == client_key)
+            ).first()
+        return _job(row) if row else None
 
     def events(self, job_id: str) -> list[Event]:
         with self.engine.connect() as db:

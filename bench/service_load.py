@@ -1,0 +1,436 @@
+"""Claim: the job service takes 1,000 submissions from 20 concurrent clients and stores each
+job exactly once, retries included.
+
+Starts a real ``corral server`` (a subprocess on a SQLite file, ``--port 0``) and, through
+its REST API as the admin it creates on first start, makes a team ``load`` with a user
+``loader``. Then ``--clients`` threads, each with its own ``httpx.Client``, submit ``--jobs``
+jobs in all, each with a unique ``client_key``. About ``--retry`` of the submissions are sent
+twice with the same key: half of them again after the reply (a client that lost it), half
+from a second connection at the same moment (a client that timed out and resent while the
+first request was still in flight), so two inserts race on the store's unique key. The
+clients run in this process, on the same cores as the server: their time is part of the
+latency measured, as it is for any client on the server's machine.
+
+Nothing trains. The point is the submit path (auth, spec validation, admission, insert)
+and the storage, not job processes: a pool of 1 CPU / 1 GiB, and a job of the admin's team
+``holder`` that holds all of it, written as ``running`` straight into the store (as a job
+run by another replica on the same database would look: no process of this server's), with
+a quota of 0 CPUs for ``holder`` so that the runner could not launch it in the instant
+before. Every submitted job asks for 1 CPU and 512 MiB: admissible (it fits the pool and the
+team's quota), so it is queued and stays queued. The runner still runs a scheduling pass
+over the growing queue every 0.5 s, as in production.
+
+Verifies, through ``GET /api/jobs?all_states=true`` as the admin and directly in the
+``jobs`` table of the same SQLite file, that every job is stored exactly once: ``--jobs``
+distinct jobs, no ``client_key`` twice, one ``submitted`` event each, and every retry
+answered with the job its key made.
+
+In the same run, the peer is the floor of the storage layer: the same inserts done directly
+through ``Store.add_job`` from ``--clients`` threads, no HTTP, on a fresh SQLite file, after
+the server has stopped. It also times the scheduling pass of ``bench/schedule_pass.py``
+(10,000 queued jobs of 100 teams; target < 100 ms), and the runner's pass on this store
+(``cluster_state()`` read from SQLite, then ``schedule()``), which ran every 0.5 s during
+the load.
+
+Run: ``.venv/bin/python bench/service_load.py`` (``--help`` for sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from sqlalchemy import func, select
+
+from corral.service import schema as t
+from corral.service.cluster import cluster_state
+from corral.service.resources import Resources
+from corral.service.scheduler import Policy, schedule
+from corral.service.store import Store, User
+
+sys.path.insert(0, str(Path(__file__).parent))
+import schedule_pass  # the scheduling bench: called, not copied
+
+#: The pool the server schedules: one job of the size below could run, were it free.
+POOL = Resources(cpus=1, memory_mib=1024, gpus=0)
+SPEC: dict[str, Any] = {
+    "entrypoint": "examples.digits:make_model",
+    "data": {"path": "data/train.parquet", "label": "y"},
+    "roles": {"worker": {"count": 1, "cpus": 1, "memory": "512m"}},
+}
+DEMAND = Resources(cpus=1, memory_mib=512, gpus=0)
+
+
+@dataclass
+class Sent:
+    key: str
+    kind: str  # "first", "retry after the reply", "racing retry"
+    ms: float
+    status: int
+    job_id: str | None
+
+
+def start_server(db: str, state_dir: Path, log: Path) -> tuple[subprocess.Popen[str], str, str]:
+    """`corral server` on a free port; returns it, its URL and the admin token it printed."""
+    argv = [sys.executable, "-m", "corral", "server", "--port", "0", "--db", db]
+    argv += ["--state-dir", str(state_dir), "--cpus", f"{POOL.cpus:g}"]
+    argv += ["--memory", f"{POOL.memory_mib}m", "--gpus", str(POOL.gpus)]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        with log.open("w") as out:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    token, deadline = None, time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        if line.strip().startswith("crl_"):
+            token = line.strip()
+        if m := re.match(r"corral server on (http://\S+)", line):
+            if token is None:
+                break
+            return proc, m.group(1), token
+    stop_server(proc, db, state_dir)
+    raise SystemExit(f"the server did not start; its output is in {log}:\n{log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen[str], db: str, state_dir: Path) -> int:
+    """Stop the server, then any job process it started (none should have); returns how
+    many jobs the store gives a pid (a process was started for them)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if not Path(db.removeprefix("sqlite:///")).exists():
+        return 0
+    store = Store(db)
+    try:
+        with store.engine.connect() as conn:
+            pids = list(conn.scalars(select(t.jobs.c.pid).where(t.jobs.c.pid.is_not(None))))
+    finally:
+        store.close()
+    for pid in pids:
+        try:  # only a job process of this run: its command line names our state folder
+            if str(state_dir).encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+        except OSError:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def setup(url: str, admin: str, db: str) -> str:
+    """Teams, users and the job that holds the pool; returns the loader's token."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}) as api:
+        for team in ("load", "holder"):
+            api.post("/api/admin/teams", json={"name": team}).raise_for_status()
+        made = api.post("/api/admin/users", json={"name": "loader", "team": "load"})
+        made.raise_for_status()
+        api.post("/api/admin/users", json={"name": "holder", "team": "holder"}).raise_for_status()
+        api.put("/api/admin/quotas/holder", json={"cpus": 0}).raise_for_status()
+    store = Store(db)
+    try:
+        job, _ = store.add_job(
+            user=User("holder", "holder", False), name="holder", spec=SPEC, demand=POOL
+        )
+        store.transition(job.id, ["queued"], "running", "holds the pool", started=time.time())
+    finally:
+        store.close()
+    return str(made.json()["token"])
+
+
+def plan(clients: int, jobs: int, retry: float, seed: int) -> list[list[tuple[str, str | None]]]:
+    """Per client: (client_key, retry kind or None), the jobs dealt round-robin."""
+    rng = random.Random(seed)
+    per: list[list[tuple[str, str | None]]] = [[] for _ in range(clients)]
+    racing = False
+    for n in range(jobs):
+        kind = None
+        if rng.random() < retry:
+            kind = "racing retry" if racing else "retry after the reply"
+            racing = not racing
+        per[n % clients].append((f"load-{n:05d}", kind))
+    return per
+
+
+def submit_all(url: str, token: str, work: list[list[tuple[str, str | None]]]) -> list[Sent]:
+    sent: list[Sent] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(work))
+
+    def post(api: httpx.Client, key: str, kind: str) -> Sent:
+        body = {"spec": {**SPEC, "name": key}, "client_key": key}
+        begin = time.perf_counter()
+        reply = api.post("/api/jobs", json=body)
+        ms = 1000 * (time.perf_counter() - begin)
+        job_id = reply.json().get("id") if reply.status_code == 201 else None
+        return Sent(key, kind, ms, reply.status_code, job_id)
+
+    def twin_post(api: httpx.Client, key: str, out: list[Sent]) -> None:
+        out.append(post(api, key, "racing retry"))
+
+    def client(mine: list[tuple[str, str | None]]) -> None:
+        headers = {"Authorization": f"Bearer {token}"}
+        with (
+            httpx.Client(base_url=url, headers=headers, timeout=60) as api,
+            httpx.Client(base_url=url, headers=headers, timeout=60) as second,
+        ):
+            done: list[Sent] = []
+            start.wait()
+            for key, kind in mine:
+                if kind == "racing retry":
+                    twin: list[Sent] = []
+                    other = threading.Thread(target=twin_post, args=(second, key, twin))
+                    other.start()
+                    done.append(post(api, key, "first"))
+                    other.join()
+                    done += twin
+                    continue
+                done.append(post(api, key, "first"))
+                if kind is not None:
+                    done.append(post(api, key, kind))
+            with lock:
+                sent.extend(done)
+
+    threads = [threading.Thread(target=client, args=(mine,)) for mine in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sent
+
+
+def floor(db: str, clients: int, jobs: int) -> tuple[float, list[float]]:
+    """The same inserts through `Store.add_job` from `clients` threads: wall s, latencies."""
+    store = Store(db)
+    store.create_team("load")
+    user, _ = store.create_user("loader", "load")
+    keys = [f"load-{n:05d}" for n in range(jobs)]
+    times: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def insert(mine: list[str]) -> None:
+        local = []
+        start.wait()
+        for key in mine:
+            begin = time.perf_counter()
+            store.add_job(
+                user=user, name=key, spec={**SPEC, "name": key}, demand=DEMAND, client_key=key
+            )
+            local.append(1000 * (time.perf_counter() - begin))
+        with lock:
+            times.extend(local)
+
+    threads = [threading.Thread(target=insert, args=(keys[c::clients],)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    begin = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - begin
+    assert store.count_jobs() == jobs
+    store.close()
+    return wall, times
+
+
+def verify_api(url: str, admin: str) -> list[dict[str, Any]]:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}) as api:
+        reply = api.get("/api/jobs", params={"all_states": "true", "limit": 10_000})
+        reply.raise_for_status()
+    return [j for j in reply.json() if j["user"] == "loader"]
+
+
+def verify_store(db: str) -> tuple[int, int, int, int, int]:
+    """Loader's jobs, distinct client keys, keys stored more than once, 'submitted' events,
+    jobs no longer queued."""
+    store = Store(db)
+    try:
+        with store.engine.connect() as conn:
+            mine = t.jobs.c.user == "loader"
+            rows = conn.scalar(select(func.count()).select_from(t.jobs).where(mine))
+            keys = conn.scalar(select(func.count(func.distinct(t.jobs.c.client_key))).where(mine))
+            twice = conn.scalar(
+                select(func.count()).select_from(
+                    select(t.jobs.c.client_key)
+                    .where(mine)
+                    .group_by(t.jobs.c.client_key)
+                    .having(func.count() > 1)
+                    .subquery()
+                )
+            )
+            events = conn.scalar(
+                select(func.count())
+                .select_from(t.events.join(t.jobs, t.events.c.job == t.jobs.c.id))
+                .where(mine, t.events.c.reason == "submitted")
+            )
+            left = conn.scalar(
+                select(func.count()).select_from(t.jobs).where(mine, t.jobs.c.state != "queued")
+            )
+    finally:
+        store.close()
+    return int(rows or 0), int(keys or 0), int(twice or 0), int(events or 0), int(left or 0)
+
+
+def runner_pass(db: str, passes: int) -> tuple[float, float, int]:
+    """The runner's pass on the loaded store: read the cluster state, then schedule."""
+    store = Store(db)
+    try:
+        return schedule_pass.timed(
+            lambda: len(schedule(cluster_state(store, POOL), time.time(), Policy())), passes
+        )
+    finally:
+        store.close()
+
+
+def pct(values: list[float]) -> tuple[float, float, float, float]:
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return float(p50), float(p95), float(p99), max(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--retry", type=float, default=0.05, help="share of submissions resent")
+    parser.add_argument("--passes", type=int, default=10, help="timed scheduling passes")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    work = plan(args.clients, args.jobs, args.retry, args.seed)
+    with tempfile.TemporaryDirectory(prefix="corral-load-") as tmp:
+        db, state_dir = f"sqlite:///{tmp}/service.db", Path(tmp, "state")
+        proc, url, admin = start_server(db, state_dir, Path(tmp, "server.log"))
+        try:
+            token = setup(url, admin, db)
+            begin = time.perf_counter()
+            sent = submit_all(url, token, work)
+            wall = time.perf_counter() - begin
+            listed = verify_api(url, admin)
+        finally:
+            started = stop_server(proc, db, state_dir)
+        rows, keys, twice, events, left = verify_store(db)
+        ours_pass = runner_pass(db, args.passes)
+        floor_wall, floor_ms = floor(f"sqlite:///{tmp}/floor.db", args.clients, args.jobs)
+    typical = schedule_pass.build(10_000, 100, args.seed)
+    big_pass = schedule_pass.timed(
+        lambda: len(schedule(typical, schedule_pass.NOW, Policy())), args.passes
+    )
+
+    failed = [s for s in sent if s.status != 201]
+    by_key: dict[str, set[str | None]] = {}
+    for s in sent:
+        by_key.setdefault(s.key, set()).add(s.job_id)
+    retries = [s for s in sent if s.kind != "first"]
+    racing = sum(s.kind == "racing retry" for s in retries)
+    same_job = all(len(ids) == 1 for ids in by_key.values())
+    listed_ids = {j["id"] for j in listed}
+    answered = {next(iter(ids)) for ids in by_key.values() if len(ids) == 1}
+    once = (
+        not failed
+        and same_job
+        and len(listed) == len(listed_ids) == args.jobs
+        and listed_ids == answered
+        and rows == keys == events == args.jobs
+        and twice == 0
+    )
+
+    print(
+        f"\n{platform.node()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
+        f"`corral server` on SQLite, {args.clients} client threads, {args.jobs} jobs "
+        f"+ {len(retries)} retries ({racing} racing the first request)\n"
+    )
+    print(
+        "| path | wall s | jobs/s | requests/s | p50 ms | p95 ms | p99 ms | max ms |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    ours = pct([s.ms for s in sent])
+    base = pct(floor_ms)
+    print(
+        f"| ours: POST /api/jobs, {args.clients} clients over HTTP | {wall:.2f} | "
+        f"{args.jobs / wall:.0f} | {len(sent) / wall:.0f} | "
+        + " | ".join(f"{v:.1f}" for v in ours)
+        + " |"
+    )
+    print(
+        f"| floor: `Store.add_job`, {args.clients} threads, no HTTP | {floor_wall:.2f} | "
+        f"{args.jobs / floor_wall:.0f} | {args.jobs / floor_wall:.0f} | "
+        + " | ".join(f"{v:.1f}" for v in base)
+        + " |"
+    )
+    print(
+        f"| ratio ours / floor | {wall / floor_wall:.1f}× | | | "
+        + " | ".join(f"{a / b:.1f}×" for a, b in zip(ours, base, strict=True))
+        + " |"
+    )
+
+    yes = {True: "yes", False: "no"}
+    print("\n| check | result |\n|---|---|")
+    print(f"| requests answered 201 | {len(sent) - len(failed)} of {len(sent)} |")
+    print(f"| every retry answered with the job its key made | {yes[same_job]} |")
+    print(
+        f"| GET /api/jobs?all_states=true (admin): loader's jobs, distinct ids | "
+        f"{len(listed)}, {len(listed_ids)} |"
+    )
+    print(
+        f"| `jobs` table: rows, distinct client keys, keys stored twice, "
+        f"'submitted' events | {rows}, {keys}, {twice}, {events} |"
+    )
+    print(f"| jobs that left the queue; job processes the server started | {left}; {started} |")
+    print(f"| **stored exactly once** | **{yes[once]}** |")
+
+    print("\n| scheduling pass | target | median ms | worst ms | launches |")
+    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| `schedule()`, 10,000 queued jobs of 100 teams (bench/schedule_pass.py) | < 100 ms | "
+        f"{big_pass[0]:.1f} | {big_pass[1]:.1f} | {big_pass[2]} |"
+    )
+    print(
+        f"| runner's pass on this store: `cluster_state()` from SQLite + `schedule()`, "
+        f"{args.jobs} queued | | {ours_pass[0]:.1f} | {ours_pass[1]:.1f} | {ours_pass[2]} |"
+    )
+    if failed:
+        print(f"\nfailed requests (first 5): {[(s.key, s.kind, s.status) for s in failed[:5]]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""The service's commands against a real ``corral server`` subprocess, with a login (a
+credentials file) per user. Submitting, following logs and a refused login run as
+``corral`` processes, exactly as a user types them; the other commands run in this
+process through typer's runner, to keep the module well under a minute."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+from conftest import blobs
+from typer.testing import CliRunner
+
+from corral.cli import app
+from corral.service.client import CONFIG_ENV, Client, ServiceError, load_credentials
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Server:
+    url: str
+    admin_token: str
+    root: Path
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def corral(*args: str, config: Path, stdin: str | None = None) -> Ran:
+    """``corral ARGS`` in this process (fast: no interpreter and torch to start each time).
+    An exception that escaped the command fails the test, as a stack trace would show."""
+    result = CliRunner().invoke(app, list(args), input=stdin, env={CONFIG_ENV: str(config)})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def corral_process(*args: str, config: Path) -> Ran:
+    """``corral ARGS`` as its own process, exactly as a user runs it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        env={**os.environ, CONFIG_ENV: str(config)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def _stop_jobs(state_dir: Path) -> None:
+    """Kill the job processes the server started (each leads a process group of its own)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"corral.service.job" in cmdline and str(state_dir).encode() in cmdline:
+                os.killpg(int(proc.name), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("service")
+    state = root / "state"
+    with (root / "server.err").open("w") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "corral",
+                "server",
+                "--port",
+                "0",
+                "--db",
+                f"sqlite:///{root}/db.sqlite",
+                "--state-dir",
+                str(state),
+                "--cpus",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        seen: list[str] = []
+        while True:
+            line = lines.get(timeout=120)
+            if line is None:
+                pytest.fail(f"the server ended: {''.join(seen)}{(root / 'server.err').read_text()}")
+            seen.append(line)
+            if line.startswith("corral server on "):
+                break
+        url = line.split()[3]
+        token = next(s.strip() for s in seen if s.strip().startswith("crl_"))
+        yield Server(url=url, admin_token=token, root=root)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        _stop_jobs(state)
+
+
+@dataclass
+class World:
+    """What the admin set up: a config (logged in) for each user, and the outputs."""
+
+    admin: Path
+    ada: Path
+    bob: Path
+    setup: dict[str, Ran]
+
+
+@pytest.fixture(scope="module")
+def world(server: Server) -> World:
+    root = server.root
+    admin, ada, bob = root / "admin.json", root / "ada" / "creds.json", root / "bob.json"
+    out: dict[str, Ran] = {}
+    out["login"] = corral("login", server.url, config=admin, stdin=server.admin_token + "\n")
+    out["team"] = corral("admin", "teams", "add", "vision", config=admin)
+    out["team2"] = corral("admin", "teams", "add", "nlp", "--json", config=admin)
+    out["ada"] = corral("admin", "users", "add", "ada", "--team", "vision", config=admin)
+    out["bob"] = corral("admin", "users", "add", "bob", "--team", "nlp", "--json", config=admin)
+    out["quota"] = corral(
+        "admin", "quota", "set", "vision", "--cpus", "2", "--memory", "4g", config=admin
+    )
+    for name, done in out.items():
+        assert done.returncode == 0, f"{name}: {done.stderr}"
+    ada_token = re.search(r"shown only this once:\n\s+(crl_\S+)", out["ada"].stdout)
+    assert ada_token is not None, out["ada"].stdout
+    bob_token = json.loads(out["bob"].stdout)["token"]
+    out["ada_login"] = corral("login", server.url, "--token", ada_token[1], config=ada)
+    out["bob_login"] = corral("login", server.url, "--token", "-", config=bob, stdin=bob_token)
+    assert out["ada_login"].returncode == 0 and out["bob_login"].returncode == 0
+    return World(admin=admin, ada=ada, bob=bob, setup=out)
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny job (300 rows, 1 worker, 1 epoch) whose paths are relative to its folder."""
+    folder = tmp_path_factory.mktemp("job")
+    x, y = blobs(300)
+    pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "y": y}).to_parquet(folder / "train.parquet")
+    (folder / "model.py").write_text(
+        textwrap.dedent("""
+        import torch
+        def make():
+            layers = [torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)]
+            return torch.nn.Sequential(*layers)
+        """)
+    )
+    (folder / "job.yaml").write_text(
+        textwrap.dedent("""
+        name: tiny
+        entrypoint: model.py:make
+        data: {path: train.parquet, features: [a, b], label: y}
+        optimizer: {name: sgd, lr: 0.1}
+        epochs: 1
+        batch_size: 32
+        """)
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def submitted(world: World, job_dir: Path) -> tuple[str, Ran]:
+    """Ada's tiny job, submitted from another folder: its id, and what submit printed."""
+    done = corral_process("submit", str(job_dir / "job.yaml"), config=world.ada)
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"as job ([0-9a-f]+): (\S+)", done.stdout)
+    assert found is not None, done.stdout
+    return found[1], done
+
+
+def test_a_wrong_token_or_no_server_is_one_line(server: Server, tmp_path: Path) -> None:
+    config = tmp_path / "creds.json"
+    wrong = corral_process("login", server.url, "--token", "crl_" + "x" * 43, config=config)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert f"not logged in or token not valid: corral login {server.url}" in wrong.stderr
+    assert not config.exists()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = corral("login", f"127.0.0.1:{port}", "--token", "crl_x", config=config)
+    assert down.returncode == 1 and "Traceback" not in down.stderr
+    assert f"cannot reach the corral server at http://127.0.0.1:{port}: is it running?" in (
+        down.stderr
+    )
+    nobody = corral("jobs", config=config)
+    assert nobody.returncode == 1 and "not logged in: corral login URL" in nobody.stderr
+
+
+def test_the_admin_sets_up_teams_users_and_a_quota(server: Server, world: World) -> None:
+    setup = world.setup
+    assert "as admin (team admin, admin)" in setup["login"].stdout
+    assert f"token for {server.url}:" in setup["login"].stderr  # the prompt, unechoed
+    assert server.admin_token not in setup["login"].stdout + setup["login"].stderr
+    assert json.loads(setup["team2"].stdout) == ["admin", "nlp", "vision"]
+    assert "created user 'ada' (team 'vision')" in setup["ada"].stdout
+    assert "quota of team vision: 2 CPUs, 4 GiB of memory, no cap on GPUs" in (
+        setup["quota"].stdout
+    )
+    users = corral("admin", "users", "--json", config=world.admin)
+    assert {(u["name"], u["team"]) for u in json.loads(users.stdout)} >= {
+        ("ada", "vision"),
+        ("bob", "nlp"),
+    }
+    # the login is saved for its owner only, and never shown
+    assert (world.ada.stat().st_mode & 0o777) == 0o600
+    assert load_credentials(world.ada).url == server.url
+    assert "crl_" not in setup["ada_login"].stdout + setup["ada_login"].stderr
+    again = corral("admin", "teams", "add", "vision", config=world.admin)
+    assert again.returncode == 1 and "team 'vision' already exists" in again.stderr
+    denied = corral("admin", "teams", config=world.ada)
+    assert denied.returncode == 1 and "error: only admins may do this" in denied.stderr
+
+
+def test_submit_prints_the_id_and_url(server: Server, submitted) -> None:
+    job_id, done = submitted
+    assert f"submitted tiny as job {job_id}: {server.url}/jobs/{job_id}" in done.stdout
+
+
+def test_quota_shows_the_teams_caps(world: World, submitted) -> None:
+    table = corral("quota", config=world.ada)
+    assert table.returncode == 0, table.stderr
+    assert "team vision" in table.stdout and "4 GiB" in table.stdout
+    q = json.loads(corral("quota", "--json", config=world.ada).stdout)
+    assert q["team"] == "vision"
+    assert q["quota"] == {"cpus": 2.0, "memory_mib": 4096, "gpus": None}
+
+
+def test_a_wrong_field_is_one_line_naming_it(server: Server, world: World, job_dir: Path) -> None:
+    bad = job_dir / "bad.yaml"
+    bad.write_text((job_dir / "job.yaml").read_text().replace("epochs: 1", "epochz: 1"))
+    local = corral("submit", str(bad), config=world.ada)
+    assert local.returncode == 1 and "Traceback" not in local.stderr
+    assert "epochz: unknown field" in local.stderr  # as corral train says it
+    priority = corral("submit", str(job_dir / "job.yaml"), "--priority", "5000", config=world.ada)
+    assert priority.returncode == 1 and "Traceback" not in priority.stderr
+    assert "error: priority: Input should be less than or equal to 1000" in priority.stderr
+    # what the server says of a spec the CLI did not check first: a 422 naming the field
+    creds = load_credentials(world.ada)
+    with Client(creds.url, creds.token) as client, pytest.raises(ServiceError) as refused:
+        client.submit({"entrypoint": "m:f", "data": {"path": "x", "label": "y"}, "epochs": 0})
+    assert "epochs: Input should be greater than or equal to 1" in str(refused.value)
+
+
+def test_a_retried_submit_is_stored_once(server: Server, world: World, job_dir: Path) -> None:
+    """The first answer is lost on the way back: the retry returns the job it made."""
+    sent: list[str] = []
+
+    class LoseFirstAnswer(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            response = super().handle_request(request)
+            if request.method == "POST" and not sent:
+                response.read()
+                sent.append(json.loads(response.content)["id"])
+                raise httpx.ReadError("connection reset", request=request)
+            return response
+
+    creds = load_credentials(world.bob)
+    spec = {"entrypoint": "m:f", "data": {"path": "x", "label": "y"}, "name": "twice"}
+    with Client(creds.url, creds.token, transport=LoseFirstAnswer()) as client:
+        job = client.submit(spec)
+        client.cancel(job.id)
+        mine = client.jobs(all_states=True)
+    assert sent == [job.id]
+    assert [j.id for j in mine if j.name == "twice"] == [job.id]
+
+
+def test_another_teams_job_is_no_job(world: World, submitted) -> None:
+    job_id, _ = submitted
+    for command in ("status", "logs", "cancel"):
+        done = corral(command, job_id, config=world.bob)
+        assert done.returncode == 1, done.stdout
+        assert f"error: no job '{job_id}'" in done.stderr
+
+
+def test_logs_follow_the_job_to_its_end(world: World, submitted) -> None:
+    job_id, _ = submitted
+    follow = corral_process("logs", "-f", job_id, config=world.ada)
+    assert follow.returncode == 0, follow.stderr
+    assert "done: " in follow.stdout and '"loss"' in follow.stdout
+    pages = [
+        json.loads(line)
+        for line in corral("logs", job_id, "--json", config=world.ada).stdout.splitlines()
+    ]
+    assert pages[-1]["final"] is True
+    assert [line for p in pages for line in p["lines"]] == follow.stdout.splitlines()
+
+
+def test_status_jobs_and_cancel_of_an_ended_job(world: World, submitted, job_dir: Path) -> None:
+    job_id, _ = submitted
+    corral("logs", "-f", job_id, config=world.ada)  # to its end
+    status = corral("status", job_id, config=world.ada)
+    assert status.returncode == 0, status.stderr
+    assert "succeeded: finished" in status.stdout
+    timeline = status.stdout[status.stdout.index("timeline") :]
+    assert re.search(
+        r"queued\s+submitted.*running\s+launched.*succeeded\s+finished", timeline, re.S
+    )
+    detail = json.loads(corral("status", job_id, "--json", config=world.ada).stdout)
+    assert [e["state"] for e in detail["events"]] == ["queued", "running", "succeeded"]
+    # the paths were resolved against the job file's folder, for the server
+    assert detail["spec"]["entrypoint"] == f"{job_dir.resolve()}/model.py:make"
+    assert detail["spec"]["data"]["path"] == str(job_dir.resolve() / "train.parquet")
+
+    listed = corral("jobs", "--all-states", config=world.ada)
+    assert re.search(rf"{job_id}\s+tiny\s+ada\s+vision\s+succeeded", listed.stdout), listed.stdout
+    active = json.loads(corral("jobs", "--json", config=world.ada).stdout)
+    assert job_id not in [j["id"] for j in active]
+    ended = json.loads(corral("jobs", "--state", "succeeded", "--json", config=world.ada).stdout)
+    assert [j["id"] for j in ended] == [job_id]
+    wrong = corral("jobs", "--state", "done", config=world.ada)
+    assert wrong.returncode == 1 and "--state: no state 'done'" in wrong.stderr
+
+    cancel = corral("cancel", job_id, config=world.ada)
+    assert cancel.returncode == 0, cancel.stderr
+    assert "had already ended (succeeded): nothing to cancel" in cancel.stdout
+    after = json.loads(corral("cancel", job_id, "--json", config=world.ada).stdout)
+    assert after["state"] == "succeeded"

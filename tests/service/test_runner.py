@@ -1,0 +1,241 @@
+"""The runner with real job processes: success, cancel, restarts, and a server that is
+SIGKILLed and started again while a job runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import alive, wait_until
+
+from corral.service.resources import Resources
+from corral.service.runner import Runner
+from corral.service.store import Store
+
+pytestmark = pytest.mark.slow
+
+POOL = Resources(cpus=4, memory_mib=8192, gpus=0)
+
+
+def job_spec(folder: Path, *, epochs: int = 2, gate: Path | None = None, **extra) -> dict:
+    """A tiny real training job. With `gate`, every step waits until that file exists, so a
+    test decides when the job may finish without racing it."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    frame = pd.DataFrame({"a": rng.normal(size=200) + 3 * y, "b": rng.normal(size=200), "y": y})
+    frame.to_parquet(folder / "train.parquet")
+    wait = (
+        f"\n                while not os.path.exists({str(gate)!r}):"
+        "\n                    time.sleep(0.05)"
+        if gate
+        else ""
+    )
+    (folder / "model.py").write_text(
+        textwrap.dedent(f"""
+        import os, time
+        import torch
+
+        class Gated(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                layers = [torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)]
+                self.net = torch.nn.Sequential(*layers)
+
+            def forward(self, x):{wait}
+                return self.net(x)
+
+        def make():
+            return Gated()
+
+        def broken():
+            raise RuntimeError("this model cannot be built")
+        """)
+    )
+    return {
+        "name": "tiny",
+        "entrypoint": f"{folder / 'model.py'}:make",
+        "data": {"path": str(folder / "train.parquet"), "features": ["a", "b"], "label": "y"},
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "epochs": epochs,
+        "batch_size": 32,
+        **extra,
+    }
+
+
+@pytest.fixture
+def service(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_team("vision")
+    user, _ = store.create_user("ada", "vision")
+    runner = Runner(store, pool=POOL, state_dir=tmp_path / "state", interval=0.2)
+    runner.start()
+    yield store, runner, user
+    runner.stop(stop_jobs=True)
+    store.close()
+
+
+ONE_CPU = Resources(cpus=1, memory_mib=1024)
+
+
+def submit(store, user, spec, demand=ONE_CPU):
+    return store.add_job(
+        user=user,
+        name=spec["name"],
+        spec=spec,
+        demand=demand,
+        max_restarts=spec.get("max_restarts", 0),
+    )[0]
+
+
+def states(store, job_id) -> list[str]:
+    return [e.state for e in store.events(job_id)]
+
+
+def test_a_job_runs_to_success_with_its_logs_and_metrics_stored(service, tmp_path):
+    store, _, user = service
+    job = submit(store, user, job_spec(tmp_path))
+    wait_until(lambda: store.job(job.id).final, 120, "the job to end")
+    assert store.job(job.id).state == "succeeded", store.tail(job.id, 30)
+    assert states(store, job.id) == ["queued", "running", "succeeded"]
+    assert any(line.startswith("done:") for line in store.logs(job.id).lines)
+    epochs = [m for m in store.metrics(job.id) if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [1, 2]
+
+
+def test_cancel_stops_every_process_of_the_job_within_5_seconds(service, tmp_path):
+    store, _, user = service
+    job = submit(store, user, job_spec(tmp_path, gate=tmp_path / "never"))
+    wait_until(
+        lambda: (
+            any(m["kind"] == "progress" for m in store.metrics(job.id))
+            or len(store.logs(job.id).lines) > 0
+            or store.job(job.id).state == "running"
+        ),
+        60,
+        "the job to run",
+    )
+    wait_until(lambda: store.job(job.id).pid is not None, 30, "its pid")
+    pid = store.job(job.id).pid
+    assert store.request_cancel(job.id)
+    wait_until(lambda: store.job(job.id).state == "cancelled", 5, "the job to be cancelled")
+    wait_until(lambda: not alive(pid), 1, "its process to be gone")
+    group = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True)
+    assert group.stdout.strip() == ""  # workers too: the whole process group
+
+
+def test_a_failing_job_restarts_up_to_max_restarts_then_fails_with_its_reason(service, tmp_path):
+    store, _, user = service
+    spec = job_spec(tmp_path, max_restarts=1)
+    spec["entrypoint"] = spec["entrypoint"].replace(":make", ":broken")
+    job = submit(store, user, spec)
+    wait_until(lambda: store.job(job.id).final, 120, "the job to end")
+    done = store.job(job.id)
+    assert done.state == "failed" and done.attempts == 2
+    assert states(store, job.id) == ["queued", "running", "restarting", "running", "failed"]
+    assert "this model cannot be built" in done.reason
+
+
+def test_a_job_waits_until_all_of_it_fits_then_starts(service, tmp_path):
+    store, _, user = service
+    gate = tmp_path / "go"
+    first = submit(store, user, job_spec(tmp_path, gate=gate), demand=Resources(cpus=3))
+    wait_until(lambda: store.job(first.id).state == "running", 60, "the first job to run")
+    second = submit(store, user, job_spec(tmp_path), demand=Resources(cpus=2))  # 1 of 4 free
+    wait_until(lambda: "1 of 2 CPUs" in store.job(second.id).reason or True, 1, "a pass")
+    assert store.job(second.id).state == "queued"  # never half a job
+    gate.touch()
+    wait_until(lambda: store.job(second.id).final, 120, "the second job to end")
+    assert store.job(second.id).state == "succeeded"
+    assert store.job(second.id).started >= store.job(first.id).ended
+
+
+# -- a real server, SIGKILLed and started again --------------------------------------------
+
+
+def start_server(tmp_path: Path) -> tuple[subprocess.Popen[str], str, str | None]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "corral",
+            "server",
+            "--port",
+            "0",
+            "--cpus",
+            "4",
+            "--db",
+            f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    token = None
+    for line in proc.stdout:
+        if line.strip().startswith("crl_"):
+            token = line.strip()
+        if line.startswith("corral server on "):
+            return proc, line.split()[3], token
+    raise AssertionError(f"the server did not start: exit {proc.wait()}")
+
+
+def test_a_killed_server_reattaches_to_a_running_job_and_restarts_a_dead_one(tmp_path):
+    import httpx
+
+    gate = tmp_path / "go"
+    server, url, admin = start_server(tmp_path)
+    pids: list[int] = []
+    try:
+        auth = {"Authorization": f"Bearer {admin}"}
+        jobs = []
+        for i in range(2):
+            folder = tmp_path / f"job{i}"
+            folder.mkdir()
+            spec = job_spec(folder, gate=gate, epochs=1)
+            spec["checkpoint"] = {"every": 1}
+            made = httpx.post(f"{url}/api/jobs", json={"spec": spec}, headers=auth, timeout=30)
+            assert made.status_code == 201, made.text
+            jobs.append(made.json()["id"])
+
+        def job(i):
+            return httpx.get(f"{url}/api/jobs/{jobs[i]}", headers=auth, timeout=30).json()
+
+        wait_until(lambda: all(job(i)["state"] == "running" for i in range(2)), 60, "both to run")
+        store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+        pids = [store.job(j).pid for j in jobs]
+        wait_until(lambda: all(alive(p) for p in pids), 10, "their processes")
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        os.killpg(pids[1], signal.SIGKILL)  # job 1 dies while no server watches it
+        wait_until(lambda: not alive(pids[1]), 10, "job 1 to die")
+
+        server, url, _ = start_server(tmp_path)
+        wait_until(
+            lambda: job(1)["state"] == "running" and job(1)["attempts"] == 2, 60, "job 1 to restart"
+        )
+        gate.touch()
+        wait_until(
+            lambda: all(job(i)["state"] == "succeeded" for i in range(2)), 120, "both to succeed"
+        )
+        reasons = [[e["reason"] for e in job(i)["events"]] for i in range(2)]
+        assert "re-attached after the server restarted" in reasons[0]
+        assert job(0)["attempts"] == 1  # the same process went on: never run twice
+        assert any("its process was gone after the server restarted" in r for r in reasons[1])
+        assert store.count_jobs() == 2
+        store.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        for pid in pids:
+            if pid and alive(pid):
+                os.killpg(pid, signal.SIGKILL)
