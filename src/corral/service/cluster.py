@@ -43,7 +43,7 @@ def machine_pool() -> Resources:
 def cluster_state(store: Store, pool: Resources) -> ClusterState:
     """One pass's input, read from the store: running jobs hold resources, queued wait."""
     running, queued = [], []
-    for job in store.jobs(states=["queued", "running", "restarting"]):
+    for job in store.jobs(states=["queued", "running", "restarting"], with_spec=False):
         if job.state == "queued":
             queued.append(
                 QueuedJob(

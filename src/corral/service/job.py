@@ -35,7 +35,7 @@ def _report_to(path: Path) -> Any:
         if metrics and metrics.get("kind") in ("epoch", "progress"):
             out.write(json.dumps({"time": time.time(), **metrics}) + "\n")
         if metrics and metrics.get("kind") == "epoch":
-            epoch = f"epoch {metrics['epoch']}/{metrics['epochs']}"
+            epoch = f"epoch {int(metrics['epoch'])}/{int(metrics['epochs'])}"
             print(f"{epoch} {format_metrics(metrics)}", flush=True)
 
     return report

@@ -256,9 +256,12 @@ class Store:
         states: Sequence[str] | None = None,
         user: str | None = None,
         limit: int | None = None,
+        with_spec: bool = True,
     ) -> list[Job]:
-        """Jobs, newest first, narrowed by team, states and user."""
-        query = select(t.jobs).order_by(t.jobs.c.submitted.desc(), t.jobs.c.id)
+        """Jobs, newest first, narrowed by team, states and user. Without `with_spec`,
+        their specs are left unread (``{}``): a scheduling pass needs none of them."""
+        columns = [c for c in t.jobs.c if with_spec or c.name != "spec"]
+        query = select(*columns).order_by(t.jobs.c.submitted.desc(), t.jobs.c.id)
         if team is not None:
             query = query.where(t.jobs.c.team == team)
         if states is not None:
@@ -373,7 +376,7 @@ def _job(row: Any) -> Job:
         team=row.team,
         state=row.state,
         priority=row.priority,
-        spec=dict(row.spec),
+        spec=dict(getattr(row, "spec", None) or {}),
         demand=Resources(cpus=row.cpus, memory_mib=row.memory_mib, gpus=row.gpus),
         attempts=row.attempts,
         max_restarts=row.max_restarts,
