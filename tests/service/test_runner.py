@@ -239,3 +239,43 @@ def test_a_killed_server_reattaches_to_a_running_job_and_restarts_a_dead_one(tmp
         for pid in pids:
             if pid and alive(pid):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_high_priority_job_preempts_a_preemptible_one_which_then_resumes(tmp_path):
+    from corral.service.scheduler import Policy
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_team("vision")
+    user, _ = store.create_user("ada", "vision")
+    runner = Runner(
+        store,
+        pool=POOL,
+        state_dir=tmp_path / "state",
+        interval=0.2,
+        policy=Policy(preemption=True),
+    )
+    runner.start()
+    try:
+        gate = tmp_path / "go"
+        low = store.add_job(
+            user=user,
+            name="low",
+            spec=job_spec(tmp_path, gate=gate),
+            demand=Resources(cpus=3),
+            preemptible=True,
+        )[0]
+        wait_until(lambda: store.job(low.id).state == "running", 60, "the low job to run")
+        high = store.add_job(
+            user=user, name="high", spec=job_spec(tmp_path), demand=Resources(cpus=3), priority=5
+        )[0]
+        wait_until(lambda: store.job(high.id).final, 120, "the high job to end")
+        assert store.job(high.id).state == "succeeded"
+        gate.touch()
+        wait_until(lambda: store.job(low.id).final, 120, "the low job to end")
+        events = store.events(low.id)
+        assert [e.state for e in events] == ["queued", "running", "queued", "running", "succeeded"]
+        assert events[2].reason.startswith("preempted")
+        assert store.job(low.id).attempts == 2
+    finally:
+        runner.stop(stop_jobs=True)
+        store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,35 @@ def test_jobs_are_listed_by_team_state_and_user(store):
     assert [j.name for j in store.jobs(team="vision")] == ["a"]
     assert [j.name for j in store.jobs(states=["queued"])] == ["b"]
     assert [j.name for j in store.jobs(user="bob")] == ["b"]
+
+
+def test_a_database_of_the_first_schema_is_migrated_with_its_jobs(store_url):
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from corral.service import store as store_module
+
+    engine = store_module._engine(store_url)
+    config = Config()
+    config.set_main_option(
+        "script_location", str(Path(store_module.__file__).parent / "migrations")
+    )
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(text("INSERT INTO teams VALUES ('vision', 0)"))
+        connection.execute(text("INSERT INTO users VALUES ('ada', 'vision', false, 'h', 0)"))
+        connection.execute(
+            text(
+                'INSERT INTO jobs (id, name, "user", team, state, priority, spec, cpus,'
+                " memory_mib, gpus, attempts, max_restarts, submitted, reason,"
+                " cancel_requested) VALUES ('abc', 'old', 'ada', 'vision', 'queued', 0, '{}',"
+                " 1, 512, 0, 0, 0, 1.0, 'submitted', false)"
+            )
+        )
+    engine.dispose()
+    migrated = Store(store_url)  # opening brings the schema to the newest revision
+    old = migrated.job("abc")
+    assert old.name == "old" and old.preemptible is False and old.expected_runtime is None
+    migrated.close()

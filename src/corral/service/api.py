@@ -174,6 +174,8 @@ def router() -> APIRouter:
             priority=body.priority,
             max_restarts=spec.max_restarts,
             client_key=body.client_key,
+            preemptible=body.preemptible,
+            expected_runtime=body.expected_runtime_s,
         )
         return JobOut.of(job, base_url(request))
 

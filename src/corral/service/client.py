@@ -184,11 +184,23 @@ class Client:
         return self._call(Me, "GET", "/me")
 
     def submit(
-        self, spec: dict[str, Any], *, priority: int = 0, client_key: str | None = None
+        self,
+        spec: dict[str, Any],
+        *,
+        priority: int = 0,
+        preemptible: bool = False,
+        expected_runtime_s: float | None = None,
+        client_key: str | None = None,
     ) -> JobOut:
         """Queue a job. A connection error is retried once with the same `client_key`, so a
         submission whose answer was lost is still stored once."""
-        body = {"spec": spec, "priority": priority, "client_key": client_key or uuid.uuid4().hex}
+        body = {
+            "spec": spec,
+            "priority": priority,
+            "preemptible": preemptible,
+            "expected_runtime_s": expected_runtime_s,
+            "client_key": client_key or uuid.uuid4().hex,
+        }
         try:
             return self._call(JobOut, "POST", "/jobs", json=body)
         except _Unreachable:

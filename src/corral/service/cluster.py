@@ -53,6 +53,7 @@ def cluster_state(store: Store, pool: Resources) -> ClusterState:
                     demand=job.demand,
                     submitted=job.submitted,
                     priority=job.priority,
+                    expected_runtime=job.expected_runtime,
                 )
             )
         else:
@@ -63,6 +64,10 @@ def cluster_state(store: Store, pool: Resources) -> ClusterState:
                     demand=job.demand,
                     started=job.started or time.time(),
                     priority=job.priority,
+                    preemptible=job.preemptible,
+                    expected_end=(job.started or time.time()) + job.expected_runtime
+                    if job.expected_runtime
+                    else None,
                 )
             )
     return ClusterState(pool=pool, quotas=store.quotas(), running=running, queued=queued)

@@ -189,6 +189,12 @@ def _loopback(url: str) -> bool:
 def submit(
     job: Annotated[Path, typer.Argument(help="YAML job spec, as for corral train")],
     priority: Annotated[int, typer.Option(help="higher runs first within your team")] = 0,
+    preemptible: Annotated[
+        bool, typer.Option(help="may be stopped and requeued for a higher-priority job")
+    ] = False,
+    expected_runtime: Annotated[
+        float | None, typer.Option(help="seconds it should run: lets it backfill holes")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Submit a YAML job to the server; paths in it are relative to the file's folder."""
@@ -198,7 +204,12 @@ def submit(
         from corral.spec import load_spec
 
         spec = load_spec(job)
-        return client.submit(portable_spec(spec, job.resolve().parent), priority=priority)
+        return client.submit(
+            portable_spec(spec, job.resolve().parent),
+            priority=priority,
+            preemptible=preemptible,
+            expected_runtime_s=expected_runtime,
+        )
 
     def render(made: JobOut) -> None:
         _out().print(f"submitted {made.name} as job {made.id}: {made.url}", markup=False)

@@ -25,6 +25,12 @@ class SubmitRequest(_Body):
     priority: int = Field(
         0, ge=-1000, le=1000, strict=True, description="higher runs first in its team"
     )
+    preemptible: bool = Field(
+        False, description="may be stopped and requeued (it resumes from its checkpoint)"
+    )
+    expected_runtime_s: float | None = Field(
+        None, gt=0, le=10**8, description="how long it should run: lets it backfill holes"
+    )
     client_key: str | None = Field(
         None,
         min_length=1,
@@ -54,6 +60,7 @@ class JobOut(BaseModel):
     started: float | None
     ended: float | None
     reason: str
+    preemptible: bool
     url: str
 
     @classmethod
@@ -73,6 +80,7 @@ class JobOut(BaseModel):
             started=job.started,
             ended=job.ended,
             reason=job.reason,
+            preemptible=job.preemptible,
             url=f"{base_url}/jobs/{job.id}",
         )
 

@@ -1,4 +1,5 @@
-"""The service's tables, as SQLAlchemy Core metadata (the Alembic migrations create them).
+"""The service's tables, as SQLAlchemy Core metadata: the schema the newest Alembic
+migration (``migrations/versions``) leaves.
 
 A job row holds its spec as validated JSON and its whole-job demand (the scheduler's unit),
 so a scheduling pass reads one table. Every change of a job's state is also a row of
@@ -77,6 +78,10 @@ jobs = Table(
     Column("cancel_requested", Boolean, nullable=False, default=False),
     # the client's key for this submission: a retried POST finds the job it made
     Column("client_key", String(64), nullable=True),
+    # may be stopped (after its last checkpoint) and requeued for a higher-priority job
+    Column("preemptible", Boolean, nullable=False, default=False),
+    # seconds the submitter expects it to run: lets backfill start it in a hole
+    Column("expected_runtime", Float, nullable=True),
     UniqueConstraint("user", "client_key", name="jobs_user_client_key"),
     Index("jobs_state", "state"),
     Index("jobs_team_state", "team", "state"),

@@ -70,6 +70,8 @@ class Job:
     reason: str
     pid: int | None
     cancel_requested: bool
+    preemptible: bool = False
+    expected_runtime: float | None = None
 
     @property
     def final(self) -> bool:
@@ -205,6 +207,8 @@ class Store:
         priority: int = 0,
         max_restarts: int = 0,
         client_key: str | None = None,
+        preemptible: bool = False,
+        expected_runtime: float | None = None,
     ) -> tuple[Job, bool]:
         """Queue a job; returns it and whether it is new. A `client_key` seen before from
         the same user returns the job that key made: a retried submission is stored once."""
@@ -230,6 +234,8 @@ class Store:
                         reason="submitted",
                         cancel_requested=False,
                         client_key=client_key,
+                        preemptible=preemptible,
+                        expected_runtime=expected_runtime,
                     )
                 )
                 db.execute(
@@ -386,4 +392,6 @@ def _job(row: Any) -> Job:
         reason=row.reason,
         pid=row.pid,
         cancel_requested=bool(row.cancel_requested),
+        preemptible=bool(row.preemptible),
+        expected_runtime=row.expected_runtime,
     )
