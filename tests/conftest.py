@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from corral.service.store import Store
@@ -162,3 +168,171 @@ def store(store_url):
     s = Store(store_url)
     yield s
     s.close()
+
+
+# -- a real Spark standalone cluster on 127.0.0.1, shared by the tests that need one
+
+
+def _start_spark(spark_home: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "SPARK_HOME": str(spark_home),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+    }
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [str(spark_home / "bin" / "spark-class"), *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _found_in(log: Path, pattern: str) -> re.Match[str] | None:
+    return re.search(pattern, log.read_text(errors="replace")) if log.exists() else None
+
+
+@pytest.fixture(scope="session")
+def spark_cluster(tmp_path_factory):
+    """``spark://127.0.0.1:<port>``: a master and a 2-core worker started with pyspark's own
+    ``spark-class``, stopped at the end of the session."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("Spark needs Java (17) and neither `java` nor JAVA_HOME is set")
+    import pyspark
+
+    spark_home = Path(pyspark.__file__).parent
+    logs = tmp_path_factory.mktemp("cluster")
+    procs = []
+    try:
+        master_log = logs / "master.log"
+        procs.append(
+            _start_spark(
+                spark_home,
+                master_log,
+                "org.apache.spark.deploy.master.Master",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--webui-port",
+                "0",
+            )
+        )
+        wait_until(
+            lambda: _found_in(master_log, r"Starting Spark master at spark://"),
+            90,
+            "the Spark master to start",
+        )
+        url = _found_in(master_log, r"Starting Spark master at (spark://\S+)").group(1)
+        worker_log = logs / "worker.log"
+        procs.append(
+            _start_spark(
+                spark_home,
+                worker_log,
+                "org.apache.spark.deploy.worker.Worker",
+                url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--webui-port",
+                "0",
+                "--cores",
+                "2",
+                "--memory",
+                "2g",
+                "--work-dir",
+                str(logs / "work"),
+            )
+        )
+        wait_until(
+            lambda: _found_in(worker_log, r"Successfully registered with master"),
+            90,
+            "the Spark worker to register",
+        )
+        yield url
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+# -- the job service: a tiny real job, and a real server process
+
+
+def job_spec(folder: Path, *, epochs: int = 2, gate: Path | None = None, **extra) -> dict:
+    """A tiny real training job. With `gate`, every step waits until that file exists, so a
+    test decides when the job may finish without racing it."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    frame = pd.DataFrame({"a": rng.normal(size=200) + 3 * y, "b": rng.normal(size=200), "y": y})
+    frame.to_parquet(folder / "train.parquet")
+    wait = (
+        f"\n                while not os.path.exists({str(gate)!r}):"
+        "\n                    time.sleep(0.05)"
+        if gate
+        else ""
+    )
+    (folder / "model.py").write_text(
+        textwrap.dedent(f"""
+        import os, time
+        import torch
+
+        class Gated(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                layers = [torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)]
+                self.net = torch.nn.Sequential(*layers)
+
+            def forward(self, x):{wait}
+                return self.net(x)
+
+        def make():
+            parent = open(f"/proc/{{os.getppid()}}/cmdline", "rb").read().replace(b"\\0", b" ")
+            print("parent:", parent.decode(), flush=True)
+            return Gated()
+
+        def broken():
+            raise RuntimeError("this model cannot be built")
+        """)
+    )
+    return {
+        "name": "tiny",
+        "entrypoint": f"{folder / 'model.py'}:make",
+        "data": {"path": str(folder / "train.parquet"), "features": ["a", "b"], "label": "y"},
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "epochs": epochs,
+        "batch_size": 32,
+        **extra,
+    }
+
+
+def start_server(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[str], str, str | None]:
+    """A real ``corral server`` on a free port, its state in `tmp_path`: the process, its
+    URL, and the admin token it prints on its first start (``None`` on a later start)."""
+    command = [sys.executable, "-m", "corral", "server", "--port", "0"]
+    command += ["--db", f"sqlite:///{tmp_path / 'db.sqlite'}"]
+    command += ["--state-dir", str(tmp_path / "state"), *(options or ("--cpus", "4"))]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    token = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip().startswith("crl_"):
+            token = line.strip()
+        if line.startswith("corral server on "):
+            proc.banner = line  # type: ignore[attr-defined]
+            return proc, line.split()[3], token
+    raise AssertionError(f"the server did not start: exit {proc.wait()}")

@@ -119,16 +119,31 @@ def server(
     preemption: Annotated[
         bool, typer.Option(help="let high-priority jobs stop preemptible ones of their team")
     ] = False,
+    spark_master: Annotated[
+        str | None, typer.Option(help="run jobs on this Spark cluster, e.g. spark://host:7077")
+    ] = None,
+    spark_conf: Annotated[
+        list[str] | None, typer.Option(help="Spark setting for the jobs, key=value (repeatable)")
+    ] = None,
 ) -> None:
-    """Start the job service: REST API and web UI on one port, jobs on this machine."""
-    from corral.service.cluster import machine_pool
+    """Start the job service: REST API and web UI on one port, jobs on this machine (or on
+    a Spark cluster, whose capacity is then the pool)."""
+    from corral.errors import SpecError
+    from corral.service.cluster import machine_pool, spark_pool
     from corral.service.resources import Resources
     from corral.service.scheduler import Policy
     from corral.service.server import ServerOptions, serve
-    from corral.spec import RoleSpec, parse
+    from corral.spec import RoleSpec, SparkSpec, parse
 
     def action() -> None:
-        here = machine_pool()
+        spark = None
+        if spark_master is not None:
+            pairs = [item.partition("=") for item in spark_conf or []]
+            bad = [key for key, eq, _ in pairs if not eq]
+            if bad:
+                raise SpecError(f"--spark-conf: '{bad[0]}' is not key=value")
+            spark = SparkSpec(master=spark_master, conf={k: v for k, _, v in pairs})
+        here = spark_pool(spark.master, spark.conf) if spark else machine_pool()
         mib = parse(RoleSpec, {"memory": memory}, source="--memory").memory if memory else None
         pool = Resources(
             cpus=here.cpus if cpus is None else cpus,
@@ -142,6 +157,7 @@ def server(
             state_dir=state_dir.resolve(),
             pool=pool,
             policy=Policy(preemption=preemption),
+            spark=spark,
         )
         serve(opts)
 

@@ -5,108 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from conftest import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
-
-
-def _start(spark_home: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "SPARK_HOME": str(spark_home),
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "PYSPARK_PYTHON": sys.executable,
-    }
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [str(spark_home / "bin" / "spark-class"), *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _found(log: Path, pattern: str) -> re.Match[str] | None:
-    return re.search(pattern, log.read_text(errors="replace")) if log.exists() else None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """``spark://127.0.0.1:<port>`` of a master with one 2-core worker; both stopped after."""
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        pytest.skip("Spark needs Java (17) and neither `java` nor JAVA_HOME is set")
-    import pyspark
-
-    spark_home = Path(pyspark.__file__).parent
-    logs = tmp_path_factory.mktemp("cluster")
-    procs = []
-    try:
-        master_log = logs / "master.log"
-        procs.append(
-            _start(
-                spark_home,
-                master_log,
-                "org.apache.spark.deploy.master.Master",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--webui-port",
-                "0",
-            )
-        )
-        wait_until(
-            lambda: _found(master_log, r"Starting Spark master at spark://"),
-            90,
-            "the Spark master to start",
-        )
-        url = _found(master_log, r"Starting Spark master at (spark://\S+)").group(1)
-        worker_log = logs / "worker.log"
-        procs.append(
-            _start(
-                spark_home,
-                worker_log,
-                "org.apache.spark.deploy.worker.Worker",
-                url,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--webui-port",
-                "0",
-                "--cores",
-                "2",
-                "--memory",
-                "2g",
-                "--work-dir",
-                str(logs / "work"),
-            )
-        )
-        wait_until(
-            lambda: _found(worker_log, r"Successfully registered with master"),
-            90,
-            "the Spark worker to register",
-        )
-        yield url
-    finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
 
 
 DRIVER = textwrap.dedent("""
@@ -149,12 +54,12 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_run_and_model_udf_on_a_standalone_cluster(cluster, tmp_path):
+def test_run_and_model_udf_on_a_standalone_cluster(spark_cluster, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     done = subprocess.run(
-        [sys.executable, str(script), cluster],
+        [sys.executable, str(script), spark_cluster],
         env=env,
         capture_output=True,
         text=True,

@@ -6,14 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-from conftest import alive, wait_until
+from conftest import alive, job_spec, start_server, wait_until
 
 from corral.service.resources import Resources
 from corral.service.runner import Runner
@@ -22,51 +17,6 @@ from corral.service.store import Store
 pytestmark = pytest.mark.slow
 
 POOL = Resources(cpus=4, memory_mib=8192, gpus=0)
-
-
-def job_spec(folder: Path, *, epochs: int = 2, gate: Path | None = None, **extra) -> dict:
-    """A tiny real training job. With `gate`, every step waits until that file exists, so a
-    test decides when the job may finish without racing it."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 200)
-    frame = pd.DataFrame({"a": rng.normal(size=200) + 3 * y, "b": rng.normal(size=200), "y": y})
-    frame.to_parquet(folder / "train.parquet")
-    wait = (
-        f"\n                while not os.path.exists({str(gate)!r}):"
-        "\n                    time.sleep(0.05)"
-        if gate
-        else ""
-    )
-    (folder / "model.py").write_text(
-        textwrap.dedent(f"""
-        import os, time
-        import torch
-
-        class Gated(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                layers = [torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)]
-                self.net = torch.nn.Sequential(*layers)
-
-            def forward(self, x):{wait}
-                return self.net(x)
-
-        def make():
-            return Gated()
-
-        def broken():
-            raise RuntimeError("this model cannot be built")
-        """)
-    )
-    return {
-        "name": "tiny",
-        "entrypoint": f"{folder / 'model.py'}:make",
-        "data": {"path": str(folder / "train.parquet"), "features": ["a", "b"], "label": "y"},
-        "optimizer": {"name": "sgd", "lr": 0.1},
-        "epochs": epochs,
-        "batch_size": 32,
-        **extra,
-    }
 
 
 @pytest.fixture
@@ -157,36 +107,6 @@ def test_a_job_waits_until_all_of_it_fits_then_starts(service, tmp_path):
 
 
 # -- a real server, SIGKILLed and started again --------------------------------------------
-
-
-def start_server(tmp_path: Path) -> tuple[subprocess.Popen[str], str, str | None]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "corral",
-            "server",
-            "--port",
-            "0",
-            "--cpus",
-            "4",
-            "--db",
-            f"sqlite:///{tmp_path / 'db.sqlite'}",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    token = None
-    for line in proc.stdout:
-        if line.strip().startswith("crl_"):
-            token = line.strip()
-        if line.startswith("corral server on "):
-            return proc, line.split()[3], token
-    raise AssertionError(f"the server did not start: exit {proc.wait()}")
 
 
 def test_a_killed_server_reattaches_to_a_running_job_and_restarts_a_dead_one(tmp_path):

@@ -7,10 +7,11 @@ import os
 import time
 
 from corral.engines.local import available_gpus
+from corral.errors import CorralError
 from corral.service.resources import Resources, total_demand
 from corral.service.scheduler import ClusterState, QueuedJob, RunningJob
 from corral.service.store import Store
-from corral.spec import JobSpec, RoleSpec
+from corral.spec import JobSpec, RoleSpec, parse
 
 #: Memory counted for a process whose role names none: the scheduler must count something,
 #: or a pool's memory would never fill.
@@ -38,6 +39,35 @@ def machine_pool() -> Resources:
     """This machine: its CPUs, its memory, and the GPUs the server may hand out."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     return Resources(cpus=os.cpu_count() or 1, memory_mib=memory, gpus=len(available_gpus()))
+
+
+def spark_pool(master: str, conf: dict[str, str], wait_s: float = 60.0) -> Resources:
+    """The Spark cluster's capacity, read once by a short-lived application of its own:
+    the cores its executors offer, and their memory. The application is stopped at once,
+    so it holds nothing the jobs need."""
+    from corral.engines.spark import _default_task, _task_slots, session
+
+    spark = session(master, {**conf, "spark.app.name": "corral-capacity"})
+    try:
+        sc = spark.sparkContext
+        deadline = time.monotonic() + wait_s
+        while _task_slots(sc) == 0:  # executors register a moment after the application
+            if time.monotonic() > deadline:
+                raise CorralError(f"no executor of the Spark cluster at {master} registered")
+            time.sleep(0.5)
+        executors = sc._jsc.sc().getExecutorMemoryStatus().size() - (  # type: ignore[union-attr]
+            0 if master.startswith("local") else 1  # the driver is listed too
+        )
+        conf_of = sc.getConf()
+        per_executor = parse(RoleSpec, {"memory": conf_of.get("spark.executor.memory", "1g")})
+        gpus = float(conf_of.get("spark.executor.resource.gpu.amount", "0") or 0)
+        return Resources(
+            cpus=_task_slots(sc) * _default_task(sc).cpus,
+            memory_mib=max(1, executors) * (per_executor.memory or 1024),
+            gpus=int(max(1, executors) * gpus),
+        )
+    finally:
+        spark.stop()
 
 
 def cluster_state(store: Store, pool: Resources) -> ClusterState:

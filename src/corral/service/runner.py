@@ -9,6 +9,10 @@ Every `tick` (twice a second) the runner
 4. asks the scheduler for a pass, and launches what it decides (preempts what it stops);
 5. copies new log lines and metrics from the jobs' files into the store.
 
+On a Spark service (``corral server --spark-master``) each attempt is the driver of a
+Spark application of its own, on the service's cluster, asking for the cores the scheduler
+gave it.
+
 Each job attempt is a process of its own session (`corral.service.job`), not tied to the
 server's life. So a server that is killed and started again finds its running jobs and
 *re-attaches* to those still alive (recorded as such). It *restarts* from their last
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -29,12 +34,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from corral.service.cluster import cluster_state
 from corral.service.job import EXIT, LOG, METRICS, SPEC
 from corral.service.resources import Resources
 from corral.service.scheduler import Launch, Policy, Preempt, schedule
 from corral.service.store import Job, Store
+from corral.spec import SparkSpec
 
 log = logging.getLogger("corral.service")
 
@@ -103,8 +110,10 @@ class Runner:
         state_dir: Path,
         policy: Policy | None = None,
         interval: float = 0.5,
+        spark: SparkSpec | None = None,
     ) -> None:
         self.store, self.pool, self.policy = store, pool, policy or Policy()
+        self.spark = spark
         self.state_dir, self.interval = state_dir, interval
         self._attempts: dict[str, _Attempt] = {}
         self._stop = threading.Event()
@@ -222,7 +231,7 @@ class Runner:
             return
         folder = self.folder(job.id)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / SPEC).write_text(json.dumps(job.spec))
+        (folder / SPEC).write_text(json.dumps(self._effective_spec(job)))
         (folder / EXIT).unlink(missing_ok=True)
         try:
             with (folder / LOG).open("ab") as out:
@@ -247,6 +256,21 @@ class Runner:
             if offsets.exists():
                 attempt.offsets = json.loads(offsets.read_text())
         self._attempts[job.id] = attempt
+
+    def _effective_spec(self, job: Job) -> dict[str, Any]:
+        """The spec the attempt runs: on a Spark service, a Spark application of its own
+        on the service's cluster, sized to what the scheduler gave it (``spark.cores.max``:
+        without it, a standalone application takes every core, and the next job none)."""
+        if self.spark is None:
+            return job.spec
+        conf = {
+            **self.spark.conf,
+            **job.spec.get("spark", {}).get("conf", {}),
+            "spark.cores.max": str(max(1, math.ceil(job.demand.cpus))),
+            "spark.dynamicAllocation.enabled": "false",
+            "spark.app.name": f"corral-{job.name}-{job.id}",
+        }
+        return {**job.spec, "engine": "spark", "spark": {"master": self.spark.master, "conf": conf}}
 
     def _preempt(self, decision: Preempt) -> None:
         attempt = self._attempts.pop(decision.job_id, None)

@@ -20,6 +20,7 @@ from corral.service.resources import Resources
 from corral.service.runner import Runner
 from corral.service.scheduler import Policy
 from corral.service.store import Store
+from corral.spec import SparkSpec
 
 log = logging.getLogger("corral.service")
 
@@ -32,6 +33,8 @@ class ServerOptions:
     state_dir: Path
     pool: Resources
     policy: Policy = field(default_factory=Policy)
+    #: Run jobs as applications on this Spark cluster instead of local processes.
+    spark: SparkSpec | None = None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -80,12 +83,15 @@ def serve(opts: ServerOptions) -> None:
             flush=True,
         )
     opts.state_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(store, pool=opts.pool, state_dir=opts.state_dir, policy=opts.policy)
+    runner = Runner(
+        store, pool=opts.pool, state_dir=opts.state_dir, policy=opts.policy, spark=opts.spark
+    )
     runner.start()
     app = create_app(store, pool=opts.pool, policy=opts.policy)
+    where = f"Spark at {opts.spark.master}" if opts.spark else "this machine"
     print(
-        f"corral server on {url} (pool: {opts.pool.cpus:g} CPUs, "
-        f"{opts.pool.memory_mib} MiB, {opts.pool.gpus} GPUs)",
+        f"corral server on {url} (pool: {opts.pool.cpus:g} CPUs, {opts.pool.memory_mib} MiB, "
+        f"{opts.pool.gpus} GPUs; jobs run on {where})",
         flush=True,
     )
     config = uvicorn.Config(app, log_level="warning", access_log=False)
