@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +97,9 @@ def serve(opts: ServerOptions) -> None:
         flush=True,
     )
     config = uvicorn.Config(app, log_level="warning", access_log=False)
+    # uvicorn shuts down on SIGTERM and then raises it again for the handler it found:
+    # make that an exit, so the runner and the store are closed below, not killed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
