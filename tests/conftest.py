@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -314,25 +315,36 @@ def job_spec(folder: Path, *, epochs: int = 2, gate: Path | None = None, **extra
     }
 
 
-def start_server(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[str], str, str | None]:
+def start_server(
+    tmp_path: Path, *options: str, cwd: Path | None = None
+) -> tuple[subprocess.Popen[str], str, str | None]:
     """A real ``corral server`` on a free port, its state in `tmp_path`: the process, its
-    URL, and the admin token it prints on its first start (``None`` on a later start)."""
+    URL, and the admin token it prints on its first start (``None`` on a later start).
+
+    The process also carries ``banner`` (its "corral server on …" line) and ``output``
+    (all it printed, still read by a thread, so a full pipe never blocks it).
+    """
     command = [sys.executable, "-m", "corral", "server", "--port", "0"]
     command += ["--db", f"sqlite:///{tmp_path / 'db.sqlite'}"]
     command += ["--state-dir", str(tmp_path / "state"), *(options or ("--cpus", "4"))]
     proc = subprocess.Popen(
         command,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    token = None
     assert proc.stdout is not None
-    for line in proc.stdout:
+    output: list[str] = []
+    token = None
+    for line in proc.stdout:  # ends at EOF if the server dies
+        output.append(line)
         if line.strip().startswith("crl_"):
             token = line.strip()
         if line.startswith("corral server on "):
-            proc.banner = line  # type: ignore[attr-defined]
+            proc.banner, proc.output = line, output  # type: ignore[attr-defined]
+            threading.Thread(target=lambda: output.extend(proc.stdout or ()), daemon=True).start()
             return proc, line.split()[3], token
-    raise AssertionError(f"the server did not start: exit {proc.wait()}")
+    proc.kill()
+    pytest.fail("the server did not start:\n" + "".join(output))

@@ -8,14 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from conftest import blobs
+from conftest import blobs, start_server
 from typer.testing import CliRunner
 
 from corral.cli import app
@@ -82,46 +80,9 @@ def _stop_jobs(state_dir: Path) -> None:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("service")
     state = root / "state"
-    with (root / "server.err").open("w") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "corral",
-                "server",
-                "--port",
-                "0",
-                "--db",
-                f"sqlite:///{root}/db.sqlite",
-                "--state-dir",
-                str(state),
-                "--cpus",
-                "2",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def drain() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=drain, daemon=True).start()
+    proc, url, token = start_server(root, "--cpus", "2")
+    assert token is not None
     try:
-        seen: list[str] = []
-        while True:
-            line = lines.get(timeout=120)
-            if line is None:
-                pytest.fail(f"the server ended: {''.join(seen)}{(root / 'server.err').read_text()}")
-            seen.append(line)
-            if line.startswith("corral server on "):
-                break
-        url = line.split()[3]
-        token = next(s.strip() for s in seen if s.strip().startswith("crl_"))
         yield Server(url=url, admin_token=token, root=root)
     finally:
         proc.terminate()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import start_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, Page, expect  # noqa: E402
@@ -92,38 +91,6 @@ def _write_data(folder: Path) -> None:
     )
 
 
-def _start(tmp: Path) -> tuple[subprocess.Popen[str], str, str, list[str]]:
-    """Start the server; its process, URL and admin token, read from what it prints."""
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "corral", "server", "--port", "0"),
-            *("--db", f"sqlite:///{tmp}/db.sqlite", "--state-dir", str(tmp / "state")),
-            *("--cpus", "2"),
-        ],
-        cwd=tmp,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    output: list[str] = []
-    token = url = None
-    for line in proc.stdout:  # ends at EOF if the server dies
-        output.append(line)
-        if line.strip().startswith("crl_"):
-            token = line.strip()
-        found = re.search(r"corral server on (http://\S+)", line)
-        if found:
-            url = found.group(1)
-            break
-    if url is None or token is None:
-        proc.kill()
-        pytest.fail("the server did not start:\n" + "".join(output))
-    # keep draining its output so that a full pipe never blocks it
-    threading.Thread(target=lambda: output.extend(proc.stdout or ()), daemon=True).start()
-    return proc, url, token, output
-
-
 def _stop(proc: subprocess.Popen[str], service: Service) -> None:
     with service.api("admin") as api:
         for job in api.get("/api/jobs").json():
@@ -142,8 +109,9 @@ def _stop(proc: subprocess.Popen[str], service: Service) -> None:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("ui")
     _write_data(tmp)
-    proc, url, admin, output = _start(tmp)
-    service = Service(url=url, admin=admin, tokens={}, output=output)
+    proc, url, admin = start_server(tmp, "--cpus", "2", cwd=tmp)
+    assert admin is not None
+    service = Service(url=url, admin=admin, tokens={}, output=proc.output)
     try:
         with service.api("admin") as api:
             for team in ("vision", "speech"):
