@@ -67,19 +67,33 @@ def _is_classification(out: torch.Tensor, y: torch.Tensor) -> bool:
 
 
 class _EpochSums:
-    """Loss, correct predictions and sample count of one worker's share of an epoch."""
+    """Loss, correct predictions and sample count of one worker's share of an epoch.
+
+    The loss is already on the host (the step checked it), so it and the count add up as
+    Python numbers. Only the correct count stays on the device, added to without a sync:
+    three indexed float64 updates per step on a GPU cost about a fifth of a small model's
+    step time (measured on an H100).
+    """
 
     def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.loss_sum, self.count = 0.0, 0
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.classification = False
 
     def add(self, out: torch.Tensor, y: torch.Tensor, loss_value: float) -> None:
         n = len(y)
-        self.sums[0] += loss_value * n
-        self.sums[2] += n
+        self.loss_sum += loss_value * n
+        self.count += n
         if _is_classification(out, y):
             self.classification = True
-            self.sums[1] += (out.argmax(dim=1) == y).sum()
+            self.correct += (out.argmax(dim=1) == y).sum()
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """``[loss sum, correct, count]``, the vector workers add up at the epoch's end (on
+        the device: NCCL reduces only GPU tensors)."""
+        values = [self.loss_sum, float(self.correct.item()), float(self.count)]
+        return torch.tensor(values, dtype=torch.float64, device=self.correct.device)
 
     def row(self, totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
         """Metrics from `totals`, the sums of every worker's `sums`."""
