@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from corral.data.spill import ROWS_ENV, SPILL_ENV
+from corral.data.spill import ROWS_FROM_ENV, SPILL_ENV
 from corral.engines.spark import _spill
 
 ROWS, WIDTH = 80_000, 32  # 32 doubles and a label per row: a 20 MiB partition
@@ -50,7 +50,9 @@ def read_one_epoch(tmp_path, buffer_mb: float) -> dict:
     path = str(tmp_path / "partition.arrow")
     # one incoming batch as large as the partition: the buffer alone must bound the blocks
     rows = _spill(table.to_batches(max_chunksize=ROWS), table.schema, path, int(buffer_mb * 2**20))
-    env = {SPILL_ENV: path, ROWS_ENV: str(rows), "PATH": "/usr/bin:/bin"}
+    counts = tmp_path / "rows"  # the engine's FIFO; a plain file reads the same
+    counts.write_text(str(rows))
+    env = {SPILL_ENV: path, ROWS_FROM_ENV: str(counts), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-c", READ_ONE_EPOCH, str(WIDTH)],
         env=env,

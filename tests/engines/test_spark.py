@@ -220,3 +220,23 @@ def test_bad_dataframes_fail_before_any_task_starts(spark, tmp_path):
         fit(spark.createDataFrame([], "a double, b double, y int"))
     with pytest.raises(SpecError, match="a Spark DataFrame trains on engine='spark'"):
         fit(blobs_frame(spark, 10, 1), engine="local")
+
+
+def fails_in_workers() -> torch.nn.Module:
+    if "RANK" in os.environ:  # built once on the driver first, where it must work
+        raise RuntimeError("no model on the executors today")
+    return torch.nn.Linear(2, 3)
+
+
+def test_a_worker_dying_before_it_reads_its_partition_fails_the_fit_not_hangs(spark, tmp_path):
+    trainer = corral.Trainer(
+        model=fails_in_workers,
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        workers=2,
+        checkpoint_dir=tmp_path,
+        engine="spark",
+    )
+    with pytest.raises(WorkerError, match="no model on the executors today"):
+        trainer.fit(blobs_frame(spark, 100, 2), features=["a", "b"], label="y", on_report=None)
+    assert spark.sparkContext.statusTracker().getActiveJobsIds() == []

@@ -2,7 +2,7 @@
 
 On the Spark engine, each worker's task receives its partition of the DataFrame as Arrow
 record batches (``mapInArrow``) and writes them, one batch at a time, to a file on the
-executor's local disk before starting the worker, in blocks of at most the engine's
+executor's local disk while the worker starts, in blocks of at most the engine's
 ``buffer_mb``. So nothing is collected on the driver, no Parquet copy of the DataFrame is
 written, and memory holds one Arrow batch, not the partition. The tasks then exchange
 their row counts (``BarrierTaskContext.allGather``).
@@ -29,9 +29,10 @@ from corral.data.base import Batch, Shard, Source
 from corral.data.sharding import epoch_permutation
 from corral.errors import DataError
 
-#: Environment variables the Spark engine sets for a worker: its spill file, and the row
-#: counts of all workers' partitions, comma-separated, in rank order.
-SPILL_ENV, ROWS_ENV = "CORRAL_SPILL", "CORRAL_PARTITION_ROWS"
+#: Environment variables the Spark engine sets for a worker: its spill file, and a FIFO
+#: that gives, once the partition is spilled, the row counts of all workers' partitions,
+#: comma-separated, in rank order.
+SPILL_ENV, ROWS_FROM_ENV = "CORRAL_SPILL", "CORRAL_PARTITION_ROWS_FROM"
 #: Beside the spill file, in a file of this suffix: the row count of each of its blocks.
 BLOCKS_SUFFIX = ".blocks"
 
@@ -64,11 +65,13 @@ class SpillSource(Source):
         import pyarrow as pa
 
         try:
-            path, rows = os.environ[SPILL_ENV], os.environ[ROWS_ENV]
+            path, rows_from = os.environ[SPILL_ENV], os.environ[ROWS_FROM_ENV]
         except KeyError as exc:
             raise DataError(
                 "a Spark DataFrame is read inside Spark tasks only: train it with engine='spark'"
             ) from exc
+        with open(rows_from) as fifo:  # blocks until the task has spilled the partition
+            rows = fifo.read()
         self._reader = pa.ipc.open_file(pa.OSFile(path, "rb"))
         self._rows = [int(n) for n in rows.split(",")]
         with open(path + BLOCKS_SUFFIX) as blocks:

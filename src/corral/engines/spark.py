@@ -21,6 +21,7 @@ minutes: that the cluster has a task slot for every process, and that dynamic al
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import queue
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import ControlClient, ControlServer
-from corral.data.spill import BLOCKS_SUFFIX, ROWS_ENV, SPILL_ENV
+from corral.data.spill import BLOCKS_SUFFIX, ROWS_FROM_ENV, SPILL_ENV
 from corral.engines.base import HOST_ENV, Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
 from corral.engines.local import LocalEngine, to_stderr
 from corral.errors import LaunchError, SpecError
@@ -49,13 +50,20 @@ _SLOTS_WAIT_S = 30.0
 
 
 def _run_process(
-    spec: ProcessSpec, folder: str, files: Any, exits_at: tuple[str, int], exits_key: bytes
+    spec: ProcessSpec,
+    folder: str,
+    files: Any,
+    exits_at: tuple[str, int],
+    exits_key: bytes,
+    meanwhile: Callable[[WorkerGroup], None] | None = None,
 ) -> int:
     """Inside a task: run `spec` with the local engine on this executor, its output lines
     streamed to the driver as they come, and report its exit there.
 
     `files` (a broadcast of the driver's files the spec names) are written to `folder`,
-    and the process serves on this executor's own address, not the driver's.
+    and the process serves on this executor's own address, not the driver's. `meanwhile`
+    runs once the process has started (a fed task spills its partition then, while the
+    worker imports and meets its peers); if it fails, the process is stopped.
     """
     from pyspark import BarrierTaskContext
 
@@ -77,6 +85,8 @@ def _run_process(
         group = LocalEngine(sink=lambda line: client.send({"kind": "log", "line": line}))
         running = group.launch(Plan(processes=[spec]))
         try:
+            if meanwhile is not None:
+                meanwhile(running)
             (end,) = running.wait()
             tail = "\n".join(running.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
         finally:
@@ -131,6 +141,23 @@ def _spill(batches: Iterable[Any], schema: Any, path: str, buffer_bytes: int) ->
     return rows
 
 
+def _tell(fifo: str, text: str, running: WorkerGroup) -> None:
+    """Write `text` to the worker reading `fifo`, once it opens it; nothing if the worker
+    ended first (it failed, and reports that itself)."""
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+            if running.poll():
+                return
+            time.sleep(0.05)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
 def _fed_task(
     specs: list[ProcessSpec],
     files: Any,
@@ -139,8 +166,9 @@ def _fed_task(
     exits_at: tuple[str, int],
     exits_key: bytes,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
-    """What a worker task fed by a DataFrame runs: spill its partition, learn every
-    partition's size (``allGather``), then run worker number `partitionId` on the file."""
+    """What a worker task fed by a DataFrame runs: start worker number `partitionId`, and
+    while it starts, spill its partition and learn every partition's size
+    (``allGather``), which it then reads from a FIFO before its first step."""
 
     def run(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -149,11 +177,16 @@ def _fed_task(
         ctx = BarrierTaskContext.get()
         spec = specs[ctx.partitionId()]
         with tempfile.TemporaryDirectory(prefix="corral-task-", dir=_scratch()) as folder:
-            path = os.path.join(folder, "partition.arrow")
-            counts = ctx.allGather(str(_spill(batches, schema, path, buffer_bytes)))
-            env = {**spec.env, SPILL_ENV: path, ROWS_ENV: ",".join(counts)}
+            path, fifo = os.path.join(folder, "partition.arrow"), os.path.join(folder, "rows")
+            os.mkfifo(fifo)
+
+            def spill(running: WorkerGroup) -> None:
+                counts = ctx.allGather(str(_spill(batches, schema, path, buffer_bytes)))
+                _tell(fifo, ",".join(counts), running)
+
+            env = {**spec.env, SPILL_ENV: path, ROWS_FROM_ENV: fifo}
             spec = dataclasses.replace(spec, env=env)
-            code = _run_process(spec, folder, files, exits_at, exits_key)
+            code = _run_process(spec, folder, files, exits_at, exits_key, meanwhile=spill)
         yield pa.RecordBatch.from_pydict({"returncode": [code]})
 
     return run
