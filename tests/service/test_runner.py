@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 from conftest import alive, job_spec, start_server, wait_until
@@ -199,3 +200,33 @@ def test_a_high_priority_job_preempts_a_preemptible_one_which_then_resumes(tmp_p
     finally:
         runner.stop(stop_jobs=True)
         store.close()
+
+
+def test_a_restart_after_the_server_restarted_spends_none_of_the_jobs_restarts(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_team("vision")
+    user, _ = store.create_user("ada", "vision")
+    spec = job_spec(tmp_path, max_restarts=1)
+    spec["entrypoint"] = spec["entrypoint"].replace(":make", ":broken")
+    job = submit(store, user, spec)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # as a server killed while the job ran leaves it: running, its process gone
+    store.transition(
+        job.id, ["queued"], "running", "launched", pid=int(gone.stdout), started=1.0, attempts=1
+    )
+    runner = Runner(store, pool=POOL, state_dir=tmp_path / "state", interval=0.2)
+    runner.start()
+    try:
+        wait_until(lambda: store.job(job.id).final, 120, "the job to end")
+    finally:
+        runner.stop(stop_jobs=True)
+    reasons = [e.reason for e in store.events(job.id)]
+    assert store.job(job.id).state == "failed" and store.job(job.id).attempts == 3
+    assert "its process was gone after the server restarted" in reasons[2]
+    assert reasons[4].startswith("attempt 2 failed") and "restart 1 of 1" in reasons[4]
+    store.close()

@@ -45,6 +45,9 @@ from corral.spec import SparkSpec
 
 log = logging.getLogger("corral.service")
 
+#: How the reason of a restart after the job's own failure begins (its restarts are
+#: counted from these events).
+_FAILED = "attempt "
 #: Seconds between SIGTERM and SIGKILL when a job is stopped.
 STOP_GRACE_S = 3.0
 
@@ -208,19 +211,21 @@ class Runner:
             if job is None:
                 continue
             code, error = attempt.exit_status()
+            why = error or "its process died without an exit status"
+            # only the job's own failures spend its restarts: not a server restart, not a
+            # preemption
+            failures = sum(e.reason.startswith(_FAILED) for e in self.store.events(job_id))
             if code == 0:
                 self.store.transition(job_id, ["running"], "succeeded", "finished")
-            elif job.attempts <= job.max_restarts:
-                why = error or "its process died without an exit status"
+            elif failures < job.max_restarts:
                 self.store.transition(
                     job_id,
                     ["running"],
                     "restarting",
-                    f"attempt {job.attempts} failed ({why}); restarting from its last "
-                    f"checkpoint ({job.attempts} of {job.max_restarts} restarts)",
+                    f"{_FAILED}{job.attempts} failed ({why}); restarting from its last "
+                    f"checkpoint (restart {failures + 1} of {job.max_restarts})",
                 )
             else:
-                why = error or "its process died without an exit status"
                 self.store.transition(job_id, ["running"], "failed", f"failed: {why}")
 
     def _launch(self, job: Job, expected: list[str], reason: str) -> None:
