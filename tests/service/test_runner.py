@@ -162,7 +162,7 @@ def test_a_killed_server_reattaches_to_a_running_job_and_restarts_a_dead_one(tmp
                 os.killpg(pid, signal.SIGKILL)
 
 
-def test_a_high_priority_job_preempts_a_preemptible_one_which_then_resumes(tmp_path):
+def test_a_high_priority_job_preempts_a_preemptible_one_at_its_checkpoint(tmp_path):
     from corral.service.scheduler import Policy
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
@@ -174,6 +174,49 @@ def test_a_high_priority_job_preempts_a_preemptible_one_which_then_resumes(tmp_p
         state_dir=tmp_path / "state",
         interval=0.2,
         policy=Policy(preemption=True),
+    )
+    runner.start()
+    try:
+        low = store.add_job(
+            user=user,
+            name="low",
+            spec=job_spec(tmp_path, epochs=300),
+            demand=Resources(cpus=3),
+            preemptible=True,
+        )[0]
+        wait_until(lambda: len(store.metrics(low.id)) > 0, 60, "the low job to train")
+        high = store.add_job(
+            user=user, name="high", spec=job_spec(tmp_path), demand=Resources(cpus=3), priority=5
+        )[0]
+        wait_until(lambda: store.job(high.id).final, 120, "the high job to end")
+        assert store.job(high.id).state == "succeeded"
+        wait_until(lambda: store.job(low.id).final, 300, "the low job to end")
+        events = store.events(low.id)
+        assert [e.state for e in events] == ["queued", "running", "queued", "running", "succeeded"]
+        assert "stopped at its epoch" in events[2].reason and "checkpoint" in events[2].reason
+        assert store.job(low.id).attempts == 2
+        # the second attempt went on from that checkpoint, not from the first epoch
+        assert any(line.startswith("resuming from") for line in store.logs(low.id).lines)
+        epochs = [m["epoch"] for m in store.metrics(low.id) if m["kind"] == "epoch"]
+        assert sorted(epochs) == [float(e) for e in range(1, 301)]  # each epoch once
+    finally:
+        runner.stop(stop_jobs=True)
+        store.close()
+
+
+def test_a_preempted_job_that_reaches_no_checkpoint_is_stopped_after_the_grace(tmp_path):
+    from corral.service.scheduler import Policy
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_team("vision")
+    user, _ = store.create_user("ada", "vision")
+    runner = Runner(
+        store,
+        pool=POOL,
+        state_dir=tmp_path / "state",
+        interval=0.2,
+        policy=Policy(preemption=True),
+        preempt_grace_s=1.0,
     )
     runner.start()
     try:
@@ -190,13 +233,11 @@ def test_a_high_priority_job_preempts_a_preemptible_one_which_then_resumes(tmp_p
             user=user, name="high", spec=job_spec(tmp_path), demand=Resources(cpus=3), priority=5
         )[0]
         wait_until(lambda: store.job(high.id).final, 120, "the high job to end")
-        assert store.job(high.id).state == "succeeded"
         gate.touch()
         wait_until(lambda: store.job(low.id).final, 120, "the low job to end")
         events = store.events(low.id)
         assert [e.state for e in events] == ["queued", "running", "queued", "running", "succeeded"]
-        assert events[2].reason.startswith("preempted")
-        assert store.job(low.id).attempts == 2
+        assert events[2].reason.endswith("stopped before its next checkpoint")
     finally:
         runner.stop(stop_jobs=True)
         store.close()

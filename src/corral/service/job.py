@@ -24,19 +24,31 @@ from corral.train import checkpoint as ckpt
 from corral.train.progress import format_metrics
 
 SPEC, LOG, METRICS, EXIT = "spec.json", "log", "metrics.jsonl", "exit.json"
+#: The file the runner writes to ask the job to stop at its next checkpoint (preemption).
+PREEMPT = "preempt"
+#: The exit code of a job that stopped so.
+PREEMPTED = 75
 
 
-def _report_to(path: Path) -> Any:
-    """Reports as JSON lines in `path`; each epoch's summary also as a line of the log."""
-    out = path.open("a", buffering=1)
+class _Preempted(Exception):
+    """Raised on the epoch report after a checkpoint, once the runner asked to stop."""
+
+
+def _report_to(folder: Path, checkpoint_every: int) -> Any:
+    """Reports as JSON lines in ``metrics.jsonl``; each epoch's summary also as a line of
+    the log. An epoch that wrote a checkpoint (it is saved before it is reported) ends the
+    job if the runner asked it to stop."""
+    out = (folder / METRICS).open("a", buffering=1)
 
     def report(msg: Message) -> None:
         metrics = msg.body.get("metrics") if msg.body else None
         if metrics and metrics.get("kind") in ("epoch", "progress"):
             out.write(json.dumps({"time": time.time(), **metrics}) + "\n")
         if metrics and metrics.get("kind") == "epoch":
-            epoch = f"epoch {int(metrics['epoch'])}/{int(metrics['epochs'])}"
-            print(f"{epoch} {format_metrics(metrics)}", flush=True)
+            epoch = int(metrics["epoch"])
+            print(f"epoch {epoch}/{int(metrics['epochs'])} {format_metrics(metrics)}", flush=True)
+            if epoch % checkpoint_every == 0 and (folder / PREEMPT).exists():
+                raise _Preempted(f"stopped at its epoch {epoch} checkpoint")
 
     return report
 
@@ -51,7 +63,8 @@ def run(folder: Path) -> int:
         spec.resume_from = checkpoints
         print(f"resuming from {ckpt.latest(checkpoints)}", flush=True)
     trainer, data, validation = trainer_for(spec, base=folder)
-    result = trainer.fit(data, validation=validation, on_report=_report_to(folder / METRICS))
+    report = _report_to(folder, spec.checkpoint.every)
+    result = trainer.fit(data, validation=validation, on_report=report)
     print(f"done: {json.dumps(result.metrics)}", flush=True)
     return 0
 
@@ -61,6 +74,9 @@ def main() -> None:
     code, error = 1, None
     try:
         code = run(folder)
+    except _Preempted as exc:
+        code, error = PREEMPTED, str(exc)
+        print(f"preempted: {exc}", flush=True)
     except WorkerError as exc:
         error = exc.summary
         print(f"error: {exc.summary}\n{exc.remote_traceback or ''}", flush=True)

@@ -6,7 +6,8 @@ Every `tick` (twice a second) the runner
 2. reaps ended processes: success, or a restart from the newest checkpoint while
    ``max_restarts`` allows, or failure, each recorded with its reason;
 3. relaunches jobs in ``restarting``, which kept their resources;
-4. asks the scheduler for a pass, and launches what it decides (preempts what it stops);
+4. asks the scheduler for a pass, and launches what it decides; a job it preempts is asked
+   to stop at its next checkpoint (stopped anyway after a grace period), then requeued;
 5. copies new log lines and metrics from the jobs' files into the store.
 
 On a Spark service (``corral server --spark-master``) each attempt is the driver of a
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.service.cluster import cluster_state
-from corral.service.job import EXIT, LOG, METRICS, SPEC
+from corral.service.job import EXIT, LOG, METRICS, PREEMPT, PREEMPTED, SPEC
 from corral.service.resources import Resources
 from corral.service.scheduler import Launch, Policy, Preempt, schedule
 from corral.service.store import Job, Store
@@ -114,11 +115,15 @@ class Runner:
         policy: Policy | None = None,
         interval: float = 0.5,
         spark: SparkSpec | None = None,
+        preempt_grace_s: float = 120.0,
     ) -> None:
         self.store, self.pool, self.policy = store, pool, policy or Policy()
         self.spark = spark
         self.state_dir, self.interval = state_dir, interval
         self._attempts: dict[str, _Attempt] = {}
+        #: Jobs asked to stop at their next checkpoint: when to stop them anyway, and why.
+        self._preempting: dict[str, tuple[float, str]] = {}
+        self.preempt_grace_s = preempt_grace_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -177,6 +182,7 @@ class Runner:
 
     def tick(self) -> None:
         self._cancel_requested()
+        self._preempt_overdue()
         self._reap()
         for job in self.store.jobs(states=["restarting"]):
             if job.id not in self._attempts:
@@ -196,6 +202,7 @@ class Runner:
             if not job.cancel_requested:
                 continue
             attempt = self._attempts.pop(job.id, None)
+            self._preempting.pop(job.id, None)
             if attempt is not None:
                 attempt.stop()
                 self._pump_one(attempt, final=True)
@@ -211,6 +218,11 @@ class Runner:
             if job is None:
                 continue
             code, error = attempt.exit_status()
+            if job_id in self._preempting:
+                _, reason = self._preempting.pop(job_id)
+                how = error if code == PREEMPTED else "stopped before its next checkpoint"
+                self.store.transition(job_id, ["running"], "queued", f"preempted ({reason}): {how}")
+                continue
             why = error or "its process died without an exit status"
             # only the job's own failures spend its restarts: not a server restart, not a
             # preemption
@@ -238,6 +250,7 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SPEC).write_text(json.dumps(self._effective_spec(job)))
         (folder / EXIT).unlink(missing_ok=True)
+        (folder / PREEMPT).unlink(missing_ok=True)
         try:
             with (folder / LOG).open("ab") as out:
                 popen = subprocess.Popen(
@@ -278,14 +291,20 @@ class Runner:
         return {**job.spec, "engine": "spark", "spark": {"master": self.spark.master, "conf": conf}}
 
     def _preempt(self, decision: Preempt) -> None:
-        attempt = self._attempts.pop(decision.job_id, None)
-        if attempt is None:
-            return
-        attempt.stop()
-        self._pump_one(attempt, final=True)
-        self.store.transition(
-            decision.job_id, ["running"], "queued", f"preempted: {decision.reason}"
-        )
+        """Ask the job to stop at its next checkpoint; it is requeued once it has."""
+        attempt = self._attempts.get(decision.job_id)
+        if attempt is None or decision.job_id in self._preempting:
+            return  # not ours, or already asked (each pass decides it again until it stops)
+        (attempt.folder / PREEMPT).touch()
+        deadline = time.monotonic() + self.preempt_grace_s
+        self._preempting[decision.job_id] = (deadline, decision.reason)
+
+    def _preempt_overdue(self) -> None:
+        """Stop the preempted jobs that reached no checkpoint within the grace period."""
+        for job_id, (deadline, _) in self._preempting.items():
+            attempt = self._attempts.get(job_id)
+            if attempt is not None and time.monotonic() > deadline:
+                attempt.stop()
 
     # -- logs and metrics -------------------------------------------------------------
 

@@ -267,9 +267,8 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
             row, members = _epoch(task, net, model, epoch, _Share(ctx.rank, members), ctx)
             row.update(strategy.epoch_metrics())
             history.append(row)
-            survivors = _Share(ctx.rank, members)  # the lowest worker still alive leads
-            if survivors.leads:
-                ctx.report(kind="epoch", epochs=s.epochs, **row)
+            # saved before it is reported: a caller that stops the job on an epoch's report
+            # (the service preempting it) loses nothing
             if (epoch + 1) % s.checkpoint.every == 0 or epoch + 1 == s.epochs:
                 saved = ctx.checkpoint(
                     {
@@ -282,6 +281,8 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                     writer=members[0],
                 )
                 last = str(saved) if saved else last
+            if _Share(ctx.rank, members).leads:  # the lowest worker still alive leads
+                ctx.report(kind="epoch", epochs=s.epochs, **row)
         strategy.finish()
         if not _Share(ctx.rank, members).leads:
             return None
