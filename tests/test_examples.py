@@ -35,3 +35,13 @@ def test_the_demo_prints_its_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
     main()
     assert "| averaging | 2 |" in capsys.readouterr().out
+
+
+def test_the_service_example_job_is_a_valid_spec_whose_files_exist():
+    from corral.spec import load_spec
+
+    job = Path(__file__).parents[1] / "examples" / "digits_job" / "job.yaml"
+    spec = load_spec(job)
+    entry_file = spec.entrypoint.split(":")[0]
+    assert (job.parent / entry_file).resolve().exists()
+    assert spec.data.path == "train.parquet" and spec.validation is not None
