@@ -269,8 +269,12 @@ def spark_cluster(tmp_path_factory):
 
 
 def job_spec(folder: Path, *, epochs: int = 2, gate: Path | None = None, **extra) -> dict:
-    """A tiny real training job. With `gate`, every step waits until that file exists, so a
-    test decides when the job may finish without racing it."""
+    """A tiny real training job, its files in a new folder under `folder` (a job still
+    reading its data must not see the next job's written over it). With `gate`, every step
+    waits until that file exists, so a test decides when the job may finish without
+    racing it."""
+    folder = folder / f"job-{secrets.token_hex(4)}"
+    folder.mkdir()
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     frame = pd.DataFrame({"a": rng.normal(size=200) + 3 * y, "b": rng.normal(size=200), "y": y})

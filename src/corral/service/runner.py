@@ -219,10 +219,15 @@ class Runner:
                 continue
             code, error = attempt.exit_status()
             if job_id in self._preempting:
-                _, reason = self._preempting.pop(job_id)
-                how = error if code == PREEMPTED else "stopped before its next checkpoint"
-                self.store.transition(job_id, ["running"], "queued", f"preempted ({reason}): {how}")
-                continue
+                deadline, reason = self._preempting.pop(job_id)
+                stopped = time.monotonic() > deadline  # by `_preempt_overdue`
+                if code == PREEMPTED or stopped:
+                    how = error if code == PREEMPTED else "stopped before its next checkpoint"
+                    self.store.transition(
+                        job_id, ["running"], "queued", f"preempted ({reason}): {how}"
+                    )
+                    continue
+                # it ended on its own meanwhile: success or failure, as any other job
             why = error or "its process died without an exit status"
             # only the job's own failures spend its restarts: not a server restart, not a
             # preemption
