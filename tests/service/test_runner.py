@@ -3,6 +3,7 @@ SIGKILLed and started again while a job runs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from conftest import alive, job_spec, start_server, wait_until
 
 from corral.service.resources import Resources
 from corral.service.runner import Runner
+from corral.service.scheduler import Policy
 from corral.service.store import Store
 
 pytestmark = pytest.mark.slow
@@ -20,16 +22,26 @@ pytestmark = pytest.mark.slow
 POOL = Resources(cpus=4, memory_mib=8192, gpus=0)
 
 
-@pytest.fixture
-def service(tmp_path):
+@contextlib.contextmanager
+def running_service(tmp_path, **options):
+    """A store with team vision and its user ada, and a runner over it, started: yields
+    ``(store, runner, user)``, and stops the runner and every job it started."""
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.create_team("vision")
     user, _ = store.create_user("ada", "vision")
-    runner = Runner(store, pool=POOL, state_dir=tmp_path / "state", interval=0.2)
+    runner = Runner(store, pool=POOL, state_dir=tmp_path / "state", interval=0.2, **options)
     runner.start()
-    yield store, runner, user
-    runner.stop(stop_jobs=True)
-    store.close()
+    try:
+        yield store, runner, user
+    finally:
+        runner.stop(stop_jobs=True)
+        store.close()
+
+
+@pytest.fixture
+def service(tmp_path):
+    with running_service(tmp_path) as running:
+        yield running
 
 
 ONE_CPU = Resources(cpus=1, memory_mib=1024)
@@ -163,20 +175,7 @@ def test_a_killed_server_reattaches_to_a_running_job_and_restarts_a_dead_one(tmp
 
 
 def test_a_high_priority_job_preempts_a_preemptible_one_at_its_checkpoint(tmp_path):
-    from corral.service.scheduler import Policy
-
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    store.create_team("vision")
-    user, _ = store.create_user("ada", "vision")
-    runner = Runner(
-        store,
-        pool=POOL,
-        state_dir=tmp_path / "state",
-        interval=0.2,
-        policy=Policy(preemption=True),
-    )
-    runner.start()
-    try:
+    with running_service(tmp_path, policy=Policy(preemption=True)) as (store, _, user):
         low = store.add_job(
             user=user,
             name="low",
@@ -199,27 +198,14 @@ def test_a_high_priority_job_preempts_a_preemptible_one_at_its_checkpoint(tmp_pa
         assert any(line.startswith("resuming from") for line in store.logs(low.id).lines)
         epochs = [m["epoch"] for m in store.metrics(low.id) if m["kind"] == "epoch"]
         assert sorted(epochs) == [float(e) for e in range(1, 301)]  # each epoch once
-    finally:
-        runner.stop(stop_jobs=True)
-        store.close()
 
 
 def test_a_preempted_job_that_reaches_no_checkpoint_is_stopped_after_the_grace(tmp_path):
-    from corral.service.scheduler import Policy
-
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    store.create_team("vision")
-    user, _ = store.create_user("ada", "vision")
-    runner = Runner(
+    with running_service(tmp_path, policy=Policy(preemption=True), preempt_grace_s=1.0) as (
         store,
-        pool=POOL,
-        state_dir=tmp_path / "state",
-        interval=0.2,
-        policy=Policy(preemption=True),
-        preempt_grace_s=1.0,
-    )
-    runner.start()
-    try:
+        _,
+        user,
+    ):
         gate = tmp_path / "go"
         low = store.add_job(
             user=user,
@@ -238,9 +224,6 @@ def test_a_preempted_job_that_reaches_no_checkpoint_is_stopped_after_the_grace(t
         events = store.events(low.id)
         assert [e.state for e in events] == ["queued", "running", "queued", "running", "succeeded"]
         assert events[2].reason.endswith("stopped before its next checkpoint")
-    finally:
-        runner.stop(stop_jobs=True)
-        store.close()
 
 
 def test_a_restart_after_the_server_restarted_spends_none_of_the_jobs_restarts(tmp_path):
