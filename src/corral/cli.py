@@ -7,14 +7,12 @@ when a worker failed), never as a stack trace of corral itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from corral.errors import CorralError, WorkerError
+from corral.console import err, guarded
 from corral.service.commands import register
 
 app = typer.Typer(
@@ -23,24 +21,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-
-
-def _guarded(action: Callable[[], Any]) -> Any:
-    """Run `action`; print corral's errors as one line and exit 1, Ctrl-C as 130."""
-    try:
-        return action()
-    except WorkerError as exc:
-        err.print(f"[bold red]error:[/] {exc.summary}", highlight=False)
-        if exc.remote_traceback:
-            err.print(exc.remote_traceback.rstrip(), highlight=False, markup=False)
-        raise typer.Exit(1) from None
-    except CorralError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("interrupted; all workers stopped")
-        raise typer.Exit(130) from None
 
 
 @app.command(
@@ -74,7 +54,7 @@ def run(
         if value is not None:
             print(value)
 
-    _guarded(action)
+    guarded(action)
 
 
 @app.command()
@@ -98,7 +78,7 @@ def train(
         err.print(progress.summary(result.history))
         err.print(f"last checkpoint: {result.checkpoint}", highlight=False)
 
-    _guarded(action)
+    guarded(action)
 
 
 @app.command()
@@ -161,7 +141,7 @@ def server(
         )
         serve(opts)
 
-    _guarded(action)
+    guarded(action)
 
 
 register(app)

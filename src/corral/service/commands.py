@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from corral.console import guarded
+
 if TYPE_CHECKING:
     from corral.service.client import Client
     from corral.service.models import Demand, JobDetail, JobOut, Me, NewUser, QuotaOut
@@ -56,7 +58,6 @@ def register(app: typer.Typer) -> None:
 def _run(action: Callable[[], Any]) -> None:
     """Run `action` as ``corral train`` runs its own: an error is one line and exit 1.
     Ctrl-C leaves quietly (130): a job on the server goes on whatever its client does."""
-    from corral.cli import _guarded
 
     def quiet_interrupt() -> Any:
         try:
@@ -64,7 +65,7 @@ def _run(action: Callable[[], Any]) -> None:
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
 
-    _guarded(quiet_interrupt)
+    guarded(quiet_interrupt)
 
 
 def _out() -> Console:
