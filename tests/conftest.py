@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -127,8 +128,31 @@ def sequential_sgd(reference, data, *, lr: float, workers: int = 2, batch_size: 
     return reference
 
 
-# -- the job service's stores: a SQLite file, and a fresh schema on the PostgreSQL server of
-# the project's machines (skipped, with the reason, where none answers)
+# -- services the suite needs from the machine: PostgreSQL and Chromium
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test on a developer's machine that lacks a service; fail it in CI.
+
+    CI (``CI=true``, as GitHub Actions and most runners set it) promises every service, so
+    a skip there would hide a missing one behind a green run.
+    """
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(f"{reason} (required when CI is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of the Chromium the web UI's browser tests drive (Debian's ``chromium``)."""
+    path = shutil.which("chromium")
+    if path is None:
+        unavailable("no chromium on PATH (scripts/test installs it)")
+    return path
+
+
+# the job service's stores: a SQLite file, and a fresh schema on the PostgreSQL server of
+# the project's machines
 PG_URL = os.environ.get("CORRAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -141,7 +165,7 @@ def _postgres_schema() -> tuple[str, str]:
             name = f"corral_{secrets.token_hex(4)}"
             conn.execute(f"CREATE SCHEMA {name}")
     except Exception as exc:
-        pytest.skip(f"no PostgreSQL at {PG_URL}: {type(exc).__name__}: {str(exc)[:80]}")
+        unavailable(f"no PostgreSQL at {PG_URL}: {type(exc).__name__}: {str(exc)[:80]}")
     return name, f"{PG_URL}?options=-csearch_path%3D{name}"
 
 

@@ -30,11 +30,7 @@ from conftest import start_server
 playwright = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
-CHROMIUM = shutil.which("chromium")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (scripts/setup installs it)"),
-]
+pytestmark = pytest.mark.slow
 SCREENSHOTS = os.environ.get("CORRAL_SCREENSHOTS")
 FINAL = ("succeeded", "failed", "cancelled")
 ERRORS: list[str] = []  # the browser console's errors on user ada's pages
@@ -143,9 +139,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def browser(chromium: str) -> Iterator[Browser]:
     with playwright.sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=CHROMIUM)
+        launched = pw.chromium.launch(executable_path=chromium)
         yield launched
         launched.close()
 
