@@ -100,28 +100,18 @@ def corral_worker(keys: Any, numel: int, warmup: int, steps: int) -> list[tuple[
 
 def run_corral(numel: int, warmup: int, steps: int) -> list[tuple[int, float]]:
     from corral.comm.curve import JobKeys
-    from corral.engines.base import Resources
-    from corral.ps.server import ServerConfig, serve
+    from corral.ps.server import serve
+    from corral.ps.settings import ServerSettings
+    from corral.runtime.roles import Role
     from corral.train.launcher import LaunchOptions, launch
-    from corral.train.roles import Role
 
     keys = JobKeys.generate()
-    config = ServerConfig(
-        mode="async",
-        workers=WORKERS,
-        staleness=0,
-        quorum=1,
-        lr_scaling=None,
-        optimizer="sgd",
-        optimizer_args={"lr": 0.01},
-    )
-    servers = Role(
-        name="server", count=SERVERS, fn=serve, args=(config, keys), resources=Resources()
-    )
+    settings = ServerSettings(mode="async", optimizer_args={"lr": 0.01})
+    servers = Role(name="server", count=SERVERS, fn=serve, args=(settings, WORKERS, keys))
     return launch(
         corral_worker,
         (keys, numel, warmup, steps),
-        LaunchOptions(workers=WORKERS, extra_roles=[servers]),
+        LaunchOptions(workers=WORKERS, helpers=(servers,)),
     )
 
 

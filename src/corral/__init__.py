@@ -19,7 +19,7 @@ _EXPORTS = {
     "AllReduce": "corral.strategies",
     "Averaging": "corral.strategies",
     "CheckpointError": "corral.errors",
-    "Context": "corral.train.context",
+    "Context": "corral.runtime.context",
     "CorralError": "corral.errors",
     "DataError": "corral.errors",
     "Gossip": "corral.strategies",
@@ -35,7 +35,7 @@ _EXPORTS = {
     "Trainer": "corral.train.trainer",
     "TrainingError": "corral.errors",
     "WorkerError": "corral.errors",
-    "context": "corral.train.context",
+    "context": "corral.runtime.context",
     "load_spec": "corral.spec",
     "run": "corral.train.launcher",
 }
@@ -95,8 +95,8 @@ if TYPE_CHECKING:
         TrainingError,
         WorkerError,
     )
+    from corral.runtime.context import Context, context
     from corral.spec import JobSpec, OptimizerSpec, TrainSettings, load_spec
     from corral.strategies import AllReduce, Averaging, Gossip, ParameterServer, Strategy
-    from corral.train.context import Context, context
     from corral.train.launcher import run
     from corral.train.trainer import Result, Trainer

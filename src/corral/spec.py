@@ -1,4 +1,4 @@
-"""The job model: one pydantic description of a job for Python, YAML and (later) REST.
+"""The job model: one pydantic description of a job for Python, YAML and REST.
 
 `TrainSettings` holds everything about *how* to train that is plain data (workers and
 their resources, strategy, epochs, checkpoints, restarts); `Trainer` validates its keyword
@@ -6,11 +6,19 @@ arguments through it. `JobSpec` adds what a YAML file must name because it canno
 Python objects: the entrypoint (a model factory), the data, the loss and the optimizer.
 A bad value fails here, before anything starts, as a `SpecError` naming the field path and
 the allowed values.
+
+`TrainSettings.plan` composes the spec's roles with the strategy's own plan into one
+`JobPlan`: every process by role with its resources, and the demand the scheduler counts.
+`Trainer`, ``corral train`` and the service all read that one plan.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,7 +34,9 @@ from pydantic import (
 )
 
 from corral.errors import SpecError
-from corral.strategies import AllReduce, AnyStrategy
+from corral.runtime.resources import Resources, total_demand
+from corral.runtime.roles import Role
+from corral.strategies import AllReduce, AnyStrategy, StrategyPlan
 
 _UNITS = {
     "": 1,
@@ -48,7 +58,7 @@ class _Model(BaseModel):
 
 
 class RoleSpec(_Model):
-    """Resources of each process of one role (``worker`` now; ``server`` later)."""
+    """How many processes of one role, and the resources of each."""
 
     count: int = Field(1, ge=1, description="how many processes of this role")
     cpus: int = Field(1, ge=1, description="CPU threads each process may use")
@@ -64,6 +74,11 @@ class RoleSpec(_Model):
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"'{value}' is not a size; write MiB as a number, or e.g. 512m, 4g")
         return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+    @property
+    def resources(self) -> Resources:
+        """What each process of the role asks for, in the runtime's vocabulary."""
+        return Resources(cpus=self.cpus, memory_mib=self.memory or 0, gpus=self.gpus)
 
 
 class Roles(_Model):
@@ -147,15 +162,53 @@ class TrainSettings(_Model):
         return {"kind": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _servers_match(self) -> TrainSettings:
-        server, servers = self.roles.server, getattr(self.strategy, "servers", None)
-        if server is not None and servers is None:
-            raise ValueError("roles.server: only the 'ps' strategy runs servers")
-        if server is not None and "count" in server.model_fields_set and server.count != servers:
+    def _roles_match_the_plan(self) -> TrainSettings:
+        """A helper role the spec sizes must be one the strategy plans, with its count."""
+        server = self.roles.server
+        if server is None:
+            return self
+        planned = {r.name: r for r in self.plan().strategy.helpers}
+        if "server" not in planned:
+            raise ValueError(f"roles.server: the {self.strategy.kind} strategy runs no servers")
+        count = planned["server"].count
+        if "count" in server.model_fields_set and server.count != count:
             raise ValueError(
-                f"roles.server.count: {server.count} differs from strategy.servers: {servers}"
+                f"roles.server.count: {server.count} differs from the {count} "
+                "servers the strategy runs"
             )
         return self
+
+    def plan(self) -> JobPlan:
+        """Every process this job runs, by role, with fresh secrets for one launch."""
+        workers = self.roles.worker
+        helpers = self.roles.server.resources if self.roles.server else Resources(cpus=1)
+        strategy = self.strategy.plan(workers=workers.count, helpers=helpers)
+        return JobPlan(
+            workers=Role(name="worker", count=workers.count, resources=workers.resources),
+            strategy=strategy,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobPlan:
+    """The processes of one launch of a job: its workers and the strategy's helpers.
+
+    Attributes:
+        workers: The worker role (its entry point is the launcher's to set).
+        strategy: The strategy's plan: helpers, secrets, its caller-side supervisor.
+    """
+
+    workers: Role
+    strategy: StrategyPlan
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return (self.workers, *self.strategy.helpers)
+
+    @property
+    def demand(self) -> Resources:
+        """What the scheduler admits as a gang: every process of every role at once."""
+        return total_demand((r.count, r.resources) for r in self.roles)
 
 
 class JobSpec(TrainSettings):
@@ -187,19 +240,46 @@ class JobSpec(TrainSettings):
         return value
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, model: type[BaseModel]) -> str:
+    """One problem of pydantic's report in the spec's own words; an unknown field names
+    the closest known one at its place in `model`, since a typo (``epoch`` for ``epochs``)
+    is the usual cause."""
     loc = list(error["loc"])
     if len(loc) > 2 and loc[0] == "strategy":
         del loc[1]  # pydantic puts the union's tag in the path: strategy.allreduce.x
     where = ".".join(str(part) for part in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{where}: unknown field"
+        near = difflib.get_close_matches(str(loc[-1]), _fields_at(model, error["loc"][:-1]), 1)
+        return f"{where}: unknown field" + (f"; did you mean '{near[0]}'?" if near else "")
     if error["type"] == "union_tag_invalid":
         tag = error["ctx"]["tag"]
         return f"{where}.kind: unknown strategy '{tag}'; allowed: {error['ctx']['expected_tags']}"
     if error["type"] == "missing":
         return f"{where}: required"
     return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The field names of the model at pydantic's location `loc` in `model` (a tagged
+    union's member is the one its tag, next in `loc`, names); none if `loc` leads to no
+    model."""
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
+        if field is None:
+            return []
+        members = [
+            m
+            for m in typing.get_args(field.annotation) or (field.annotation,)
+            if isinstance(m, type) and issubclass(m, BaseModel)
+        ]
+        if field.discriminator and parts:
+            key, tag = str(field.discriminator), parts.pop(0)
+            members = [m for m in members if m.model_fields[key].default == tag]
+        if len(members) != 1:
+            return []
+        model = members[0]
+    return list(model.model_fields)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -210,7 +290,7 @@ def parse(model: type[M], data: Any, *, source: str = "spec") -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
+        lines = [_describe(e, model) for e in exc.errors()]
         raise SpecError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from corral.errors import CheckpointError
-from corral.train import checkpoint as ckpt
+from corral.runtime import checkpoint as ckpt
 
 
 def test_save_keeps_only_the_newest(tmp_path):

@@ -7,8 +7,9 @@ import torch
 import torch.distributed as dist
 
 import corral
+from corral.runtime.context import context
+from corral.strategies import Batch, StrategyPlan
 from corral.strategies.averaging import average_, broadcast_
-from corral.train.context import context
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +38,13 @@ def train_and_gather(
     torch.manual_seed(100 + ctx.rank)  # deliberately different initial weights per rank
     model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    net = strategy.setup(model, opt, ctx)
-    for _ in range(steps):
+    loss = torch.nn.functional.cross_entropy
+    replica = strategy.build(model, opt, loss, ctx, StrategyPlan())
+    for step in range(steps):
         x = torch.randn(8, 6)
-        strategy.step(torch.nn.functional.cross_entropy(net(x), (x[:, 0] > 0).long()))
+        replica.step(Batch(x, (x[:, 0] > 0).long(), epoch=0, index=step))
     if finish:
-        strategy.finish_epoch()
+        replica.sync()
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, flat)

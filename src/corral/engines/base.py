@@ -8,31 +8,13 @@ training layer decides what to run; the engine decides only where and how.
 
 from __future__ import annotations
 
-import os
 import signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 from corral.errors import LaunchError
-
-#: Environment variable naming the address a process serves on (a parameter server's
-#: shard, a gossip mailbox): the caller's for local processes, the executor's on Spark.
-HOST_ENV = "CORRAL_HOST"
-
-
-def serving_host() -> str:
-    """Inside a process of a plan: the address of this machine its peers reach it at."""
-    return os.environ.get(HOST_ENV) or os.environ["MASTER_ADDR"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Resources:
-    """What one process asks for. Engines enforce what they can and refuse what they lack."""
-
-    cpus: int = 1
-    gpus: int = 0
-    memory_mb: int | None = None
+from corral.runtime.resources import ONE_CPU, Resources
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +25,8 @@ class ProcessSpec:
     rank: int
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    resources: Resources = field(default_factory=Resources)
+    #: Engines enforce what they can and refuse what they lack.
+    resources: Resources = ONE_CPU
     #: Files of the caller's machine the process reads, named in `argv` by these paths.
     #: An engine that runs it on another machine ships them and rewrites those paths.
     files: tuple[str, ...] = ()

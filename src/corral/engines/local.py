@@ -16,6 +16,7 @@ Guarantees, each checked by tests with real processes:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -27,8 +28,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO
 
-from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
+from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
 from corral.errors import LaunchError
+from corral.runtime import env as names
+from corral.runtime.resources import Resources
 
 #: How many lines of each process's output are kept for `logs()` and error reports.
 LOG_LINES_KEPT = 2000
@@ -85,7 +88,7 @@ def check_resources(processes: list[ProcessSpec]) -> list[list[str]]:
         raise LaunchError(
             f"the job asks for {wanted_gpus} GPU(s) in all but this machine has {len(have)}"
         )
-    wanted_mb = sum(p.resources.memory_mb or 0 for p in processes)
+    wanted_mb = sum(p.resources.memory_mib for p in processes)
     if wanted_mb > _total_memory_mb():
         raise LaunchError(
             f"the job asks for {wanted_mb} MiB of memory in all but this machine has "
@@ -98,12 +101,27 @@ def check_resources(processes: list[ProcessSpec]) -> list[list[str]]:
     return assignment
 
 
-def _resource_env(resources: Resources, gpus: list[str]) -> dict[str, str]:
-    """Pin thread pools to the CPUs asked for, and show each process only its GPUs."""
-    threads = str(resources.cpus)
+def _resource_env(resources: Resources, gpus: list[str], visible: list[str]) -> dict[str, str]:
+    """Pin thread pools to the CPUs asked for; show the process `visible` GPUs, its own
+    `gpus` among them (see `device_sets`)."""
+    threads = str(max(1, math.ceil(resources.cpus)))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CORRAL_CPUS": threads}
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
+    env[names.DEVICE] = str(visible.index(gpus[0]) if gpus else 0)
     return env
+
+
+def device_sets(processes: list[ProcessSpec], gpus: list[list[str]]) -> list[list[str]]:
+    """The GPUs each process sees: all of its role's on this host, in rank order.
+
+    torchrun shows every process the host's GPUs and user code picks its own with
+    ``torch.cuda.set_device(LOCAL_RANK)``; showing each only its own would make that fail
+    on every rank but 0. Processes without GPUs see none.
+    """
+    by_role: dict[str, list[str]] = {}
+    for spec, own in sorted(zip(processes, gpus, strict=True), key=lambda p: p[0].rank):
+        by_role.setdefault(spec.role, []).extend(own)
+    return [by_role[spec.role] if own else [] for spec, own in zip(processes, gpus, strict=True)]
 
 
 class _LocalProcess:
@@ -143,9 +161,11 @@ class LocalWorkerGroup(WorkerGroup):
         self._gpus: list[list[str]] = []
         self._parent_pipe_r, self._parent_pipe_w = parent_pipe
 
-    def start(self, spec: ProcessSpec, gpus: list[str]) -> None:
-        """Start `spec` on the given GPUs; it inherits the read end of the parent-death pipe."""
-        env = {**os.environ, **_resource_env(spec.resources, gpus), **spec.env}
+    def start(self, spec: ProcessSpec, gpus: list[str], visible: list[str] | None = None) -> None:
+        """Start `spec` on the given GPUs, seeing `visible` ones (default: only its own);
+        it inherits the read end of the parent-death pipe."""
+        seen = gpus if visible is None else visible
+        env = {**os.environ, **_resource_env(spec.resources, gpus, seen), **spec.env}
         env[PARENT_FD_ENV] = str(self._parent_pipe_r)
         try:
             popen = subprocess.Popen(
@@ -232,10 +252,11 @@ class LocalEngine(Engine):
         if plan.feed is not None:
             raise LaunchError("the local engine cannot read a Spark DataFrame: use engine='spark'")
         gpus = check_resources(plan.processes)
+        visible = device_sets(plan.processes, gpus)
         group = LocalWorkerGroup(os.pipe(), self.sink)
         try:
-            for spec, devices in zip(plan.processes, gpus, strict=True):
-                group.start(spec, devices)
+            for spec, devices, seen in zip(plan.processes, gpus, visible, strict=True):
+                group.start(spec, devices, seen)
         except BaseException:
             group.stop(grace=0)
             raise

@@ -3,6 +3,7 @@ what this machine has, and the `ClusterState` of one scheduling pass."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -19,19 +20,16 @@ DEFAULT_PROCESS_MIB = 1024
 
 
 def demand_of(spec: JobSpec) -> Resources:
-    """The whole job's demand: every process of every role, all at once (gang)."""
-    roles = [spec.roles.worker]
-    servers = getattr(spec.strategy, "servers", None)
-    if spec.roles.server is not None:
-        roles.append(spec.roles.server)
-    elif servers:  # a parameter-server job that sizes no servers: one CPU each
-        roles.append(RoleSpec(count=servers))
+    """The whole job's demand: every process of every role of its plan, all at once (gang),
+    as `Trainer` will launch them."""
     return total_demand(
         (
             r.count,
-            Resources(cpus=r.cpus, memory_mib=r.memory or DEFAULT_PROCESS_MIB, gpus=r.gpus),
+            dataclasses.replace(
+                r.resources, memory_mib=r.resources.memory_mib or DEFAULT_PROCESS_MIB
+            ),
         )
-        for r in roles
+        for r in spec.plan().roles
     )
 
 

@@ -1,4 +1,4 @@
-"""Synchronisation strategies: one module per algorithm, one small interface for all."""
+"""Distribution strategies: one module per algorithm, one small interface for all."""
 
 from typing import Annotated
 
@@ -6,7 +6,15 @@ from pydantic import Field
 
 from corral.strategies.allreduce import AllReduce
 from corral.strategies.averaging import Averaging
-from corral.strategies.base import StepResult, Strategy
+from corral.strategies.base import (
+    Batch,
+    DataParallel,
+    Replica,
+    StepResult,
+    Strategy,
+    StrategyPlan,
+    Supervisor,
+)
 from corral.strategies.gossip import Gossip
 from corral.strategies.parameter_server import ParameterServer
 
@@ -19,8 +27,13 @@ __all__ = [
     "AllReduce",
     "AnyStrategy",
     "Averaging",
+    "Batch",
+    "DataParallel",
     "Gossip",
     "ParameterServer",
+    "Replica",
     "StepResult",
     "Strategy",
+    "StrategyPlan",
+    "Supervisor",
 ]

@@ -17,15 +17,20 @@ number of workers (and warm it up) as Goyal et al. recommend.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, PrivateAttr
+import torch.distributed as dist
+from pydantic import Field
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from corral.strategies.base import StepResult, Strategy
-from corral.train.context import Context
+from corral.runtime.context import Context
+from corral.strategies.base import DataParallel, LossFn, Strategy, StrategyPlan
+
+#: What of PowerSGD's state a checkpoint keeps: the error feedback (what compression left
+#: out so far, added back next step), the warm start of its low-rank factors, and the step.
+_POWERSGD_STATE = ("error_dict", "p_memory_dict", "q_memory_dict", "iter")
 
 
 class AllReduce(Strategy):
@@ -42,29 +47,77 @@ class AllReduce(Strategy):
         10, ge=2, description="steps of plain all-reduce before PowerSGD starts"
     )
 
-    _optimizer: torch.optim.Optimizer | None = PrivateAttr(default=None)
+    def build(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss: LossFn,
+        ctx: Context,
+        plan: StrategyPlan,
+    ) -> _AllReduceReplica:
+        assert optimizer is not None  # needs_optimizer: Trainer checked
+        return _AllReduceReplica(self, model, optimizer, loss, ctx)
 
-    def setup(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
-    ) -> torch.nn.Module:
+
+class _AllReduceReplica(DataParallel):
+    def __init__(
+        self,
+        config: AllReduce,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: LossFn,
+        ctx: Context,
+    ) -> None:
         device_ids = [ctx.device] if ctx.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids)
-        if self.compression == "fp16":
+        self.powersgd: powerSGD_hook.PowerSGDState | None = None
+        if config.compression == "fp16":
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        elif self.compression == "powersgd":
-            state = powerSGD_hook.PowerSGDState(
+        elif config.compression == "powersgd":
+            self.powersgd = powerSGD_hook.PowerSGDState(
                 process_group=None,
-                matrix_approximation_rank=self.powersgd_rank,
-                start_powerSGD_iter=self.powersgd_warmup,
+                matrix_approximation_rank=config.powersgd_rank,
+                start_powerSGD_iter=config.powersgd_warmup,
                 min_compression_rate=1,
             )
-            ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        self._optimizer = optimizer
-        return ddp
+            ddp.register_comm_hook(self.powersgd, powerSGD_hook.powerSGD_hook)
+        super().__init__(model, optimizer, loss, ctx, net=ddp)
 
-    def step(self, loss: torch.Tensor) -> StepResult:
-        assert self._optimizer is not None, "setup() must run before step()"
-        self._optimizer.zero_grad(set_to_none=True)
+    def update(self, loss: torch.Tensor) -> bool:
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces gradients during backward
-        self._optimizer.step()
-        return StepResult(synced=True)
+        self.optimizer.step()
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """PowerSGD's error feedback, every rank's (each holds its own): without it a
+        resumed job loses what compression had deferred, and its steps after the restart
+        differ from an unbroken run's. Collective: every rank calls it at the same step."""
+        if self.powersgd is None:
+            return {}
+        mine = {k: _cpu(getattr(self.powersgd, k)) for k in _POWERSGD_STATE}
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        return {"powersgd": every}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("powersgd")
+        if self.powersgd is None or not saved:
+            return
+        if len(saved) != dist.get_world_size():  # another world: its errors do not map
+            return
+        for key, value in saved[self.ctx.rank].items():
+            setattr(self.powersgd, key, _to(value, self.ctx.device))
+
+
+def _cpu(value: Any) -> Any:
+    """`value` with every tensor copied to the host (dicts of bucket index → tensor)."""
+    if isinstance(value, dict):
+        return {k: v.detach().cpu() for k, v in value.items()}
+    return value
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return value

@@ -20,11 +20,11 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from corral.strategies.base import StepResult, Strategy
-from corral.train.context import Context
+from corral.runtime.context import Context
+from corral.strategies.base import DataParallel, LossFn, Strategy, StrategyPlan
 
 
 def _state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -64,34 +64,44 @@ class Averaging(Strategy):
     kind: Literal["averaging"] = "averaging"
     every: int = Field(16, ge=1, description="mini-batches between two averages")
 
-    _model: torch.nn.Module | None = PrivateAttr(default=None)
-    _optimizer: torch.optim.Optimizer | None = PrivateAttr(default=None)
-    _since_sync: int = PrivateAttr(default=0)
+    def build(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss: LossFn,
+        ctx: Context,
+        plan: StrategyPlan,
+    ) -> _AveragingReplica:
+        assert optimizer is not None  # needs_optimizer: Trainer checked
+        return _AveragingReplica(self.every, model, optimizer, loss, ctx)
 
-    def setup(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
-    ) -> torch.nn.Module:
+
+class _AveragingReplica(DataParallel):
+    def __init__(
+        self,
+        every: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: LossFn,
+        ctx: Context,
+    ) -> None:
+        super().__init__(model, optimizer, loss, ctx)
         broadcast_(_state_tensors(model))
-        self._model, self._optimizer, self._since_sync = model, optimizer, 0
-        return model
+        self.every, self.since_sync = every, 0
 
-    def step(self, loss: torch.Tensor) -> StepResult:
-        assert self._model is not None and self._optimizer is not None, "setup() first"
-        self._optimizer.zero_grad(set_to_none=True)
+    def update(self, loss: torch.Tensor) -> bool:
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._optimizer.step()
-        self._since_sync += 1
-        if self._since_sync < self.every:
-            return StepResult(synced=False)
-        self._sync()
-        return StepResult(synced=True)
+        self.optimizer.step()
+        self.since_sync += 1
+        if self.since_sync < self.every:
+            return False
+        self.sync()
+        return True
 
-    def finish_epoch(self) -> None:
-        if self._since_sync:
-            self._sync()
-
-    def _sync(self) -> None:
-        assert self._model is not None
+    def sync(self) -> None:
+        if not self.since_sync:
+            return
         with torch.no_grad():
-            average_(_state_tensors(self._model))
-        self._since_sync = 0
+            average_(_state_tensors(self.model))
+        self.since_sync = 0

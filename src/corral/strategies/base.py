@@ -1,99 +1,132 @@
-"""The interface every synchronisation strategy implements.
+"""What every distribution strategy is: a frozen config, a caller-side plan, a Replica.
 
-A strategy is typed configuration (a pydantic model, so the same object is written in
-Python, YAML and REST) plus three verbs the training loop calls in a fixed order:
+A strategy has three parts, each named after where it runs:
 
-1. ``setup(model, optimizer, ctx)`` once, after the model and optimizer exist, returning
-   the module to call forward on (for example a ``DistributedDataParallel`` wrapper);
-2. ``step(loss)`` once per mini-batch: backward, optimizer step and whatever communication
-   the algorithm needs, returning a `StepResult`;
-3. ``finish_epoch()`` at the end of every epoch, so that evaluation and checkpoints see
-   one model on every rank, then ``epoch_metrics()`` for what the strategy measured;
-4. ``finish()`` once, when training is over.
+1. **Config** (`Strategy`, on both sides): frozen typed data, a member of the spec's
+   tagged union, so the same object is written in Python, YAML and REST. Nothing mutates
+   it.
+2. **Plan** (`Strategy.plan`, on the caller): pure; returns a `StrategyPlan` with the
+   helper processes the strategy needs beside the workers (parameter servers) and their
+   resources, fresh secrets for this launch, and — for a strategy that trains on without
+   a lost worker — a `Supervisor`, the caller-side object the launcher tells about losses.
+   `Trainer`, the YAML path and the service's scheduler all read the same plan.
+3. **Replica** (`Strategy.build`, in each worker): the runtime object, built from the
+   model, the optimizer, the loss, the worker's `Context` and the plan. Its fields are
+   never ``None``. Its step verb receives the *batch*, so a strategy may own forward,
+   backward and communication (pipeline micro-batches, a federated client's local
+   epochs). Data-parallel strategies subclass `DataParallel` and write only `update`.
 
-Around every epoch the loop also calls ``begin_epoch`` (this worker's share) and
-``epoch_end``, which sums the epoch's metrics over the workers — by default with one
-all-reduce; a strategy without a process group does it through its own servers — and
-says which workers train the next epoch.
+The training loop calls, in each worker: ``begin_epoch`` (this worker's share), ``step``
+per batch, ``sync`` at the end of the epoch (so evaluation and checkpoints see one model),
+then ``meet`` (sums the epoch's metrics over its workers and says who trains the next
+one), ``metrics``, and ``close`` once at the end. A worker that joins a running job
+calls ``join`` first. ``state_dict``/``load_state_dict`` carry the replica's own state
+(compression error feedback, say) through checkpoints.
 
-Before anything starts, ``prepare_job`` runs once per launch on the caller's side: a
-strategy generates its job's keys there and returns the processes it needs beside the
-workers (parameter servers). A strategy that can train on without a lost worker says so
-in ``tolerates_worker_loss``; the launcher then calls ``worker_lost`` (caller side) for
-each loss, and a worker started in a lost one's place calls ``join`` before its first
-epoch.
-
-`Trainer` never branches on the strategy's name; a new algorithm is a new module.
+`Trainer` never branches on a strategy's name: a new algorithm is one new module and one
+line in `corral.strategies.AnyStrategy`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from corral.engines.base import Resources
-from corral.train.context import Context
-from corral.train.roles import Role
+from corral.comm.curve import JobKeys
+from corral.errors import TrainingError
+from corral.runtime.context import Context
+from corral.runtime.resources import Resources
+from corral.runtime.roles import Role
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One mini-batch of a worker's share, and where it stands in the job."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    epoch: int
+    index: int
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one step did that the loop reports: whether replicas communicated."""
+    """What one step did that the loop reports.
 
+    Attributes:
+        output: The model's output for the batch, detached (for accuracy).
+        loss: The batch's loss as a number, already checked to be finite.
+        synced: Whether replicas communicated in this step.
+    """
+
+    output: torch.Tensor
+    loss: float
     synced: bool
 
 
-class Strategy(BaseModel, ABC):
-    """Base of all strategies; subclasses add a ``kind`` literal and their settings."""
+class Supervisor(ABC):
+    """Caller side, for strategies that train on without a lost process: the launcher
+    calls it on its watching thread, with the job's rendezvous store."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    #: Whether workers run the user's optimizer (a parameter server runs its own).
-    needs_optimizer: ClassVar[bool] = True
-    #: Whether the loop opens a torch.distributed process group (collectives, DDP).
-    uses_process_group: ClassVar[bool] = True
-
-    def tolerates_worker_loss(self) -> bool:
-        """Whether training goes on, without it or with a successor, when a worker dies."""
-        return False
-
+    @abstractmethod
     def worker_lost(self, rank: int, successor: int | None, store: dist.Store) -> dict[str, Any]:
-        """Caller side: release whoever waits for dead `rank`, expect its `successor` (a
-        worker already started in its place, if any); return what it left undone."""
-        raise NotImplementedError(f"the {type(self).__name__} strategy cannot lose workers")
+        """Release whoever waits for dead `rank`, expect its `successor` (a worker already
+        started in its place, if any); returns what the dead worker left undone:
+        ``epoch``, ``steps_done``, ``steps``, ``samples_not_trained`` (empty if it had not
+        started an epoch)."""
 
-    def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:
-        """Per-launch preparation on the caller's side; returns processes to start too."""
-        return []
+    def helper_restarted(  # noqa: B027
+        self, role: str, rank: int, lost: list[int], store: dist.Store
+    ) -> None:
+        """A restartable helper was started again; `lost` are the workers this attempt
+        lost so far, which a helper restored from an older state may still await."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyPlan:
+    """What a strategy needs for one launch, decided on the caller's side.
+
+    Attributes:
+        helpers: Processes to start beside the workers (parameter servers).
+        keys: Fresh CURVE keys for the job's own sockets, if the strategy opens any.
+        supervisor: Set when the job trains on without a lost worker.
+    """
+
+    helpers: tuple[Role, ...] = ()
+    keys: JobKeys | None = field(default=None, repr=False)
+    supervisor: Supervisor | None = None
+
+    @property
+    def tolerates_worker_loss(self) -> bool:
+        return self.supervisor is not None
+
+
+class Replica(ABC):
+    """One worker's side of a strategy; see the module docstring for the call order."""
+
+    #: The model as the caller gave it (single-device); checkpoints and evaluation use it.
+    model: torch.nn.Module
 
     @abstractmethod
-    def setup(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
-    ) -> torch.nn.Module:
-        """Prepare replicas to agree; returns the module the loop calls forward on."""
+    def step(self, batch: Batch) -> StepResult:
+        """Train on one batch: forward, loss, backward, update and communication."""
 
-    @abstractmethod
-    def step(self, loss: torch.Tensor) -> StepResult:
-        """Backpropagate `loss`, update parameters and synchronise as the algorithm says."""
-
-    def helper_restarted(self, role: str, rank: int, lost: list[int], store: dist.Store) -> None:
-        """Caller side: a restartable helper was started again; `lost` are the workers this
-        attempt lost so far, which a helper restored from an older state may still await."""
-
-    def join(self) -> tuple[int, list[int]] | None:
-        """For a worker joining a running job: the epoch it starts at and that epoch's
-        workers, once it may start; ``None`` if the job finished meanwhile."""
-        raise NotImplementedError(f"the {type(self).__name__} strategy cannot add workers")
-
-    def begin_epoch(self, epoch: int, *, steps: int, samples: int) -> None:
+    def begin_epoch(self, epoch: int, *, steps: int, samples: int) -> None:  # noqa: B027
         """This worker is about to train `samples` samples of `epoch` in `steps` steps."""
 
-    def epoch_end(self, epoch: int, sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def sync(self) -> None:  # noqa: B027
+        """Bring replicas to one model at the end of an epoch (no-op if always in sync)."""
+
+    def meet(self, epoch: int, sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Sum `sums` over this epoch's workers; return it and the next epoch's workers.
 
         Every worker calls this once per epoch with a tensor of the same length, so it is
@@ -102,12 +135,95 @@ class Strategy(BaseModel, ABC):
         dist.all_reduce(sums)
         return sums, list(range(dist.get_world_size()))
 
-    def finish_epoch(self) -> None:
-        """Bring replicas to one model at the end of an epoch (no-op if always in sync)."""
+    def join(self) -> tuple[int, list[int]] | None:
+        """For a worker joining a running job: the epoch it starts at and that epoch's
+        workers, once it may start; ``None`` if the job finished meanwhile."""
+        raise TrainingError(f"{type(self).__name__} cannot add workers to a running job")
 
-    def epoch_metrics(self) -> dict[str, Any]:
+    def metrics(self) -> dict[str, Any]:
         """What the strategy measured this epoch, merged into the history row."""
         return {}
 
-    def finish(self) -> None:
-        """Release what `setup` acquired; called once after the last epoch."""
+    def state_dict(self) -> dict[str, Any]:
+        """The replica's own state for checkpoints (beside the model's and optimizer's)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
+        """Restore what `state_dict` returned."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release what the replica holds; called once after the last epoch."""
+
+
+def checked_loss(loss: torch.Tensor, batch: Batch, rank: int) -> float:
+    """`loss` as a number; a loss that is not a finite scalar stops the job clearly."""
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TrainingError(f"the loss must return a scalar tensor, got {shape}")
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"the loss became {value} at epoch {batch.epoch + 1}, step {batch.index + 1} "
+            f"on worker {rank}; lower the learning rate or look for bad values in the data"
+        )
+    return value
+
+
+class DataParallel(Replica):
+    """A replica that runs forward and the loss itself and leaves `update` to the strategy:
+    the whole of a data-parallel strategy's worker side is usually that one method.
+
+    Attributes:
+        net: The module forward runs on (a ``DistributedDataParallel`` wrapper, say).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: LossFn,
+        ctx: Context,
+        *,
+        net: torch.nn.Module | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.loss, self.ctx = model, optimizer, loss, ctx
+        self.net = net if net is not None else model
+
+    def step(self, batch: Batch) -> StepResult:
+        out = self.net(batch.x)
+        loss = self.loss(out, batch.y)
+        value = checked_loss(loss, batch, self.ctx.rank)
+        synced = self.update(loss)
+        return StepResult(output=out.detach(), loss=value, synced=synced)
+
+    @abstractmethod
+    def update(self, loss: torch.Tensor) -> bool:
+        """Backpropagate `loss`, update the parameters and communicate as the algorithm
+        says; returns whether replicas communicated."""
+
+
+class Strategy(BaseModel, ABC):
+    """Base of all strategy configs; subclasses add a ``kind`` literal and their settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Whether workers run the user's optimizer (a parameter server runs its own).
+    needs_optimizer: ClassVar[bool] = True
+    #: Whether the loop opens a torch.distributed process group (collectives, DDP).
+    uses_process_group: ClassVar[bool] = True
+
+    def plan(self, *, workers: int, helpers: Resources) -> StrategyPlan:
+        """Caller side, pure: what this strategy needs for one launch of `workers`
+        workers; `helpers` are the resources the spec gives each helper process."""
+        return StrategyPlan()
+
+    @abstractmethod
+    def build(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss: LossFn,
+        ctx: Context,
+        plan: StrategyPlan,
+    ) -> Replica:
+        """Worker side: the replica that trains `model` in this worker."""

@@ -16,27 +16,24 @@ with one all-reduce, so evaluation and checkpoints see one model.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 from collections import deque
-from datetime import timedelta
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import zmq
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from corral.comm.curve import JobKeys, secure_client, secure_server, start_authenticator
 from corral.comm.frames import pack, unpack
-from corral.engines.base import Resources, serving_host
 from corral.errors import CorralError, SpecError
+from corral.runtime.context import Context
+from corral.runtime.resources import Resources
 from corral.strategies.averaging import average_, broadcast_
-from corral.strategies.base import StepResult, Strategy
-from corral.train.context import Context
-from corral.train.roles import Role
+from corral.strategies.base import DataParallel, LossFn, Strategy, StrategyPlan
 
 _ADDRESS_KEY = "corral/gossip/{}"
 _TIMEOUT_MS = 60_000
@@ -91,94 +88,93 @@ class Gossip(Strategy):
     kind: Literal["gossip"] = "gossip"
     peers: int = Field(1, ge=1, description="peers to average with after each step")
 
-    _keys: JobKeys | None = PrivateAttr(default=None)
-    _model: torch.nn.Module | None = PrivateAttr(default=None)
-    _optimizer: torch.optim.Optimizer | None = PrivateAttr(default=None)
-    _mailbox: _Mailbox | None = PrivateAttr(default=None)
-    _peers: dict[int, zmq.Socket[bytes]] = PrivateAttr(default_factory=dict)
-    _zctx: zmq.Context[zmq.Socket[bytes]] | None = PrivateAttr(default=None)
-    _rng: random.Random | None = PrivateAttr(default=None)
-    _rank: int = PrivateAttr(default=0)
-
-    def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:
+    def plan(self, *, workers: int, helpers: Resources) -> StrategyPlan:
         if workers > 1 and self.peers > workers - 1:
             raise SpecError(
                 f"strategy.peers: {self.peers} is more than the {workers - 1} other workers"
             )
-        self._keys = JobKeys.generate()
-        return []
+        return StrategyPlan(keys=JobKeys.generate())
 
-    def setup(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
-    ) -> torch.nn.Module:
-        if self._keys is None:
+    def build(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss: LossFn,
+        ctx: Context,
+        plan: StrategyPlan,
+    ) -> _GossipReplica:
+        if plan.keys is None:
             raise SpecError("the gossip strategy must be launched by corral")
+        assert optimizer is not None  # needs_optimizer: Trainer checked
+        return _GossipReplica(self.peers, plan.keys, model, optimizer, loss, ctx)
+
+
+class _GossipReplica(DataParallel):
+    def __init__(
+        self,
+        peers: int,
+        keys: JobKeys,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: LossFn,
+        ctx: Context,
+    ) -> None:
+        super().__init__(model, optimizer, loss, ctx)
         broadcast_([p.data for p in model.parameters()])
-        host = serving_host()
-        values = torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy()
-        self._mailbox = _Mailbox(self._keys, host, values)
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            None,
-            False,
-            timeout=timedelta(minutes=5),
-        )
-        store.set(_ADDRESS_KEY.format(ctx.rank), f"{host}:{self._mailbox.port}")
-        self._zctx = zmq.Context()
+        self.mailbox = _Mailbox(keys, ctx.serving_host, self._flat())
+        ctx.store.set(_ADDRESS_KEY.format(ctx.rank), f"{ctx.serving_host}:{self.mailbox.port}")
+        self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.peers: dict[int, zmq.Socket[bytes]] = {}
         for peer in range(ctx.world_size):
             if peer == ctx.rank:
                 continue
-            sock = self._zctx.socket(zmq.DEALER)
-            secure_client(sock, self._keys)
+            sock = self.zctx.socket(zmq.DEALER)
+            secure_client(sock, keys)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://{store.get(_ADDRESS_KEY.format(peer)).decode()}")
-            self._peers[peer] = sock
-        self._model, self._optimizer, self._rank = model, optimizer, ctx.rank
-        self._rng = random.Random(1000 + ctx.rank)
-        return model
+            sock.connect(f"tcp://{ctx.store.get(_ADDRESS_KEY.format(peer)).decode()}")
+            self.peers[peer] = sock
+        self.fanout = min(peers, len(self.peers))
+        self.rng = random.Random(1000 + ctx.rank)
 
-    def step(self, loss: torch.Tensor) -> StepResult:
-        model, opt, mailbox = self._model, self._optimizer, self._mailbox
-        assert model is not None and opt is not None and mailbox is not None and self._rng
-        opt.zero_grad(set_to_none=True)
+    def _flat(self) -> np.ndarray:
+        vector = torch.nn.utils.parameters_to_vector(self.model.parameters())
+        return vector.detach().cpu().numpy().copy()
+
+    def update(self, loss: torch.Tensor) -> bool:
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().copy()
+        self.optimizer.step()
+        flat, mailbox = self._flat(), self.mailbox
         while mailbox.received:  # peers that averaged with us since our last step
             flat = (flat + mailbox.received.popleft()) / 2
-        for peer in self._rng.sample(sorted(self._peers), min(self.peers, len(self._peers))):
+        for peer in self.rng.sample(sorted(self.peers), self.fanout):
             flat = (flat + self._exchange(peer, flat)) / 2
-        device = next(model.parameters()).device
+        device = next(self.model.parameters()).device
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(
-                torch.from_numpy(flat).to(device), model.parameters()
+                torch.from_numpy(flat).to(device), self.model.parameters()
             )
         mailbox.publish(flat)
-        return StepResult(synced=bool(self._peers))
+        return bool(self.peers)
 
     def _exchange(self, peer: int, flat: np.ndarray) -> np.ndarray:
-        sock = self._peers[peer]
+        sock = self.peers[peer]
         sock.send_multipart(pack({}, [flat]), copy=False)
         if not sock.poll(_TIMEOUT_MS):
             raise CorralError(f"gossip peer {peer} did not answer within {_TIMEOUT_MS // 1000} s")
         _, (theirs,) = unpack(sock.recv_multipart(copy=False))
         return theirs
 
-    def finish_epoch(self) -> None:
-        assert self._model is not None and self._mailbox is not None
-        self._mailbox.received.clear()  # the exact average below supersedes pending ones
+    def sync(self) -> None:
+        self.mailbox.received.clear()  # the exact average below supersedes pending ones
         with torch.no_grad():
-            average_([p.data for p in self._model.parameters()])
-        flat = torch.nn.utils.parameters_to_vector(self._model.parameters()).detach().cpu().numpy()
-        self._mailbox.publish(flat)
+            average_([p.data for p in self.model.parameters()])
+        self.mailbox.publish(self._flat())
 
-    def finish(self) -> None:
+    def close(self) -> None:
         dist.barrier()  # nobody may still be asking us for parameters
-        for sock in self._peers.values():
+        for sock in self.peers.values():
             sock.close(linger=0)
-        self._peers.clear()
-        if self._zctx is not None:
-            self._zctx.term()
-        if self._mailbox is not None:
-            self._mailbox.close()
+        self.peers.clear()
+        self.zctx.term()
+        self.mailbox.close()

@@ -3,8 +3,9 @@
 Workers compute gradients; servers (their own processes, started beside the workers) own
 the parameters and the optimizer, split by key range (ps-lite, Li et al., OSDI 2014; Angel
 splits the same way). The consistency model — when a worker may go on with which values —
-is decided by `corral.ps.consistency`; see there for the papers behind each mode. Every
-connection is authenticated with the job's CURVE keys, generated afresh for every launch.
+is decided in `corral.ps` (one module per mode; see there for the papers behind each).
+Every connection is authenticated with the job's CURVE keys, generated afresh for every
+launch by `ParameterServer.plan`.
 
 Workers share no process group: epoch-end sums and membership go through server 0, so
 in ``async``, ``ssp`` and ``softsync`` a worker that dies costs only its share of the
@@ -23,26 +24,32 @@ than a few workers.
 from __future__ import annotations
 
 import functools
-import os
-from datetime import timedelta
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import Field, PrivateAttr
-from torch.utils.hooks import RemovableHandle
+from pydantic import Field
 
 from corral.comm.curve import JobKeys
-from corral.engines.base import Resources
 from corral.errors import SpecError
 from corral.ps.client import PSClient
-from corral.ps.consistency import Mode
 from corral.ps.layout import Layout
-from corral.ps.server import ADDRESS_KEY, ServerConfig, serve
-from corral.strategies.base import StepResult, Strategy
-from corral.train.context import Context
-from corral.train.roles import Role
+from corral.ps.server import ADDRESS_KEY, serve
+from corral.ps.settings import ServerSettings
+from corral.runtime.context import Context
+from corral.runtime.resources import Resources
+from corral.runtime.roles import Role
+from corral.strategies.base import (
+    Batch,
+    LossFn,
+    Replica,
+    StepResult,
+    Strategy,
+    StrategyPlan,
+    Supervisor,
+    checked_loss,
+)
 
 _SPARSE = (torch.nn.Embedding, torch.nn.EmbeddingBag)
 
@@ -96,8 +103,11 @@ class _Parameters:
         return out
 
 
-class ParameterServer(Strategy):
+class ParameterServer(ServerSettings, Strategy):
     """Workers push gradients to, and pull parameters from, `servers` server processes.
+
+    The servers' settings (mode, staleness, quorum, lr_scaling, optimizer, …) are
+    `corral.ps.settings.ServerSettings`'s, inherited, and handed to each server whole.
 
     Example:
         >>> corral.ParameterServer(mode="ssp", servers=2, staleness=3,
@@ -108,114 +118,63 @@ class ParameterServer(Strategy):
     uses_process_group: ClassVar[bool] = False
 
     kind: Literal["ps"] = "ps"
-    mode: Mode = "sync"
     servers: int = Field(1, ge=1, description="parameter shards, each its own process")
-    staleness: int = Field(0, ge=0, description="ssp: most clocks a worker may run ahead")
-    quorum: int = Field(1, ge=1, description="softsync: gradients averaged per update")
-    lr_scaling: Literal["staleness"] | None = None
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    optimizer_args: dict[str, float] = Field(default_factory=lambda: {"lr": 0.05})
-    checkpoint_every: int | None = Field(
-        None,
-        ge=1,
-        description="save each shard every this many updates; a killed server is then "
-        "restarted from it (counts against max_restarts) instead of failing the attempt",
-    )
 
-    _keys: JobKeys | None = PrivateAttr(default=None)
-    _client: PSClient | None = PrivateAttr(default=None)
-    _layout: Layout | None = PrivateAttr(default=None)
-    _model: torch.nn.Module | None = PrivateAttr(default=None)
-    _params: _Parameters = PrivateAttr()
-    _hooks: list[RemovableHandle] = PrivateAttr(default_factory=list)
-
-    def prepare_job(self, *, workers: int, resources: Resources) -> list[Role]:
+    def plan(self, *, workers: int, helpers: Resources) -> StrategyPlan:
         if self.mode == "softsync" and self.quorum > workers:
             raise SpecError(
                 f"strategy.quorum: {self.quorum} is more than the {workers} workers; "
                 "a softsync update could never complete"
             )
-        self._keys = JobKeys.generate()
-        config = ServerConfig(
-            mode=self.mode,
-            workers=workers,
-            staleness=self.staleness,
-            quorum=self.quorum,
-            lr_scaling=self.lr_scaling,
-            optimizer=self.optimizer,
-            optimizer_args=dict(self.optimizer_args),
-            checkpoint_every=self.checkpoint_every,
+        keys = JobKeys.generate()
+        settings = ServerSettings.model_validate(self.model_dump(include=_SERVER_FIELDS))
+        servers = Role(
+            name="server",
+            count=self.servers,
+            fn=serve,
+            args=(settings, workers, keys),
+            resources=helpers,
+            restartable=self.checkpoint_every is not None,
         )
-        return [
-            Role(
-                name="server",
-                count=self.servers,
-                fn=serve,
-                args=(config, self._keys),
-                resources=resources,
-                restartable=self.checkpoint_every is not None,
-            )
-        ]
+        supervisor = None if self.mode == "sync" else _Supervisor(self.servers, keys)
+        return StrategyPlan(helpers=(servers,), keys=keys, supervisor=supervisor)
 
-    def _addresses(self, store: dist.Store) -> list[str]:
-        """Where the servers listen, as they published it (waits for them to start)."""
-        return [store.get(ADDRESS_KEY.format(i)).decode() for i in range(self.servers)]
-
-    def setup(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
-    ) -> torch.nn.Module:
-        if self._keys is None:
+    def build(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss: LossFn,
+        ctx: Context,
+        plan: StrategyPlan,
+    ) -> _PSReplica:
+        if plan.keys is None:
             raise SpecError("the parameter server strategy must be launched by corral")
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            None,
-            False,
-            timeout=timedelta(minutes=5),
-        )
-        self._client = PSClient(self._addresses(store), self._keys, ctx.rank, store=store)
-        params = self._params = _Parameters(model)
-        values, tables = params.values(), params.tables()
-        self._layout = Layout.split(values.size, self.servers, [len(t) for t in tables])
-        params.load(self._client.init(values, self._layout, tables))
-        self._hooks = [
-            m.register_forward_pre_hook(functools.partial(self._pull_rows, t))
-            for t, m in enumerate(params.sparse)
-        ]
-        self._model = model
-        return model
+        return _PSReplica(self.servers, plan.keys, model, loss, ctx)
 
-    def _pull_rows(self, table: int, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        """Before an embedding runs: fetch the current values of the rows it will read."""
-        assert self._client is not None and self._layout is not None
-        rows = torch.unique(args[0]).cpu().numpy()
-        wanted = [rows if t == table else rows[:0] for t in range(len(self._layout.rows))]
-        values = self._client.rows(self._layout, wanted)[table]
-        self._params.sparse[table].weight.detach().numpy()[rows] = values
 
-    def step(self, loss: torch.Tensor) -> StepResult:
-        assert self._model is not None and self._client is not None and self._layout
-        params = self._params
-        self._model.zero_grad(set_to_none=True)
-        loss.backward()
-        params.load(self._client.step(params.grads(), self._layout, params.row_grads()))
-        return StepResult(synced=True)
+#: The fields a server is handed: the settings, not the strategy's own (kind, servers).
+_SERVER_FIELDS = set(ServerSettings.model_fields)
 
-    def finish_epoch(self) -> None:
-        assert self._model is not None and self._client is not None and self._layout
-        self._params.load(self._client.pull(self._layout, self._params.tables()))
 
-    def tolerates_worker_loss(self) -> bool:
-        return self.mode != "sync"
+def _addresses(store: dist.Store, servers: int) -> list[str]:
+    """Where the servers listen, as they published it (waits for them to start)."""
+    return [store.get(ADDRESS_KEY.format(i)).decode() for i in range(servers)]
+
+
+class _Supervisor(Supervisor):
+    """Caller side: tells the servers about lost workers (async, ssp and softsync)."""
+
+    def __init__(self, servers: int, keys: JobKeys) -> None:
+        self.servers, self.keys = servers, keys
 
     def _tell_servers(
         self, store: dist.Store, lost: list[tuple[int, int | None]]
     ) -> dict[str, Any]:
-        """Caller side: report lost workers to every server; server 0's account of the last."""
+        """Report lost workers to every server; server 0's account of the last."""
         keys = [ADDRESS_KEY.format(i) for i in range(self.servers)]
-        if self._keys is None or not store.check(keys):
+        if not store.check(keys):
             return {}  # lost before the servers were up: nobody waits for it yet
-        client = PSClient(self._addresses(store), self._keys, worker=-1, timeout_s=30.0)
+        client = PSClient(_addresses(store, self.servers), self.keys, worker=-1, timeout_s=30.0)
         try:
             return [client.lost(rank, successor) for rank, successor in lost][-1]
         finally:
@@ -240,29 +199,62 @@ class ParameterServer(Strategy):
             "samples_not_trained": samples - trained,
         }
 
+
+class _PSReplica(Replica):
+    """A worker: forward and backward here, the update on the servers."""
+
+    def __init__(
+        self, servers: int, keys: JobKeys, model: torch.nn.Module, loss: LossFn, ctx: Context
+    ) -> None:
+        self.model, self.loss, self.rank = model, loss, ctx.rank
+        self.client = PSClient(_addresses(ctx.store, servers), keys, ctx.rank, store=ctx.store)
+        self.params = params = _Parameters(model)
+        values, tables = params.values(), params.tables()
+        self.layout = Layout.split(values.size, servers, [len(t) for t in tables])
+        params.load(self.client.init(values, self.layout, tables))
+        self.hooks = [
+            m.register_forward_pre_hook(functools.partial(self._pull_rows, t))
+            for t, m in enumerate(params.sparse)
+        ]
+
+    def _pull_rows(self, table: int, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        """Before an embedding runs: fetch the current values of the rows it will read."""
+        rows = torch.unique(args[0]).cpu().numpy()
+        wanted = [rows if t == table else rows[:0] for t in range(len(self.layout.rows))]
+        values = self.client.rows(self.layout, wanted)[table]
+        self.params.sparse[table].weight.detach().numpy()[rows] = values
+
+    def step(self, batch: Batch) -> StepResult:
+        out = self.model(batch.x)
+        loss = self.loss(out, batch.y)
+        value = checked_loss(loss, batch, self.rank)
+        self.model.zero_grad(set_to_none=True)
+        loss.backward()
+        params = self.params
+        params.load(self.client.step(params.grads(), self.layout, params.row_grads()))
+        return StepResult(output=out.detach(), loss=value, synced=True)
+
+    def sync(self) -> None:
+        self.params.load(self.client.pull(self.layout, self.params.tables()))
+
     def join(self) -> tuple[int, list[int]] | None:
-        assert self._model is not None and self._client is not None and self._layout
-        reply = self._client.join()
+        reply = self.client.join()
         if reply.get("finished"):
             return None
-        self._params.load(self._client.pull(self._layout, self._params.tables()))  # of now
+        self.sync()  # the servers' values of now
         return reply["epoch"], reply["members"]
 
     def begin_epoch(self, epoch: int, *, steps: int, samples: int) -> None:
-        assert self._client is not None
-        self._client.begin_epoch(epoch, steps=steps, samples=samples)
+        self.client.begin_epoch(epoch, steps=steps, samples=samples)
 
-    def epoch_end(self, epoch: int, sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        assert self._client is not None
-        totals, members = self._client.meet(epoch, sums.cpu().numpy())
+    def meet(self, epoch: int, sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        totals, members = self.client.meet(epoch, sums.cpu().numpy())
         return torch.from_numpy(totals).to(sums.device), members
 
-    def epoch_metrics(self) -> dict[str, Any]:
+    def metrics(self) -> dict[str, Any]:
         """The servers' staleness histogram and bytes moved per second (on every worker,
         since whichever is lowest-ranked and alive reports them)."""
-        if self._client is None:
-            return {}
-        stats = self._client.stats()
+        stats = self.client.stats()
         # every shard sees every gradient; shard 0's view counts each gradient once
         histogram = {int(k): v for k, v in stats[0]["histogram"].items()}
         count = sum(histogram.values()) or 1
@@ -276,11 +268,8 @@ class ParameterServer(Strategy):
             "server_lost_updates": float(sum(s["lost_updates"] for s in stats)),
         }
 
-    def finish(self) -> None:
-        for hook in self._hooks:
+    def close(self) -> None:
+        for hook in self.hooks:
             hook.remove()
-        self._hooks = []
-        if self._client is not None:
-            self._client.leave()
-            self._client.close()
-            self._client = None
+        self.client.leave()
+        self.client.close()

@@ -1,5 +1,5 @@
-"""The training layer: `corral.run`, `Trainer`, the worker `Context` and checkpoints.
+"""The training layer: `corral.run`, `Trainer`, the launcher and the worker loop.
 
-Users import these from `corral`; this package re-exports nothing so that strategies can
-import `corral.train.context` without import cycles.
+Users import these from `corral`; this package re-exports nothing, so that importing one
+module here does not import the others.
 """

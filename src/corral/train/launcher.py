@@ -46,19 +46,13 @@ import torch.distributed as dist
 
 from corral.comm.control import ControlServer, Message
 from corral.engines import resolve
-from corral.engines.base import (
-    HOST_ENV,
-    Engine,
-    Exit,
-    Plan,
-    ProcessSpec,
-    Resources,
-    WorkerGroup,
-)
+from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
 from corral.engines.local import LocalEngine
 from corral.errors import CorralError, LaunchError, SpecError, WorkerError
+from corral.runtime import env as names
+from corral.runtime.resources import ONE_CPU, Resources
+from corral.runtime.roles import Role
 from corral.train import restarts
-from corral.train.roles import Role
 
 log = logging.getLogger("corral")
 
@@ -75,14 +69,16 @@ class LaunchOptions:
     """How to run a job's workers; `corral.run` and `Trainer` both fill one in."""
 
     workers: int = 1
-    resources: Resources = field(default_factory=Resources)
+    resources: Resources = ONE_CPU
     max_restarts: int = 0
     master_port: int | None = None
     checkpoint_dir: Path | None = None
     keep_checkpoints: int = 3
     engine: Engine = field(default_factory=LocalEngine)
     on_report: Callable[[Message], None] | None = None
-    extra_roles: list[Role] = field(default_factory=list)
+    #: Processes beside the workers (a strategy's parameter servers), each role's `fn`
+    #: set: they are started with the workers and stopped when the workers are done.
+    helpers: tuple[Role, ...] = ()
     #: Whether the strategy trains on without a lost worker (see `decide_loss`).
     tolerate_worker_loss: bool = False
     #: Called on the watching thread for every loss the attempt absorbs, with the driver's
@@ -168,20 +164,23 @@ class _Processes:
     attempt: int
 
     def spec(self, role: str, rank: int, resources: Resources, **extra: str) -> ProcessSpec:
+        # LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them for one host; an engine that
+        # places processes on several hosts numbers them per host instead, and shows each
+        # the host's GPUs so that ``cuda:LOCAL_RANK`` is its own (see the engines).
         env = {
             "MASTER_ADDR": self.opts.engine.host,
             # the address this process serves on (PS shards, gossip mailboxes); an engine
             # that runs it on another machine replaces it with that machine's
-            HOST_ENV: self.opts.engine.host,
+            names.HOST: self.opts.engine.host,
             "MASTER_PORT": str(self.store_port),
             "WORLD_SIZE": str(self.opts.workers),
             "LOCAL_WORLD_SIZE": str(self.opts.workers),
             "TORCHELASTIC_USE_AGENT_STORE": "True",
-            "TORCHELASTIC_RESTART_COUNT": str(self.attempt),
-            "CORRAL_CONTROL": f"{self.control.address[0]}:{self.control.address[1]}",
-            "CORRAL_CONTROL_KEY": self.control.authkey.hex(),
-            "CORRAL_ROLE": role,
-            "CORRAL_KEEP_CHECKPOINTS": str(self.opts.keep_checkpoints),
+            names.RESTART_COUNT: str(self.attempt),
+            names.CONTROL: f"{self.control.address[0]}:{self.control.address[1]}",
+            names.CONTROL_KEY: self.control.authkey.hex(),
+            names.ROLE: role,
+            names.KEEP_CHECKPOINTS: str(self.opts.keep_checkpoints),
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "PYTHONPATH": _python_path(),
@@ -189,9 +188,9 @@ class _Processes:
             **extra,
         }
         if self.opts.checkpoint_dir is not None:
-            env["CORRAL_CHECKPOINT_DIR"] = str(self.opts.checkpoint_dir)
+            env[names.CHECKPOINT_DIR] = str(self.opts.checkpoint_dir)
         if self.opts.tolerate_worker_loss:
-            env["CORRAL_ELASTIC"] = "1"
+            env[names.ELASTIC] = "1"
         argv = [sys.executable, "-m", "corral.train.worker", str(self.payload)]
         return ProcessSpec(
             role=role,
@@ -204,7 +203,7 @@ class _Processes:
 
     def plan(self) -> Plan:
         roles = [("worker", self.opts.workers, self.opts.resources)]
-        roles += [(r.name, r.count, r.resources) for r in self.opts.extra_roles]
+        roles += [(r.name, r.count, r.resources) for r in self.opts.helpers]
         return Plan(
             processes=[
                 self.spec(name, rank, resources)
@@ -215,11 +214,11 @@ class _Processes:
         )
 
     def joiner(self, rank: int) -> ProcessSpec:
-        return self.spec("worker", rank, self.opts.resources, CORRAL_JOINING="1")
+        return self.spec("worker", rank, self.opts.resources, **{names.JOINING: "1"})
 
     def restarted(self, role: str, rank: int) -> ProcessSpec:
-        (resources,) = [r.resources for r in self.opts.extra_roles if r.name == role]
-        return self.spec(role, rank, resources, CORRAL_RESTORE="1")
+        (resources,) = [r.resources for r in self.opts.helpers if r.name == role]
+        return self.spec(role, rank, resources, **{names.RESTORE: "1"})
 
 
 class _Watch:
@@ -241,7 +240,7 @@ class _Watch:
         self.first_trouble: float | None = None
         self.restarts_done = restarts_done
         self.absorbed: Counter[tuple[str, int]] = Counter()
-        self.restartable = {r.name for r in self.opts.extra_roles if r.restartable}
+        self.restartable = {r.name for r in self.opts.helpers if r.restartable}
         self.workers = processes.opts.workers  # grows as workers join
 
     def _take(self, msg: Message) -> None:
@@ -448,7 +447,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -
     run_dir = Path(tempfile.mkdtemp(prefix="corral-"))
     try:
         payload = run_dir / "payload.pkl"
-        entries = {"worker": (fn, args)} | {r.name: (r.fn, r.args) for r in opts.extra_roles}
+        entries = {"worker": (fn, args)} | {r.name: (r.fn, r.args) for r in opts.helpers}
         payload.write_bytes(cloudpickle.dumps(entries))
         if opts.checkpoint_dir is None:  # restarts within this call still find them
             opts = dataclasses.replace(opts, checkpoint_dir=run_dir / "checkpoints")

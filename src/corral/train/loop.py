@@ -1,20 +1,19 @@
 """The training loop each worker runs for `Trainer.fit`.
 
 The loop is strategy-agnostic: it builds the model and optimizer, restores a checkpoint if
-there is one, hands both to the strategy's ``setup``, and then only calls ``step(loss)``
-and ``finish_epoch()``. Epoch metrics (training and validation together) are summed over
-the epoch's workers in one ``epoch_end`` call, so every number in the history describes
-the whole epoch, not one worker's share of it.
+there is one, has the strategy build this worker's `Replica`, and then only hands it
+batches (``step``) and calls ``sync`` at the end of each epoch. Epoch metrics (training
+and validation together) are summed over the epoch's workers in one ``meet`` call, so
+every number in the history describes the whole epoch, not one worker's share of it.
 
-Which workers share an epoch's data is the strategy's answer from the previous
-``epoch_end``: normally every rank, but after a lost worker only the survivors (and any
-worker that joined), so from the next epoch on no sample is left out. The lowest of them
-leads: it reports progress and writes checkpoints.
+Which workers share an epoch's data is the replica's answer from the previous ``meet``:
+normally every rank, but after a lost worker only the survivors (and any worker that
+joined), so from the next epoch on no sample is left out. The lowest of them leads: it
+reports progress and writes checkpoints.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,15 +26,16 @@ import torch.distributed as dist
 from corral.data import Source
 from corral.data.sharding import rank_range
 from corral.errors import TrainingError
+from corral.runtime import checkpoint as ckpt
+from corral.runtime.context import Context, context
 from corral.spec import TrainSettings
-from corral.train import checkpoint as ckpt
-from corral.train.context import Context, context
+from corral.strategies import Batch, Replica, StrategyPlan
+from corral.strategies.base import LossFn
 
 #: Seconds between two progress reports from rank 0.
 PROGRESS_EVERY_S = 0.5
 
 ModelArg = torch.nn.Module | Callable[[], torch.nn.Module]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFn = Callable[[Any], torch.optim.Optimizer]
 
 
@@ -47,6 +47,8 @@ class TrainTask:
     loss: LossFn
     optimizer: OptimizerFn | None
     settings: TrainSettings
+    #: The strategy's plan for this launch (its secrets reach the workers this way).
+    plan: StrategyPlan
     train: Source
     validation: Source | None
     resume_from: Path | None
@@ -104,19 +106,6 @@ class _EpochSums:
         return row
 
 
-def _loss_value(loss: torch.Tensor, *, epoch: int, step: int, ctx: Context) -> float:
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise TrainingError(f"the loss must return a scalar tensor, got {shape}")
-    value = loss.item()
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"the loss became {value} at epoch {epoch + 1}, step {step + 1} on worker "
-            f"{ctx.rank}; lower the learning rate or look for bad values in the data"
-        )
-    return value
-
-
 @dataclass(frozen=True)
 class _Share:
     """This worker's place among the workers of one epoch (sorted ranks; the first leads)."""
@@ -134,7 +123,7 @@ class _Share:
 
 
 def _train_epoch(
-    task: TrainTask, net: torch.nn.Module, epoch: int, share: _Share, ctx: Context
+    task: TrainTask, replica: Replica, epoch: int, share: _Share, ctx: Context
 ) -> tuple[_EpochSums, int]:
     """Train one epoch on this worker's share; returns its sums and communication rounds."""
     s = task.settings
@@ -142,7 +131,7 @@ def _train_epoch(
     workers = len(share.members)
     steps = task.train.steps_per_epoch(workers, s.batch_size)
     lo, hi = rank_range(task.train.num_samples, share.position, workers)
-    s.strategy.begin_epoch(epoch, steps=steps, samples=hi - lo)
+    replica.begin_epoch(epoch, steps=steps, samples=hi - lo)
     start = last_report = time.monotonic()
     syncs, seen = 0, 0
     batches = task.train.batches(
@@ -154,12 +143,10 @@ def _train_epoch(
         shuffle=s.shuffle,
     )
     for step, (x, y) in enumerate(batches):
-        x, y = x.to(ctx.device), y.to(ctx.device)
-        out = net(x)
-        loss = task.loss(out, y)
-        value = _loss_value(loss, epoch=epoch, step=step, ctx=ctx)
-        syncs += s.strategy.step(loss).synced
-        sums.add(out.detach(), y, value)
+        y = y.to(ctx.device)
+        done = replica.step(Batch(x.to(ctx.device), y, epoch, step))
+        syncs += done.synced
+        sums.add(done.output, y, done.loss)
         seen += len(y)
         now = time.monotonic()
         if share.leads and now - last_report >= PROGRESS_EVERY_S:
@@ -170,10 +157,10 @@ def _train_epoch(
                 epochs=s.epochs,
                 step=step + 1,
                 steps=steps,
-                loss=value,
+                loss=done.loss,
                 samples_per_s=seen * workers / (now - start),
             )
-    s.strategy.finish_epoch()
+    replica.sync()
     return sums, syncs
 
 
@@ -198,21 +185,16 @@ def _evaluate(task: TrainTask, model: torch.nn.Module, share: _Share, ctx: Conte
 
 
 def _epoch(
-    task: TrainTask,
-    net: torch.nn.Module,
-    model: torch.nn.Module,
-    epoch: int,
-    share: _Share,
-    ctx: Context,
+    task: TrainTask, replica: Replica, epoch: int, share: _Share, ctx: Context
 ) -> tuple[dict[str, float], list[int]]:
     """Train and evaluate one epoch; returns its history row and the next epoch's workers."""
     start = time.monotonic()
-    train, syncs = _train_epoch(task, net, epoch, share, ctx)
+    train, syncs = _train_epoch(task, replica, epoch, share, ctx)
     parts = [train]
     if task.validation is not None:
-        parts.append(_evaluate(task, model, share, ctx))
+        parts.append(_evaluate(task, replica.model, share, ctx))
     # One meeting of all workers per epoch; its wait for the slowest is part of the epoch.
-    totals, members = task.settings.strategy.epoch_end(epoch, torch.cat([p.sums for p in parts]))
+    totals, members = replica.meet(epoch, torch.cat([p.sums for p in parts]))
     elapsed = time.monotonic() - start
     row = {"epoch": float(epoch + 1), **train.row(totals[:3])}
     row["samples"] = totals[2].item()
@@ -255,17 +237,19 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                 state["history"],
                 state["path"],
             )
-        net = strategy.setup(model, optimizer, ctx)
+        replica = strategy.build(model, optimizer, task.loss, ctx, task.plan)
+        if state is not None:
+            replica.load_state_dict(state.get("strategy", {}))
         members = list(range(ctx.world_size))
         if ctx.joining:
-            joined = strategy.join()
+            joined = replica.join()
             if joined is None:  # the job ended before this worker could start
-                strategy.finish()
+                replica.close()
                 return None
             start_epoch, members = joined
         for epoch in range(start_epoch, s.epochs):
-            row, members = _epoch(task, net, model, epoch, _Share(ctx.rank, members), ctx)
-            row.update(strategy.epoch_metrics())
+            row, members = _epoch(task, replica, epoch, _Share(ctx.rank, members), ctx)
+            row.update(replica.metrics())
             history.append(row)
             # saved before it is reported: a caller that stops the job on an epoch's report
             # (the service preempting it) loses nothing
@@ -274,6 +258,7 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                     {
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict() if optimizer else {},
+                        "strategy": replica.state_dict(),
                         "data_position": {"epoch": epoch + 1, "seed": s.seed},
                         "history": history,
                     },
@@ -283,7 +268,7 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                 last = str(saved) if saved else last
             if _Share(ctx.rank, members).leads:  # the lowest worker still alive leads
                 ctx.report(kind="epoch", epochs=s.epochs, **row)
-        strategy.finish()
+        replica.close()
         if not _Share(ctx.rank, members).leads:
             return None
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -23,13 +23,14 @@ from corral.comm.control import Message
 from corral.data import Source, as_source
 from corral.data.spill import SpillSource
 from corral.engines import resolve
-from corral.engines.base import Engine, Resources
+from corral.engines.base import Engine
 from corral.errors import SpecError
+from corral.runtime import checkpoint as ckpt
 from corral.spec import TrainSettings, parse
-from corral.strategies import Strategy
-from corral.train import checkpoint as ckpt
+from corral.strategies import Strategy, Supervisor
+from corral.strategies.base import LossFn
 from corral.train.launcher import LaunchOptions, ProcessLoss, launch
-from corral.train.loop import LossFn, ModelArg, OptimizerFn, TrainTask, build_model, train_worker
+from corral.train.loop import ModelArg, OptimizerFn, TrainTask, build_model, train_worker
 from corral.train.progress import log_report
 
 log = logging.getLogger("corral")
@@ -235,36 +236,29 @@ class Trainer:
         checkpoint_dir = s.checkpoint.dir or Path.cwd() / "corral-runs" / time.strftime(
             "job-%Y%m%d-%H%M%S"
         )
+        plan = s.plan()
         task = TrainTask(
             model=self.model,
             loss=self.loss,
             optimizer=self.optimizer,
             settings=s,
+            plan=plan.strategy,
             train=train,
             validation=valid,
             resume_from=resume,
         )
-        server = s.roles.server
-        extra = s.strategy.prepare_job(
-            workers=workers,
-            resources=Resources(cpus=server.cpus, gpus=server.gpus, memory_mb=server.memory)
-            if server
-            else Resources(),
-        )
-        losses = _Losses(s.strategy, on_report)
+        losses = _Losses(plan.strategy.supervisor, on_report)
         opts = LaunchOptions(
-            workers=workers,
-            resources=Resources(
-                cpus=s.roles.worker.cpus, gpus=s.roles.worker.gpus, memory_mb=s.roles.worker.memory
-            ),
+            workers=plan.workers.count,
+            resources=plan.workers.resources,
             max_restarts=s.max_restarts,
             master_port=s.master_port,
             checkpoint_dir=checkpoint_dir,
             keep_checkpoints=s.checkpoint.keep,
             engine=self.engine,
             on_report=losses.report,
-            extra_roles=extra,
-            tolerate_worker_loss=s.strategy.tolerates_worker_loss(),
+            helpers=plan.strategy.helpers,
+            tolerate_worker_loss=plan.strategy.tolerates_worker_loss,
             on_lost=losses.lost,
             feed=feed,
         )
@@ -316,8 +310,10 @@ class _Losses:
     history without the epochs before it joined; the rows reported to the caller fill it.
     """
 
-    def __init__(self, strategy: Strategy, on_report: Callable[[Message], None] | None) -> None:
-        self.strategy, self.on_report = strategy, on_report
+    def __init__(
+        self, supervisor: Supervisor | None, on_report: Callable[[Message], None] | None
+    ) -> None:
+        self.supervisor, self.on_report = supervisor, on_report
         self.workers: list[dict[str, Any]] = []
         self.rows: dict[int, dict[str, Any]] = {}
 
@@ -330,15 +326,16 @@ class _Losses:
             self.on_report(msg)
 
     def lost(self, loss: ProcessLoss, store: dist.Store) -> None:
+        assert self.supervisor is not None  # the launcher absorbs losses only then
         cause = loss.failure.detail
         if loss.failure.exc_type:
             cause = f"raised {loss.failure.exc_type}: {cause}"
         if loss.role != "worker":
             lost = [w["rank"] for w in self.workers if w["attempt"] == loss.attempt]
-            self.strategy.helper_restarted(loss.role, loss.rank, lost, store)
+            self.supervisor.helper_restarted(loss.role, loss.rank, lost, store)
             log.warning("%s %d %s; %s", loss.role, loss.rank, cause, loss.reason)
             return
-        left = self.strategy.worker_lost(loss.rank, loss.replaced_by, store)
+        left = self.supervisor.worker_lost(loss.rank, loss.replaced_by, store)
         self.workers.append(
             {
                 "rank": loss.rank,

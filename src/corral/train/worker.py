@@ -19,29 +19,10 @@ from typing import Any
 import cloudpickle
 import torch.distributed as dist
 
-from corral.comm.control import ControlClient
 from corral.engines.watchdog import watch_parent
 from corral.errors import CorralError
-from corral.train.context import Context, set_context
-
-
-def _context_from_env(env: os._Environ[str]) -> Context:
-    host, port = env["CORRAL_CONTROL"].rsplit(":", 1)
-    role, rank = env.get("CORRAL_ROLE", "worker"), int(env["RANK"])
-    client = ControlClient((host, int(port)), bytes.fromhex(env["CORRAL_CONTROL_KEY"]), role, rank)
-    checkpoint_dir = env.get("CORRAL_CHECKPOINT_DIR")
-    return Context(
-        role=role,
-        rank=rank,
-        local_rank=int(env["LOCAL_RANK"]),
-        world_size=int(env["WORLD_SIZE"]),
-        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
-        joining=env.get("CORRAL_JOINING") == "1",
-        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-        keep_checkpoints=int(env.get("CORRAL_KEEP_CHECKPOINTS", "3")),
-        client=client,
-    )
-
+from corral.runtime import env as names
+from corral.runtime.context import Context, set_context
 
 #: Phrases of errors a worker gets only because a *peer* died (gloo and NCCL word them so).
 _PEER_LOST = (
@@ -88,8 +69,8 @@ def _leave_process_group() -> None:
 def main(payload_path: str) -> int:
     """Run one worker; returns the process exit code."""
     watch_parent()
-    ctx = _context_from_env(os.environ)
-    os.environ.pop("CORRAL_CONTROL_KEY")  # the user's code has no use for the job's key
+    ctx = Context.from_env(os.environ)
+    os.environ.pop(names.CONTROL_KEY)  # the user's code has no use for the job's key
     assert ctx.client is not None
     set_context(ctx)
     try:
@@ -103,7 +84,7 @@ def main(payload_path: str) -> int:
         _leave_process_group()
         # Rank 0's value is the job's; in a job that outlives lost workers, any rank that
         # returns something may be the lowest survivor, and the driver takes the lowest.
-        elastic = os.environ.get("CORRAL_ELASTIC") == "1" and value is not None
+        elastic = ctx.elastic and value is not None
         if ctx.role == "worker" and (ctx.rank == 0 or elastic):
             try:
                 blob = cloudpickle.dumps(value)
