@@ -13,14 +13,14 @@ from conftest import blobs, sequential_sgd
 
 import corral
 from corral.comm.curve import JobKeys
-from corral.engines.base import Resources
 from corral.errors import CorralError, SpecError
 from corral.ps.client import PSClient
 from corral.ps.layout import Layout
-from corral.ps.server import ADDRESS_KEY, ServerConfig, serve
+from corral.ps.server import ADDRESS_KEY, serve
+from corral.ps.settings import ServerSettings
+from corral.runtime.roles import Role
 from corral.spec import parse
 from corral.train.launcher import LaunchOptions, launch
-from corral.train.roles import Role
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +76,8 @@ def test_every_mode_trains_and_reports_staleness(tmp_path, strategy):
     ("kwargs", "message"),
     [
         ({"mode": "softsync", "quorum": 3}, "strategy.quorum: 3 is more than the 2 workers"),
+        ({"mode": "ssp", "quorum": 2}, "strategy.quorum: only mode 'softsync' uses it"),
+        ({"mode": "async", "staleness": 2}, "strategy.staleness: only mode 'ssp' uses it"),
         ({"staleness": -1}, "strategy.staleness"),
         ({"servers": 0}, "strategy.servers"),
         ({"mode": "eventual"}, "strategy.mode"),
@@ -139,17 +141,9 @@ def probe_server(keys: JobKeys) -> dict:
 
 def beside_one_server(fn, keys: JobKeys, lr: float):
     """Run `fn(keys)` on one worker beside one async SGD server of the job `keys`."""
-    config = ServerConfig(
-        mode="async",
-        workers=1,
-        staleness=0,
-        quorum=1,
-        lr_scaling=None,
-        optimizer="sgd",
-        optimizer_args={"lr": lr},
-    )
-    server = Role(name="server", count=1, fn=serve, args=(config, keys), resources=Resources())
-    return launch(fn, (keys,), LaunchOptions(workers=1, extra_roles=[server]))
+    settings = ServerSettings(mode="async", optimizer_args={"lr": lr})
+    server = Role(name="server", count=1, fn=serve, args=(settings, 1, keys))
+    return launch(fn, (keys,), LaunchOptions(workers=1, helpers=(server,)))
 
 
 def test_a_process_without_the_job_key_gets_nothing():

@@ -1,41 +1,32 @@
-"""Consistency models of the parameter server, as pure decisions (no sockets, no tensors).
+"""The consistency models' shared base, as pure decisions (no sockets, no tensors).
 
 A server shard feeds every push to `Consistency.push` and gets back the `Update`s to apply
 now; it asks `Consistency.may_reply` whether a worker's request for fresh parameters can
 be answered yet. Everything a test needs to check the models — clocks, versions, the
-staleness of every update — is plain data here.
+staleness of every update — is plain data here. A worker's *clock* is the number of
+gradients it has pushed.
 
-Modes (a worker's *clock* is the number of gradients it has pushed):
-
-* ``sync`` — bulk-synchronous (BSP): gradients of one round are averaged and applied once
-  all live workers pushed; a worker waits for its round to be applied. Equals sequential
-  SGD on the concatenated batch.
-* ``ssp`` — stale-synchronous (Ho et al., "More Effective Distributed ML via a Stale
-  Synchronous Parallel Parameter Server", NIPS 2013): each gradient is applied at once,
-  weighted ``1/n`` so a full round weighs one step; a worker at clock ``c`` waits until the
-  slowest live worker reached ``c - staleness``. ``staleness=0`` is lock-step, and for
-  plain SGD the same maths as ``sync``.
-* ``async`` — ASP: each gradient is applied at once as a full step; nobody waits.
-* ``softsync`` — n-softsync (Gupta et al., "Model Accuracy and Runtime Tradeoff in
-  Distributed Deep Learning", ICDM 2016): apply the mean of every ``quorum`` gradients as
-  they arrive; nobody waits.
+One model per module, each citing its paper: `corral.ps.sync` (BSP), `corral.ps.ssp`
+(stale-synchronous), `corral.ps.asynchronous` (ASP), `corral.ps.softsync` (n-softsync);
+`corral.ps.settings.consistency_for` picks one from a job's settings.
 
 Staleness of a gradient is the shard's version when it is applied minus the version the
 worker computed it on. With ``lr_scaling="staleness"`` the learning rate of each update is
 divided by its staleness (Zhang et al., "Staleness-aware Async-SGD", IJCAI 2016); for a
-``softsync`` group, by the group's mean staleness.
+group of gradients averaged into one update, by the group's mean staleness.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-Mode = Literal["sync", "async", "ssp", "softsync"]
+LrScaling = Literal["staleness"] | None
 
 
 @dataclass(frozen=True)
@@ -47,43 +38,42 @@ class Update:
 
 
 def mean_of_arrays(gradients: list[Any]) -> Any:
+    """The plain mean; gradients here are opaque, so a server may pass its own."""
     return np.mean(gradients, axis=0)
 
 
-@dataclass
-class Consistency:
-    """The clock and version book-keeping of one shard under one consistency model."""
+class Consistency(ABC):
+    """The clock and version book-keeping of one shard; subclasses say when to update.
 
-    mode: Mode
-    workers: int
-    staleness: int = 0
-    quorum: int = 1
-    lr_scaling: Literal["staleness"] | None = None
-    #: How a group of gradients becomes one (sync, softsync); the server passes one that
-    #: also averages sparse rows. Gradients are otherwise opaque here.
-    average: Callable[[list[Any]], Any] = mean_of_arrays
-    version: int = 0
-    clocks: dict[int, int] = field(default_factory=dict)
-    live: set[int] = field(default_factory=set)
-    histogram: Counter[int] = field(default_factory=Counter)
-    _pending: list[tuple[Any, int]] = field(default_factory=list)
+    An update happens in one of two ways, both here so their staleness accounting is one:
+    at once for each gradient (`_apply_now`: async, ssp), or once a group of pending
+    gradients is complete (`_apply_groups`: sync, softsync).
+    """
 
-    def __post_init__(self) -> None:
-        self.live = set(range(self.workers))
+    def __init__(
+        self,
+        workers: int,
+        *,
+        lr_scaling: LrScaling = None,
+        average: Callable[[list[Any]], Any] = mean_of_arrays,
+    ) -> None:
+        self.lr_scaling, self.average = lr_scaling, average
+        self.version = 0
+        self.live = set(range(workers))
         self.clocks = dict.fromkeys(self.live, 0)
+        self.histogram: Counter[int] = Counter()
+        self._pending: list[tuple[Any, int]] = []
 
     def push(self, worker: int, gradient: Any, seen_version: int) -> list[Update]:
         """Record one gradient computed on `seen_version`; returns the updates to apply."""
         if worker not in self.live:
             self.join(worker)
         self.clocks[worker] += 1
-        if self.mode in ("async", "ssp"):
-            stale = self._note(seen_version)
-            weight = 1.0 / len(self.live) if self.mode == "ssp" else 1.0
-            self.version += 1
-            return [Update(gradient, weight * self._scale(stale))]
-        self._pending.append((gradient, seen_version))
-        return self._complete_groups()
+        return self._updates(gradient, seen_version)
+
+    @abstractmethod
+    def _updates(self, gradient: Any, seen_version: int) -> list[Update]:
+        """What one more gradient (its clock already counted) makes the shard apply."""
 
     def join(self, worker: int) -> None:
         """A worker joins a running job at the slowest live worker's clock.
@@ -95,22 +85,36 @@ class Consistency:
         self.live.add(worker)
 
     def leave(self, worker: int) -> list[Update]:
-        """A worker finished or died: stop waiting for it (a sync round may now complete)."""
+        """A worker finished or died: stop waiting for it; returns updates that completes."""
         self.live.discard(worker)
         self.clocks.pop(worker, None)
-        return self._complete_groups() if self.mode == "sync" else []
+        return []
 
     def may_reply(self, worker: int, clock: int) -> bool:
         """Whether a worker that pushed `clock` gradients may have parameters now."""
-        if self.mode == "sync":
-            return self.version >= clock
-        if self.mode == "ssp":
-            slowest = min((self.clocks[w] for w in self.live), default=clock)
-            return slowest >= clock - self.staleness
         return True
 
-    def _complete_groups(self) -> list[Update]:
-        size = len(self.live) if self.mode == "sync" else self.quorum
+    def state(self) -> dict[str, Any]:
+        """What a restarted shard restores (pending gradients are not kept)."""
+        return {
+            "version": self.version,
+            "clocks": dict(self.clocks),
+            "live": sorted(self.live),
+            "histogram": dict(self.histogram),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.version, self.clocks = state["version"], dict(state["clocks"])
+        self.live, self.histogram = set(state["live"]), Counter(state["histogram"])
+
+    def _apply_now(self, gradient: Any, seen_version: int, weight: float) -> list[Update]:
+        """One update of `weight` times the gradient, scaled by its staleness."""
+        stale = self._note(seen_version)
+        self.version += 1
+        return [Update(gradient, weight * self._scale(stale))]
+
+    def _apply_groups(self, size: int) -> list[Update]:
+        """One update per complete group of `size` pending gradients: their mean."""
         updates = []
         while self._pending and len(self._pending) >= max(size, 1):
             group, self._pending = self._pending[:size], self._pending[size:]

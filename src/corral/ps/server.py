@@ -18,8 +18,9 @@ Protocol (JSON header + raw float32 buffers, see `corral.comm.frames`):
 ``leave`` → {}                  this worker is done; stop waiting for it
 ``stats`` → {histogram, …}      staleness histogram, updates, bytes moved
 
-Server 0 also hosts the job's membership, so workers need no process group of their own
-(one that a dead peer would break):
+Server 0 also hosts the job's membership (`corral.runtime.membership` decides; the server
+carries out), so workers need no process group of their own (one that a dead peer would
+break):
 
 ``epoch`` {epoch, steps, samples} → {}      a worker starts its share of an epoch
 ``meet``  {epoch} [sums] → {members} [sums]  epoch-end sum over the epoch's workers; waits
@@ -33,14 +34,10 @@ Server 0 also hosts the job's membership, so workers need no process group of th
 
 from __future__ import annotations
 
-import os
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,46 +46,28 @@ import zmq
 
 from corral.comm.curve import JobKeys, secure_server, start_authenticator
 from corral.comm.frames import pack, unpack
-from corral.engines.base import serving_host
 from corral.errors import CorralError
 from corral.ps.client import INCARNATION_KEY
-from corral.ps.consistency import Consistency, Mode, Update
+from corral.ps.consistency import Update
 from corral.ps.gradient import Gradient
-from corral.train import checkpoint as ckpt
-from corral.train.context import context
+from corral.ps.settings import ServerSettings, consistency_for
+from corral.runtime import checkpoint as ckpt
+from corral.runtime.context import context
+from corral.runtime.membership import Decision, Membership, Share
 
 #: The store key under which server `i` publishes its address.
 ADDRESS_KEY = "corral/ps/server/{}"
 
-
-@dataclass(frozen=True, kw_only=True)
-class ServerConfig:
-    """What every server of a job is told; built by the `ParameterServer` strategy."""
-
-    mode: Mode
-    workers: int
-    staleness: int
-    quorum: int
-    lr_scaling: Literal["staleness"] | None
-    optimizer: Literal["sgd", "adam"]
-    optimizer_args: dict[str, Any] = field(default_factory=dict)
-    #: Save the shard every this many updates, so a killed server restarts from there.
-    checkpoint_every: int | None = None
+#: A request handler: the requester's identity, the header and the arrays it sent.
+Handler = Callable[[bytes, dict[str, Any], list[np.ndarray]], None]
 
 
 class Shard:
     """One server's parameters, optimizer and consistency book-keeping."""
 
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self.rules = Consistency(
-            mode=config.mode,
-            workers=config.workers,
-            staleness=config.staleness,
-            quorum=config.quorum,
-            lr_scaling=config.lr_scaling,
-            average=Gradient.mean,
-        )
+    def __init__(self, settings: ServerSettings, workers: int) -> None:
+        self.settings = settings
+        self.rules = consistency_for(settings, workers, average=Gradient.mean)
         self.values: torch.Tensor | None = None
         self.tables: list[torch.nn.Parameter] = []
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -101,8 +80,8 @@ class Shard:
             return
         self.values = torch.nn.Parameter(torch.from_numpy(values.copy()))
         self.tables = [torch.nn.Parameter(torch.from_numpy(t.copy())) for t in tables]
-        args = self.config.optimizer_args
-        if self.config.optimizer == "sgd":
+        args: dict[str, Any] = dict(self.settings.optimizer_args)  # torch's stubs type each apart
+        if self.settings.optimizer == "sgd":
             self.optimizers = [torch.optim.SGD([self.values], **args)]
             if self.tables:  # torch's SGD takes sparse gradients, but not weight decay
                 sparse = {k: v for k, v in args.items() if k in ("lr", "momentum", "dampening")}
@@ -134,16 +113,12 @@ class Shard:
     def state(self) -> dict[str, Any]:
         """Everything a restarted server needs (pending softsync gradients are not kept)."""
         assert self.values is not None
-        rules = self.rules
         return {
             "values": self.values.detach().clone(),
             "tables": [t.detach().clone() for t in self.tables],
             "optimizers": [o.state_dict() for o in self.optimizers],
             "updates": self.updates,
-            "version": rules.version,
-            "clocks": dict(rules.clocks),
-            "live": sorted(rules.live),
-            "histogram": dict(rules.histogram),
+            **self.rules.state(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -151,9 +126,7 @@ class Shard:
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         self.updates = state["updates"]
-        rules = self.rules
-        rules.version, rules.clocks = state["version"], dict(state["clocks"])
-        rules.live, rules.histogram = set(state["live"]), Counter(state["histogram"])
+        self.rules.restore(state)
 
     def snapshot(self, tables: bool = False) -> list[np.ndarray]:
         """Copies (replies are sent without copying while later updates change the shard):
@@ -167,16 +140,10 @@ class Shard:
         return [t.detach().numpy()[r] for t, r in zip(self.tables, wanted, strict=True)]
 
 
-@dataclass
-class _Meeting:
-    """One epoch-end sum in progress: the running total, who added to it, who waits."""
-
-    total: np.ndarray
-    came: set[int] = field(default_factory=set)
-    waiting: list[bytes] = field(default_factory=list)
-
-
 class _Server:
+    """The request loop's state: the shard, parked requests, and the job's membership
+    (which only server 0 is asked about, but every server keeps in step)."""
+
     def __init__(
         self, sock: zmq.Socket[bytes], shard: Shard, checkpoints: Path | None = None
     ) -> None:
@@ -191,11 +158,20 @@ class _Server:
         self.parked: list[tuple[bytes, int, int]] = []  # (identity, worker, clock)
         self.bytes_moved = 0
         self.started = time.monotonic()
-        self.meetings: dict[int, _Meeting] = {}
-        self.joiners: list[tuple[bytes, int]] = []
-        self.expected: set[int] = set()  # successors started but not yet come to join
-        self.progress: dict[int, dict[str, int]] = {}
-        self.left_any = False  # once all live workers left, the job is over
+        self.members: Membership[bytes] = Membership(shard.rules.live)
+        self.handlers: dict[str, Handler] = {
+            "ping": self.on_ping,
+            "init": self.on_init,
+            "step": self.on_step,
+            "pull": self.on_pull,
+            "rows": self.on_rows,
+            "leave": self.on_leave,
+            "lost": self.on_lost,
+            "epoch": self.on_epoch,
+            "meet": self.on_meet,
+            "join": self.on_join,
+            "stats": self.on_stats,
+        }
 
     def send(self, ident: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
         frames = pack(header, arrays)
@@ -216,49 +192,32 @@ class _Server:
                 still.append((ident, worker, clock))
         self.parked = still
 
-    def release_meetings(self) -> None:
-        """Answer every meeting all live workers came to; joiners become members there."""
+    def carry_out(self, decision: Decision[bytes]) -> None:
+        """Do what membership decided: the admitted count for the consistency model from
+        now on, and every reply goes out."""
+        for worker in decision.admitted:
+            self.shard.rules.join(worker)
+        for reply in decision.replies:
+            self.send(reply.to, reply.header, reply.arrays)
+
+    def drop(self, worker: int, successor: int | None = None) -> dict[str, int]:
+        """Forget `worker` (finished, or dead with `successor` started in its place, if
+        any); returns what it had done of its last epoch."""
         rules = self.shard.rules
-        for epoch in sorted(self.meetings):
-            meeting = self.meetings[epoch]
-            joining = {worker for _, worker in self.joiners}
-            if not (rules.live <= meeting.came and self.expected <= joining):
-                continue
-            del self.meetings[epoch]
-            for _, worker in self.joiners:
-                rules.join(worker)
-                self.expected.discard(worker)
-            members = sorted(rules.live)
-            for ident in meeting.waiting:
-                self.send(ident, {"members": members}, [meeting.total])
-            for ident, _ in self.joiners:
-                self.send(ident, {"epoch": epoch + 1, "members": members})
-            self.joiners = []
-
-    def release_joiners_if_over(self) -> None:
-        if self.left_any and not self.shard.rules.live:
-            for ident, _ in self.joiners:
-                self.send(ident, {"finished": True})
-            self.joiners = []
-
-    def drop(self, worker: int) -> dict[str, int]:
-        """Forget `worker` (finished or dead); returns what it had done of its last epoch."""
-        rules, started = self.shard.rules, self.progress.pop(worker, None)
-        done = {}
-        if started is not None and worker in rules.clocks:
-            done = {**started, "steps_done": rules.clocks[worker] - started["clock"]}
+        clock = rules.clocks.get(worker, 0)
+        if successor is None:
+            done, decision = self.members.leave(worker, clock=clock)
+        else:
+            done, decision = self.members.lost(worker, successor=successor, clock=clock)
         self.shard.apply(rules.leave(worker))
-        self.expected.discard(worker)
         self.parked = [p for p in self.parked if p[1] != worker]
-        self.left_any = True
         self.release_parked()
-        self.release_meetings()
-        self.release_joiners_if_over()
+        self.carry_out(decision)
         return done
 
     def checkpoint(self) -> None:
         """Save the shard if `checkpoint_every` updates were applied since the last save."""
-        every = self.shard.config.checkpoint_every
+        every = self.shard.settings.checkpoint_every
         if self.checkpoints is None or every is None:
             return
         if self.shard.updates - self.saved_at >= every:
@@ -274,6 +233,7 @@ class _Server:
                 "it died before its first `checkpoint_every` updates"
             )
         self.shard.restore(ckpt.load(path))
+        self.members = Membership(self.shard.rules.live)
         self.saved_at = self.shard.updates
         self.restored_version = self.shard.rules.version
         print(
@@ -308,76 +268,85 @@ class _Server:
         return ""
 
     def handle(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
-        op, shard, rules = header["op"], self.shard, self.shard.rules
+        """Answer one request (now, or once the consistency model or a meeting allows)."""
         self.bytes_moved += sum(a.nbytes for a in arrays)
-        if op == "init":
-            shard.init(arrays[0], arrays[1:])
-            self.send_values(ident, tables=True)
-        elif op == "step":
-            grad = Gradient.from_arrays(arrays)
-            problem = self.mismatch(grad)
-            if problem:
-                self.send(ident, {"error": f"{problem}: did the model's parameters change shape?"})
-                return
-            worker = header["worker"]
-            if header["seq"] > self.last_push.get(worker, -1):  # else: a resent copy
-                self.last_push[worker] = header["seq"]
-                self.count_lost(worker, header["version"])
-                shard.apply(rules.push(worker, grad, header["version"]))
-                self.checkpoint()
-            self.parked.append((ident, worker, rules.clocks[worker]))
-            self.release_parked()
-        elif op == "ping":
-            self.send(ident, {})
-        elif op == "pull":
-            self.send_values(ident, tables=True)
-        elif op == "rows":
-            self.send(ident, {}, shard.rows(arrays))
-        elif op == "leave":
-            self.drop(header["worker"])
-            self.send(ident, {})
-        elif op == "lost":
-            if header["successor"] is not None:
-                self.expected.add(header["successor"])
-            self.send(ident, self.drop(header["worker"]))
-        elif op == "epoch":
-            self.progress[header["worker"]] = {
-                "epoch": header["epoch"],
-                "steps": header["steps"],
-                "samples": header["samples"],
-                "clock": rules.clocks.get(header["worker"], 0),
-            }
-            self.send(ident, {})
-        elif op == "meet":
-            meeting = self.meetings.setdefault(header["epoch"], _Meeting(np.zeros_like(arrays[0])))
-            if header["worker"] not in meeting.came:  # else: a resent copy
-                meeting.total += arrays[0]
-                meeting.came.add(header["worker"])
-            meeting.waiting.append(ident)
-            self.release_meetings()
-        elif op == "join":
-            self.joiners.append((ident, header["worker"]))
-            self.release_meetings()  # one may have waited for this successor
-            self.release_joiners_if_over()
-        elif op == "stats":
-            self.send(
-                ident,
-                {
-                    "histogram": {str(k): v for k, v in sorted(rules.histogram.items())},
-                    "updates": shard.updates,
-                    "bytes": self.bytes_moved,
-                    "seconds": time.monotonic() - self.started,
-                    "lost_updates": self.lost_updates,
-                },
-            )
+        handler = self.handlers.get(header["op"])
+        if handler is None:
+            self.send(ident, {"error": f"unknown operation '{header['op']}'"})
         else:
-            self.send(ident, {"error": f"unknown operation '{op}'"})
+            handler(ident, header, arrays)
+
+    def on_ping(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.send(ident, {})
+
+    def on_init(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.shard.init(arrays[0], arrays[1:])
+        self.send_values(ident, tables=True)
+
+    def on_step(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        grad = Gradient.from_arrays(arrays)
+        problem = self.mismatch(grad)
+        if problem:
+            self.send(ident, {"error": f"{problem}: did the model's parameters change shape?"})
+            return
+        worker, rules = header["worker"], self.shard.rules
+        if header["seq"] > self.last_push.get(worker, -1):  # else: a resent copy
+            self.last_push[worker] = header["seq"]
+            self.count_lost(worker, header["version"])
+            self.shard.apply(rules.push(worker, grad, header["version"]))
+            self.members.add(worker)  # known already, unless this server was restarted
+            self.checkpoint()
+        self.parked.append((ident, worker, rules.clocks[worker]))
+        self.release_parked()
+
+    def on_pull(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.send_values(ident, tables=True)
+
+    def on_rows(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.send(ident, {}, self.shard.rows(arrays))
+
+    def on_leave(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.drop(header["worker"])
+        self.send(ident, {})
+
+    def on_lost(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.send(ident, self.drop(header["worker"], header["successor"]))
+
+    def on_epoch(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        share = Share(
+            epoch=header["epoch"],
+            steps=header["steps"],
+            samples=header["samples"],
+            clock=self.shard.rules.clocks.get(header["worker"], 0),
+        )
+        self.members.begin_epoch(header["worker"], share)
+        self.send(ident, {})
+
+    def on_meet(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        worker, epoch = header["worker"], header["epoch"]
+        self.carry_out(self.members.meet(ident, worker=worker, epoch=epoch, sums=arrays[0]))
+
+    def on_join(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.carry_out(self.members.join(ident, worker=header["worker"]))
+
+    def on_stats(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        self.send(
+            ident,
+            {
+                "histogram": {str(k): v for k, v in sorted(self.shard.rules.histogram.items())},
+                "updates": self.shard.updates,
+                "bytes": self.bytes_moved,
+                "seconds": time.monotonic() - self.started,
+                "lost_updates": self.lost_updates,
+            },
+        )
 
 
-def _bind(sock: zmq.Socket[bytes], host: str, store: dist.Store, rank: int) -> str:
-    """Bind a fresh port, or after a restart the old one, which clients reconnect to."""
+def _bind(sock: zmq.Socket[bytes], host: str, store: dist.Store, rank: int, again: bool) -> str:
+    """Bind a fresh port, or after a restart (`again`) the old one, which clients
+    reconnect to."""
     key = ADDRESS_KEY.format(rank)
-    if os.environ.get("CORRAL_RESTORE") != "1":
+    if not again:
         return f"{host}:{sock.bind_to_random_port(f'tcp://{host}')}"
     address = store.get(key).decode()
     try:
@@ -390,33 +359,28 @@ def _bind(sock: zmq.Socket[bytes], host: str, store: dist.Store, rank: int) -> s
     return address
 
 
-def serve(config: ServerConfig, keys: JobKeys) -> None:
-    """Entry point of a server process (role ``server``); runs until the job stops it.
+def serve(settings: ServerSettings, workers: int, keys: JobKeys) -> None:
+    """Entry point of a server process (role ``server``) of a job of `workers` workers;
+    runs until the job stops it.
 
     Started again after a crash (``CORRAL_RESTORE=1``), it binds its old address, restores
     its newest shard checkpoint, and only then bumps its incarnation in the store, which
     tells waiting workers to send their requests again.
     """
     ctx = context()
-    host = serving_host()
+    host = ctx.serving_host
     zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     auth = start_authenticator(zctx, keys)
     sock = zctx.socket(zmq.ROUTER)
     secure_server(sock, keys)
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        None,
-        False,
-        timeout=timedelta(minutes=5),
-    )
+    store = ctx.store
     checkpoints = (
         ctx.checkpoint_dir / "servers" / f"shard-{ctx.rank}" if ctx.checkpoint_dir else None
     )
-    server = _Server(sock, Shard(config), checkpoints)
+    server = _Server(sock, Shard(settings, workers), checkpoints)
     try:
-        address = _bind(sock, host, store, ctx.rank)
-        if os.environ.get("CORRAL_RESTORE") == "1":
+        address = _bind(sock, host, store, ctx.rank, again=ctx.restoring)
+        if ctx.restoring:
             server.restore()
         else:
             store.set(ADDRESS_KEY.format(ctx.rank), address)
