@@ -98,16 +98,21 @@ class StrategyPlan:
     Attributes:
         helpers: Processes to start beside the workers (parameter servers).
         keys: Fresh CURVE keys for the job's own sockets, if the strategy opens any.
-        supervisor: Set when the job trains on without a lost worker.
+        tolerates_worker_loss: Whether the job trains on, without it or with a
+            successor, when a worker dies.
+        supervisor: Whom the launcher tells about a lost worker or a restarted helper;
+            required when either can happen.
     """
 
     helpers: tuple[Role, ...] = ()
     keys: JobKeys | None = field(default=None, repr=False)
+    tolerates_worker_loss: bool = False
     supervisor: Supervisor | None = None
 
-    @property
-    def tolerates_worker_loss(self) -> bool:
-        return self.supervisor is not None
+    def __post_init__(self) -> None:
+        restartable = any(r.restartable for r in self.helpers)
+        if (self.tolerates_worker_loss or restartable) and self.supervisor is None:
+            raise TypeError("a plan that absorbs lost processes needs a supervisor")
 
 
 class Replica(ABC):

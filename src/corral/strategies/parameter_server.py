@@ -136,8 +136,12 @@ class ParameterServer(ServerSettings, Strategy):
             resources=helpers,
             restartable=self.checkpoint_every is not None,
         )
-        supervisor = None if self.mode == "sync" else _Supervisor(self.servers, keys)
-        return StrategyPlan(helpers=(servers,), keys=keys, supervisor=supervisor)
+        return StrategyPlan(
+            helpers=(servers,),
+            keys=keys,
+            tolerates_worker_loss=self.mode != "sync",  # sync waits for every worker
+            supervisor=_Supervisor(self.servers, keys),
+        )
 
     def build(
         self,
