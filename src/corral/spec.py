@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -36,7 +37,7 @@ from pydantic import (
 from corral.errors import SpecError
 from corral.runtime.resources import Resources, total_demand
 from corral.runtime.roles import Role
-from corral.strategies import AllReduce, AnyStrategy, StrategyPlan
+from corral.strategies import AllReduce, AnyStrategy, Strategy, StrategyPlan
 
 _UNITS = {
     "": 1,
@@ -51,6 +52,10 @@ _UNITS = {
     "t": 1024**2,
     "tb": 1024**2,
 }
+
+
+#: The strategy classes YAML and REST can name by their ``kind``.
+_UNION = typing.get_args(typing.get_args(AnyStrategy)[0])
 
 
 class _Model(BaseModel):
@@ -156,10 +161,15 @@ class TrainSettings(_Model):
     resume_from: Path | None = None
     master_port: int | None = Field(None, ge=1, le=65535)
 
-    @field_validator("strategy", mode="before")
+    @field_validator("strategy", mode="wrap")
     @classmethod
-    def _strategy_by_name(cls, value: Any) -> Any:
-        return {"kind": value} if isinstance(value, str) else value
+    def _strategy(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """A name stands for its defaults; a `Strategy` of a class outside the union (one
+        the user wrote, see README "Writing a strategy") is taken as it is — it validated
+        itself when it was built. YAML and REST name the strategies of the union."""
+        if isinstance(value, Strategy) and not isinstance(value, _UNION):
+            return value
+        return handler({"kind": value} if isinstance(value, str) else value)
 
     @model_validator(mode="after")
     def _roles_match_the_plan(self) -> TrainSettings:

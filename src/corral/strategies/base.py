@@ -212,6 +212,9 @@ class Strategy(BaseModel, ABC):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: The strategy's name in YAML and REST: each subclass narrows it to a literal.
+    kind: str
+
     #: Whether workers run the user's optimizer (a parameter server runs its own).
     needs_optimizer: ClassVar[bool] = True
     #: Whether the loop opens a torch.distributed process group (collectives, DDP).
