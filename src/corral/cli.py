@@ -63,17 +63,21 @@ def train(
     workers: Annotated[int | None, typer.Option(help="override roles.worker.count")] = None,
 ) -> None:
     """Train the model a YAML job spec describes, with a live progress bar."""
-    from corral.jobs import trainer_for
     from corral.spec import load_spec
-    from corral.train.progress import RichProgress
 
     def action() -> None:
         spec = load_spec(job)
         if workers is not None:
             spec.roles.worker.count = workers
             spec = type(spec).model_validate(spec.model_dump())
+        # only a valid spec pays for torch, pandas and pyspark: a bad one fails in a second
+        from corral.jobs import trainer_for
+        from corral.train.progress import RichProgress
+
         trainer, data, validation = trainer_for(spec, base=job.resolve().parent)
-        with RichProgress(err) as progress:
+        count = spec.roles.worker.count
+        steps = data.steps_per_epoch(count, spec.batch_size)
+        with RichProgress(err, workers=count, steps=steps) as progress:
             result = trainer.fit(data, validation=validation, on_report=progress)
         err.print(progress.summary(result.history))
         err.print(f"last checkpoint: {result.checkpoint}", highlight=False)

@@ -34,7 +34,8 @@ def load_file_module(path: Path) -> ModuleType:
 
 
 def load_callable(ref: str, *, base: Path | None = None, what: str = "entrypoint") -> Any:
-    """Load ``module:attr`` or ``path/to/file.py:attr``; paths are relative to `base`."""
+    """Load ``module:attr`` or ``path/to/file.py:attr``; paths are relative to `base`, and
+    modules are found there (default: the current folder) before anywhere else."""
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:
         raise SpecError(f"{what}: '{ref}' is not a 'module:attribute' reference")
@@ -44,6 +45,11 @@ def load_callable(ref: str, *, base: Path | None = None, what: str = "entrypoint
             raise SpecError(f"{what}: file {path} does not exist")
         module = load_file_module(path)
     else:
+        # as ``python -m`` does: a module beside the job (or in the current folder) imports
+        # by name, in workers too, which get this process's import path
+        folder = str((base or Path.cwd()).resolve())
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
