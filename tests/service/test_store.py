@@ -97,14 +97,29 @@ def test_concurrent_submissions_are_each_stored_exactly_once(store_url):
 def test_logs_page_by_cursor_and_metrics_keep_their_order(store):
     user = _user(store)
     job, _ = store.add_job(user=user, name="a", spec={}, demand=Resources())
-    store.append_logs(job.id, ["one", "two", "three"])
+    rows = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
+    store.copy_output(job.id, ["one", "two", "three"], rows, log_offset=14, metrics_offset=40)
     page = store.logs(job.id, limit=2)
     assert page.lines == ["one", "two"]
     rest = store.logs(job.id, after=page.next)
     assert rest.lines == ["three"] and store.logs(job.id, after=rest.next).lines == []
     assert store.tail(job.id, 2) == ["two", "three"]
-    store.add_metrics(job.id, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}])
     assert [m["epoch"] for m in store.metrics(job.id)] == [1, 2]
+    # the offsets moved with the lines, in the same transaction
+    copied = store.job(job.id)
+    assert (copied.log_offset, copied.metrics_offset) == (14, 40)
+
+
+def test_a_jobs_spent_restarts_are_summed_from_its_events(store):
+    user = _user(store)
+    job, _ = store.add_job(user=user, name="a", spec={}, demand=Resources(), max_restarts=5)
+    assert store.restarts_spent(job.id) == 0
+    store.transition(job.id, ["queued"], "running", "launched")
+    store.transition(job.id, ["running"], "restarting", "died", spent=3)  # 2 inside, 1 here
+    store.transition(job.id, ["restarting"], "running", "restarted")
+    store.transition(job.id, ["running"], "queued", "preempted")  # spends none
+    assert store.restarts_spent(job.id) == 3
+    assert [e.restarts for e in store.events(job.id)] == [0, 0, 3, 0, 0]
 
 
 def test_jobs_are_listed_by_team_state_and_user(store):
@@ -119,7 +134,8 @@ def test_jobs_are_listed_by_team_state_and_user(store):
     assert [j.name for j in store.jobs(user="bob")] == ["b"]
 
 
-def test_a_database_of_the_first_schema_is_migrated_with_its_jobs(store_url):
+def _old_database(store_url: str, revision: str, *statements: str) -> None:
+    """A database left at an older `revision`, with a team, a user and `statements` run."""
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import text
@@ -133,19 +149,51 @@ def test_a_database_of_the_first_schema_is_migrated_with_its_jobs(store_url):
     )
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
+        command.upgrade(config, revision)
         connection.execute(text("INSERT INTO teams VALUES ('vision', 0)"))
         connection.execute(text("INSERT INTO users VALUES ('ada', 'vision', false, 'h', 0)"))
-        connection.execute(
-            text(
-                'INSERT INTO jobs (id, name, "user", team, state, priority, spec, cpus,'
-                " memory_mib, gpus, attempts, max_restarts, submitted, reason,"
-                " cancel_requested) VALUES ('abc', 'old', 'ada', 'vision', 'queued', 0, '{}',"
-                " 1, 512, 0, 0, 0, 1.0, 'submitted', false)"
-            )
-        )
+        for statement in statements:
+            connection.execute(text(statement))
     engine.dispose()
+
+
+_OLD_JOB = (
+    'INSERT INTO jobs (id, name, "user", team, state, priority, spec, cpus,'
+    " memory_mib, gpus, attempts, max_restarts, submitted, reason,"
+    " cancel_requested) VALUES ('abc', 'old', 'ada', 'vision', 'running', 0, '{}',"
+    " 1, 512, 0, 2, 2, 1.0, 'restarted', false)"
+)
+
+
+def test_a_database_of_the_first_schema_is_migrated_with_its_jobs(store_url):
+    _old_database(store_url, "0001", _OLD_JOB)
     migrated = Store(store_url)  # opening brings the schema to the newest revision
     old = migrated.job("abc")
     assert old.name == "old" and old.preemptible is False and old.expected_runtime is None
+    migrated.close()
+
+
+def test_restarts_counted_from_reasons_before_0003_become_spent_restarts(store_url):
+    events = [
+        ("queued", "submitted"),
+        ("running", "launched"),
+        ("restarting", "its process was gone after the server restarted; restarting"),
+        ("running", "restarted"),
+        ("restarting", "attempt 2 failed (killed); restarting from its last checkpoint"),
+        ("running", "restarted"),
+    ]
+    _old_database(
+        store_url,
+        "0002",
+        _OLD_JOB,
+        *(
+            f"INSERT INTO events (job, at, state, reason) VALUES ('abc', {i}, '{s}', '{r}')"
+            for i, (s, r) in enumerate(events)
+        ),
+    )
+    migrated = Store(store_url)
+    # only the job's own failure spent one: the server's restart did not
+    assert migrated.restarts_spent("abc") == 1
+    old = migrated.job("abc")
+    assert (old.log_offset, old.metrics_offset) == (0, 0)
     migrated.close()

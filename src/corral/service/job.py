@@ -7,23 +7,34 @@ and progress ticks for the live samples/s chart). Checkpoints go to
 ``DIR/checkpoints``, so an attempt after a failure, or after a server restart, resumes
 from the newest one. The exit status goes to ``DIR/exit.json``, because a server that
 restarted meanwhile is not this process's parent and cannot wait for it.
+
+The spec's ``max_restarts`` is the budget the job has left: the launcher in this process
+spends it on its workers' failures, with `corral.train.restarts.decide`. The exit status
+says how many it spent and whether this process reached its own verdict (``final``): a
+corral error, such as bad data, a NaN loss, or a worker failure the launcher gave up on.
+The runner restarts only a process that ended otherwise (killed, say), with what is left.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from corral.comm.control import Message
-from corral.errors import CorralError, WorkerError
+from corral.data import as_source
+from corral.errors import CheckpointError, CorralError, DataError, SpecError, WorkerError
+from corral.runtime import checkpoint as ckpt
 from corral.spec import JobSpec, parse
-from corral.train import checkpoint as ckpt
 from corral.train.progress import format_metrics
 
 SPEC, LOG, METRICS, EXIT = "spec.json", "log", "metrics.jsonl", "exit.json"
+#: The folder of the job's checkpoints, kept across its attempts.
+CHECKPOINTS = "checkpoints"
 #: The file the runner writes to ask the job to stop at its next checkpoint (preemption).
 PREEMPT = "preempt"
 #: The exit code of a job that stopped so.
@@ -53,11 +64,44 @@ def _report_to(folder: Path, checkpoint_every: int) -> Any:
     return report
 
 
+def check_files(spec: JobSpec) -> None:
+    """Refuse at submit what would fail the job as it starts: data that is missing or
+    lacks its columns (opened as `corral train` opens it), a ``resume_from`` that is not
+    there, and a ``checkpoint.dir`` (the service keeps each job's checkpoints itself).
+
+    Paths must be absolute, since the job runs in a folder of its own (``corral submit``
+    makes them so).
+
+    Raises:
+        SpecError: naming the field, in one line.
+    """
+    if spec.checkpoint.dir is not None:
+        raise SpecError("checkpoint.dir: the service keeps each job's checkpoints; leave it out")
+    sources = {"data": spec.data, "validation": spec.validation}
+    paths = {f"{name}.path": Path(d.path) for name, d in sources.items() if d is not None}
+    if spec.resume_from is not None:
+        paths["resume_from"] = spec.resume_from
+    for name, path in paths.items():
+        if not path.is_absolute():
+            raise SpecError(f"{name}: {path} is relative; give an absolute path")
+    for name, data in sources.items():
+        if data is not None:
+            try:
+                as_source(data.path, features=data.features, label=data.label)
+            except DataError as exc:
+                raise SpecError(f"{name}.path: {exc}") from None
+    if spec.resume_from is not None:
+        try:
+            ckpt.resolve(spec.resume_from)
+        except CheckpointError as exc:
+            raise SpecError(str(exc)) from None
+
+
 def run(folder: Path) -> int:
     from corral.jobs import trainer_for
 
     spec = parse(JobSpec, json.loads((folder / SPEC).read_text()), source="spec")
-    checkpoints = folder / "checkpoints"
+    checkpoints = folder / CHECKPOINTS
     spec.checkpoint.dir = checkpoints
     if spec.resume_from is None and ckpt.latest(checkpoints) is not None:
         spec.resume_from = checkpoints
@@ -69,26 +113,36 @@ def run(folder: Path) -> int:
     return 0
 
 
+def write_exit(folder: Path, status: dict[str, Any]) -> None:
+    """Write the exit status whole or not at all (a kill mid-write leaves none)."""
+    partial = folder / f"{EXIT}.partial"
+    partial.write_text(json.dumps(status))
+    os.replace(partial, folder / EXIT)
+
+
 def main() -> None:
     folder = Path(sys.argv[1])
-    code, error = 1, None
+    code, error, restarts, final = 1, None, 0, False
     try:
         code = run(folder)
     except _Preempted as exc:
         code, error = PREEMPTED, str(exc)
         print(f"preempted: {exc}", flush=True)
-    except WorkerError as exc:
-        error = exc.summary
+    except WorkerError as exc:  # the launcher gave up on it, having spent `restarts`
+        error, restarts, final = exc.summary, exc.restarts, True
         print(f"error: {exc.summary}\n{exc.remote_traceback or ''}", flush=True)
     except CorralError as exc:
-        error = str(exc)
+        error, final = str(exc), True
         print(f"error: {exc}", flush=True)
     except KeyboardInterrupt:
         error = "interrupted"
     except SystemExit as exc:  # SIGTERM from the runner (cancel, preemption)
         error = f"stopped (exit {exc.code})"
         code = exc.code if isinstance(exc.code, int) else 1
-    (folder / EXIT).write_text(json.dumps({"code": code, "error": error}))
+    except Exception as exc:  # a fault of this process, not of the job: it may restart
+        error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    write_exit(folder, {"code": code, "error": error, "restarts": restarts, "final": final})
     sys.exit(code)
 
 

@@ -3,12 +3,19 @@
 Every `tick` (twice a second) the runner
 1. stops jobs whose cancel was requested (SIGTERM to the job's process group, SIGKILL
    after a grace period, well within 5 seconds);
-2. reaps ended processes: success, or a restart from the newest checkpoint while
-   ``max_restarts`` allows, or failure, each recorded with its reason;
+2. reaps ended processes: success, failure, or a restart from the newest checkpoint,
+   as `corral.train.restarts.decide` says, each recorded with its reason;
 3. relaunches jobs in ``restarting``, which kept their resources;
 4. asks the scheduler for a pass, and launches what it decides; a job it preempts is asked
    to stop at its next checkpoint (stopped anyway after a grace period), then requeued;
-5. copies new log lines and metrics from the jobs' files into the store.
+5. copies new log lines and metrics from the jobs' files into the store, with the files'
+   offsets in the same transaction.
+
+A job's ``max_restarts`` is spent once in all. Each attempt's launcher gets the budget
+left and spends it on worker failures; the attempt's exit status says how many it spent,
+recorded on the event that ends it. An attempt that reached its own verdict (a corral
+error: bad data, a NaN loss, workers the launcher gave up on) is never restarted; one that
+died otherwise is restarted while the budget allows, decided by the same function.
 
 On a Spark service (``corral server --spark-master``) each attempt is the driver of a
 Spark application of its own, on the service's cluster, asking for the cores the scheduler
@@ -37,25 +44,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.runtime import checkpoint as ckpt
 from corral.service.cluster import cluster_state
-from corral.service.job import EXIT, LOG, METRICS, PREEMPT, PREEMPTED, SPEC
+from corral.service.job import CHECKPOINTS, EXIT, LOG, METRICS, PREEMPT, PREEMPTED, SPEC
 from corral.service.resources import Resources
 from corral.service.scheduler import Launch, Policy, Preempt, schedule
 from corral.service.store import Job, Store
 from corral.spec import SparkSpec
+from corral.train import restarts
 
 log = logging.getLogger("corral.service")
 
-#: How the reason of a restart after the job's own failure begins (its restarts are
-#: counted from these events).
-_FAILED = "attempt "
 #: Seconds between SIGTERM and SIGKILL when a job is stopped.
 STOP_GRACE_S = 3.0
 
 
+@dataclass(frozen=True)
+class ExitStatus:
+    """How an attempt ended: its code and error, the restarts its launcher spent, and
+    whether it reached its own verdict (`final`: a restart would meet it again)."""
+
+    code: int
+    error: str | None
+    restarts: int = 0
+    final: bool = False
+
+
 @dataclass
 class _Attempt:
-    """A job process the runner watches: its own child, or one it re-attached to."""
+    """A job process the runner watches: its own child, or one it re-attached to. Its
+    offsets start where the store says the job's files were copied to."""
 
     job_id: str
     pid: int
@@ -68,15 +86,22 @@ class _Attempt:
             return self.popen.poll() is None
         return _is_job_process(self.pid, self.folder)
 
-    def exit_status(self) -> tuple[int | None, str | None]:
-        """The attempt's exit code and error, from its exit file (None if it wrote none)."""
+    def exit_status(self) -> ExitStatus | None:
+        """The attempt's exit status, from its exit file; from its exit code if it wrote
+        none and is our child; None when nothing says how it ended."""
         try:
             status = json.loads((self.folder / EXIT).read_text())
         except (OSError, ValueError):
             if self.popen is not None and self.popen.returncode is not None:
-                return self.popen.returncode, f"its process ended with {self.popen.returncode}"
-            return None, None
-        return int(status["code"]), status.get("error")
+                code = self.popen.returncode
+                return ExitStatus(code, f"its process ended with {_exit_code(code)}")
+            return None
+        return ExitStatus(
+            int(status["code"]),
+            status.get("error"),
+            int(status.get("restarts", 0)),
+            bool(status.get("final", False)),
+        )
 
     def stop(self) -> None:
         """SIGTERM the attempt's process group, SIGKILL what is left after the grace."""
@@ -90,6 +115,21 @@ class _Attempt:
                 break
         if self.popen is not None:
             self.popen.wait()
+
+
+def _exit_code(code: int) -> str:
+    """``exit code 3``, or ``SIGKILL`` for a process a signal ended."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+    return f"exit code {code}"
+
+
+def _resumes(folder: Path) -> str:
+    """Where a restarted attempt goes on from: the newest checkpoint, if the job saved one."""
+    if ckpt.latest(folder / CHECKPOINTS) is None:
+        return "from the start (no checkpoint yet)"
+    return "from its last checkpoint"
 
 
 def _is_job_process(pid: int, folder: Path) -> bool:
@@ -126,6 +166,9 @@ class Runner:
         self.preempt_grace_s = preempt_grace_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Passes completed: a sign of life, and what a caller waits on to know that the
+        #: runner has seen a change (a pass that starts after it, ends after it).
+        self.passes = 0
 
     def folder(self, job_id: str) -> Path:
         return self.state_dir / "jobs" / job_id
@@ -157,26 +200,27 @@ class Runner:
         """After a (re)start: re-attach to live job processes, settle the rest."""
         for job in self.store.jobs(states=["running", "restarting"]):
             folder = self.folder(job.id)
-            attempt = _Attempt(job.id, job.pid or -1, folder)
-            offsets = folder / "offsets.json"
-            if offsets.exists():
-                attempt.offsets = json.loads(offsets.read_text())
+            attempt = self._watch(job, job.pid or -1)
             if job.pid and attempt.alive():
                 self._attempts[job.id] = attempt
                 self.store.transition(
                     job.id, [job.state], job.state, "re-attached after the server restarted"
                 )
                 continue
-            if attempt.exit_status()[0] is not None:
+            if attempt.exit_status() is not None:
                 self._attempts[job.id] = attempt  # reaped by the next tick, as any other
                 continue
             self.store.transition(
                 job.id,
                 ["running", "restarting"],
                 "restarting",
-                "its process was gone after the server restarted; "
-                "restarting from its last checkpoint",
+                f"its process was gone after the server restarted; restarting {_resumes(folder)}",
             )
+
+    def _watch(self, job: Job, pid: int, popen: subprocess.Popen[bytes] | None = None) -> _Attempt:
+        """An attempt of `job` to watch, copying its files from where the store says."""
+        offsets = {LOG: job.log_offset, METRICS: job.metrics_offset}
+        return _Attempt(job.id, pid, self.folder(job.id), popen, offsets)
 
     # -- one pass -------------------------------------------------------------------
 
@@ -196,6 +240,7 @@ class Runner:
             elif isinstance(decision, Preempt):
                 self._preempt(decision)
         self._pump()
+        self.passes += 1
 
     def _cancel_requested(self) -> None:
         for job in self.store.jobs(states=["running", "restarting"]):
@@ -217,43 +262,72 @@ class Runner:
             job = self.store.job(job_id)
             if job is None:
                 continue
-            code, error = attempt.exit_status()
+            status = attempt.exit_status() or ExitStatus(
+                1, "its process died without an exit status"
+            )
             if job_id in self._preempting:
                 deadline, reason = self._preempting.pop(job_id)
                 stopped = time.monotonic() > deadline  # by `_preempt_overdue`
-                if code == PREEMPTED or stopped:
-                    how = error if code == PREEMPTED else "stopped before its next checkpoint"
+                if status.code == PREEMPTED or stopped:
+                    how = (
+                        status.error
+                        if status.code == PREEMPTED
+                        else "stopped before its next checkpoint"
+                    )
                     self.store.transition(
-                        job_id, ["running"], "queued", f"preempted ({reason}): {how}"
+                        job_id,
+                        ["running"],
+                        "queued",
+                        f"preempted ({reason}): {how}",
+                        spent=status.restarts,
                     )
                     continue
                 # it ended on its own meanwhile: success or failure, as any other job
-            why = error or "its process died without an exit status"
-            # only the job's own failures spend its restarts: not a server restart, not a
-            # preemption
-            failures = sum(e.reason.startswith(_FAILED) for e in self.store.events(job_id))
-            if code == 0:
-                self.store.transition(job_id, ["running"], "succeeded", "finished")
-            elif failures < job.max_restarts:
+            if status.code == 0:
                 self.store.transition(
-                    job_id,
-                    ["running"],
-                    "restarting",
-                    f"{_FAILED}{job.attempts} failed ({why}); restarting from its last "
-                    f"checkpoint (restart {failures + 1} of {job.max_restarts})",
+                    job_id, ["running"], "succeeded", "finished", spent=status.restarts
                 )
             else:
-                self.store.transition(job_id, ["running"], "failed", f"failed: {why}")
+                self._judge(job, status)
+
+    def _judge(self, job: Job, status: ExitStatus) -> None:
+        """Restart a failed attempt, or fail the job, as the launcher's policy decides.
+
+        Only the job's own failures spend its restarts (a server restart, a preemption do
+        not), and those its launcher spent inside the attempt count too.
+        """
+        why = status.error or f"its process ended with {_exit_code(status.code)}"
+        failure = restarts.Failure(
+            role="job", rank=0, exc_type=None, detail=why, deterministic=status.final
+        )
+        spent = self.store.restarts_spent(job.id) + status.restarts
+        decision = restarts.decide(failure, restarts_done=spent, max_restarts=job.max_restarts)
+        if isinstance(decision, restarts.Restart):
+            self.store.transition(
+                job.id,
+                ["running"],
+                "restarting",
+                f"attempt {job.attempts} failed ({why}); restart {decision.attempt} of "
+                f"{job.max_restarts}, {_resumes(self.folder(job.id))}",
+                spent=status.restarts + 1,
+            )
+            return
+        # a verdict of the attempt itself is the job's error; else say why no restart
+        reason = why if status.final else f"{why}; {decision.reason}"
+        self.store.transition(job.id, ["running"], "failed", reason, spent=status.restarts)
 
     def _launch(self, job: Job, expected: list[str], reason: str) -> None:
-        """Start an attempt: claim the job in the store first, so it starts once only."""
+        """Start an attempt: claim the job in the store first, so it starts once only. Its
+        launcher may spend the restarts the job has left."""
         if not self.store.transition(
             job.id, expected, "running", reason, started=time.time(), attempts=job.attempts + 1
         ):
             return
         folder = self.folder(job.id)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / SPEC).write_text(json.dumps(self._effective_spec(job)))
+        left = max(0, job.max_restarts - self.store.restarts_spent(job.id))
+        spec = {**self._effective_spec(job), "max_restarts": left}
+        (folder / SPEC).write_text(json.dumps(spec))
         (folder / EXIT).unlink(missing_ok=True)
         (folder / PREEMPT).unlink(missing_ok=True)
         try:
@@ -270,15 +344,7 @@ class Runner:
             self.store.transition(job.id, ["running"], "failed", f"cannot start: {exc}")
             return
         self.store.set_fields(job.id, pid=popen.pid)
-        old = self._attempts.get(job.id)
-        attempt = _Attempt(job.id, popen.pid, folder, popen)
-        if old is not None:
-            attempt.offsets = old.offsets
-        else:
-            offsets = folder / "offsets.json"
-            if offsets.exists():
-                attempt.offsets = json.loads(offsets.read_text())
-        self._attempts[job.id] = attempt
+        self._attempts[job.id] = self._watch(job, popen.pid, popen)
 
     def _effective_spec(self, job: Job) -> dict[str, Any]:
         """The spec the attempt runs: on a Spark service, a Spark application of its own
@@ -319,28 +385,32 @@ class Runner:
 
     def _pump_one(self, attempt: _Attempt, *, final: bool = False) -> None:
         """Copy the lines added to the job's log and metrics files since last time: the
-        complete ones, and once the attempt has ended (`final`) an unfinished last one."""
-        changed = False
+        complete ones, and once the attempt has ended (`final`) an unfinished last one.
+        The store takes them and the new offsets in one transaction."""
+        new: dict[str, list[str]] = {LOG: [], METRICS: []}
+        offsets = dict(attempt.offsets)
         for name in (LOG, METRICS):
             try:
                 with (attempt.folder / name).open("rb") as f:
-                    f.seek(attempt.offsets[name])
+                    f.seek(offsets[name])
                     chunk = f.read()
             except OSError:
                 continue
             end = len(chunk) if final else chunk.rfind(b"\n") + 1
-            if end <= 0:
-                continue
-            lines = chunk[:end].decode(errors="replace").splitlines()
-            attempt.offsets[name] += end
-            changed = True
-            if name == LOG:
-                self.store.append_logs(attempt.job_id, lines)
-            else:
-                rows = []
-                for line in lines:
-                    with contextlib.suppress(ValueError):  # a line cut short by a kill
-                        rows.append(json.loads(line))
-                self.store.add_metrics(attempt.job_id, rows)
-        if changed:
-            (attempt.folder / "offsets.json").write_text(json.dumps(attempt.offsets))
+            if end > 0:
+                new[name] = chunk[:end].decode(errors="replace").splitlines()
+                offsets[name] += end
+        if offsets == attempt.offsets:
+            return
+        rows = []
+        for line in new[METRICS]:
+            with contextlib.suppress(ValueError):  # a line cut short by a kill
+                rows.append(json.loads(line))
+        self.store.copy_output(
+            attempt.job_id,
+            new[LOG],
+            rows,
+            log_offset=offsets[LOG],
+            metrics_offset=offsets[METRICS],
+        )
+        attempt.offsets = offsets

@@ -4,8 +4,12 @@ migration (``migrations/versions``) leaves.
 A job row holds its spec as validated JSON and its whole-job demand (the scheduler's unit),
 so a scheduling pass reads one table. Every change of a job's state is also a row of
 `events`, with its time and reason: the job page's timeline and the audit trail of
-restarts. Log lines and metrics are rows too, so a restarted server, or another replica
-on the same PostgreSQL, serves them without the job's files.
+restarts; each event also says how many of the job's ``max_restarts`` it spent, so the
+runner counts them with a sum, never by reading reasons. Log lines and metrics are rows
+too, so a restarted server, or another replica on the same PostgreSQL, serves them
+without the job's files; how far the runner has copied each of the job's files is kept
+on the job's row, written in the transaction that adds the lines, so a server killed at
+any instant copies each line once.
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ jobs = Table(
     Column("preemptible", Boolean, nullable=False, default=False),
     # seconds the submitter expects it to run: lets backfill start it in a hole
     Column("expected_runtime", Float, nullable=True),
+    # bytes of the job's log and metrics files already copied into `logs` and `metrics`
+    Column("log_offset", BigInteger, nullable=False, default=0),
+    Column("metrics_offset", BigInteger, nullable=False, default=0),
     UniqueConstraint("user", "client_key", name="jobs_user_client_key"),
     Index("jobs_state", "state"),
     Index("jobs_team_state", "team", "state"),
@@ -95,6 +102,9 @@ events = Table(
     Column("at", Float, nullable=False),
     Column("state", String(16), nullable=False),
     Column("reason", Text, nullable=False),
+    # how many of the job's max_restarts this change spent: a restart of its process, or
+    # the restarts its own launcher made inside the attempt that ended here
+    Column("restarts", Integer, nullable=False, default=0),
 )
 
 logs = Table(

@@ -5,7 +5,10 @@ the UI share.
 Opening a store brings its schema to the newest Alembic revision. A job's state changes
 only through `transition`, which checks the state it expects in the same statement
 (compare-and-set), so the runner, a cancel request and a restarted server cannot both
-win, and records each change as an event with its time and reason.
+win, and records each change as an event with its time, its reason and how many of the
+job's restarts it spent (`restarts_spent` sums them). The runner copies a job's log and
+metrics lines with `copy_output`, which moves the job's file offsets in the same
+transaction: a kill at any instant leaves the lines and the offsets agreeing.
 
 Example:
     >>> store = Store("sqlite:///corral.db")
@@ -72,6 +75,9 @@ class Job:
     cancel_requested: bool
     preemptible: bool = False
     expected_runtime: float | None = None
+    #: Bytes of the job's log and metrics files already copied into the store.
+    log_offset: int = 0
+    metrics_offset: int = 0
 
     @property
     def final(self) -> bool:
@@ -83,6 +89,8 @@ class Event:
     at: float
     state: str
     reason: str
+    #: How many of the job's max_restarts this change spent.
+    restarts: int = 0
 
 
 @dataclass
@@ -284,10 +292,18 @@ class Store:
             return int(db.scalar(select(func.count()).select_from(t.jobs)) or 0)
 
     def transition(
-        self, job_id: str, expected: Iterable[str], state: str, reason: str, **fields: Any
+        self,
+        job_id: str,
+        expected: Iterable[str],
+        state: str,
+        reason: str,
+        *,
+        spent: int = 0,
+        **fields: Any,
     ) -> bool:
         """Move a job from one of the `expected` states to `state`, with `fields` set, and
-        record the event; False (and no change) when it was in another state by then."""
+        record the event, which `spent` that many of the job's restarts; False (and no
+        change) when it was in another state by then."""
         assert state in STATES
         now = time.time()
         values = {"state": state, "reason": reason, **fields}
@@ -301,7 +317,11 @@ class Store:
             )
             if not done.rowcount:
                 return False
-            db.execute(insert(t.events).values(job=job_id, at=now, state=state, reason=reason))
+            db.execute(
+                insert(t.events).values(
+                    job=job_id, at=now, state=state, reason=reason, restarts=spent
+                )
+            )
         return True
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
@@ -332,12 +352,41 @@ class Store:
             rows = db.execute(
                 select(t.events).where(t.events.c.job == job_id).order_by(t.events.c.id)
             ).all()
-        return [Event(r.at, r.state, r.reason) for r in rows]
+        return [Event(r.at, r.state, r.reason, r.restarts) for r in rows]
 
-    def append_logs(self, job_id: str, lines: Sequence[str]) -> None:
-        if lines:
-            with self.engine.begin() as db:
+    def restarts_spent(self, job_id: str) -> int:
+        """How many of its max_restarts the job has spent, summed from its events."""
+        with self.engine.connect() as db:
+            total = db.scalar(
+                select(func.coalesce(func.sum(t.events.c.restarts), 0)).where(
+                    t.events.c.job == job_id
+                )
+            )
+        return int(total or 0)
+
+    def copy_output(
+        self,
+        job_id: str,
+        lines: Sequence[str],
+        metrics: Sequence[dict[str, Any]],
+        *,
+        log_offset: int,
+        metrics_offset: int,
+    ) -> None:
+        """Add lines copied from the job's files and move its offsets past them, in one
+        transaction: a kill before the commit copies them again, one after never does."""
+        now = time.time()
+        with self.engine.begin() as db:
+            if lines:
                 db.execute(insert(t.logs), [{"job": job_id, "line": line} for line in lines])
+            if metrics:
+                rows = [{"job": job_id, "at": now, "data": m} for m in metrics]
+                db.execute(insert(t.metrics), rows)
+            db.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == job_id)
+                .values(log_offset=log_offset, metrics_offset=metrics_offset)
+            )
 
     def logs(self, job_id: str, after: int = 0, limit: int = 1000) -> Page:
         """Log lines after cursor `after` (0: from the start), at most `limit`."""
@@ -359,12 +408,6 @@ class Store:
                 .limit(lines)
             ).all()
         return [r.line for r in reversed(rows)]
-
-    def add_metrics(self, job_id: str, rows: Sequence[dict[str, Any]]) -> None:
-        if rows:
-            now = time.time()
-            with self.engine.begin() as db:
-                db.execute(insert(t.metrics), [{"job": job_id, "at": now, "data": r} for r in rows])
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as db:
@@ -394,4 +437,6 @@ def _job(row: Any) -> Job:
         cancel_requested=bool(row.cancel_requested),
         preemptible=bool(row.preemptible),
         expected_runtime=row.expected_runtime,
+        log_offset=row.log_offset,
+        metrics_offset=row.metrics_offset,
     )
