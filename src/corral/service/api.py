@@ -22,6 +22,7 @@ from starlette.responses import Response
 from corral.errors import SpecError
 from corral.service.auth import AdminUser, CurrentUser
 from corral.service.cluster import cluster_state, demand_of
+from corral.service.job import check_files
 from corral.service.models import (
     Cluster,
     Demand,
@@ -159,6 +160,7 @@ def router() -> APIRouter:
                 return JobOut.of(made, base_url(request))
         try:
             spec = parse(JobSpec, body.spec, source="spec")
+            check_files(spec)  # missing data fails here, not after its restarts
         except SpecError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
         demand = demand_of(spec)
