@@ -1,12 +1,14 @@
 """Claim: corral reaches single-process accuracy on digits, and what its wall time costs.
 
 Trains examples/digits.py's MLP on scikit-learn's bundled digits (nothing downloaded) with
-each strategy (AllReduce, Averaging(every=16)) and worker count (1, 2, 4), reusing that
+each strategy of the example and worker count (1, 2, 4), reusing that
 example's ``train``/``make_model``/``load_data`` (imported from the examples folder), and
 in the same run trains the same model with plain PyTorch in one process (same optimizer,
 learning rate, batch size, epochs and seed): "the limit" one process reaches. Wall time of
 corral rows includes starting the workers, per-epoch validation and checkpoints; the plain
-row is the training loop alone, warm (fastest of ``--plain-repeats`` runs).
+row is the training loop alone, warm (fastest of ``--plain-repeats`` runs). The training
+column is the part of a corral row's wall time its workers spent in training steps (the
+sum of the epochs' ``time_s``), comparable to the plain row.
 ratio = corral wall / plain-torch wall (lower is better).
 
 Run: ``.venv/bin/python bench/digits.py`` (``--epochs``, ``--workers 1 2 4``).
@@ -30,7 +32,13 @@ import torch
 from corral.entrypoints import load_file_module
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits.py"
-LABELS = {"allreduce": "AllReduce()", "averaging": "Averaging(every=16)"}
+LABELS = {
+    "allreduce": "AllReduce()",
+    "averaging": "Averaging(every=16)",
+    "gossip": "Gossip(peers=1)",
+    "ps-sync": "ParameterServer(mode='sync')",
+    "ps-async": "ParameterServer(mode='async', lr_scaling='staleness')",
+}
 
 
 def load_example() -> ModuleType:
@@ -92,16 +100,18 @@ def main() -> None:
         f"batch 32/worker, {args.epochs} epochs; {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {platform.machine()}\n"
     )
-    print("| strategy | workers | test accuracy | wall s | ratio (wall / plain torch) |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| strategy | workers | test accuracy | wall s | training s | ratio (wall / plain torch) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     print(
         f"| plain PyTorch, one process (the limit) | 1 | {limit['accuracy']:.2%} "
-        f"| {limit['wall_s']:.1f} | 1.00 |"
+        f"| {limit['wall_s']:.1f} | {limit['wall_s']:.1f} | 1.00 |"
     )
     for r in rows:
         print(
             f"| corral {LABELS.get(r['strategy'], r['strategy'])} | {r['workers']} "
-            f"| {r['accuracy']:.2%} | {r['wall_s']:.1f} "
+            f"| {r['accuracy']:.2%} | {r['wall_s']:.1f} | {r['train_s']:.1f} "
             f"| {r['wall_s'] / limit['wall_s']:.2f} |"
         )
 
