@@ -10,6 +10,7 @@ source tree as it found it otherwise).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import start_server
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -69,6 +71,7 @@ def _spec(folder: Path, name: str, workers: int) -> dict[str, Any]:
         "roles": {"worker": {"count": workers}},
         "strategy": {"kind": "averaging", "every": 2},
         "data": {"path": str(folder / "train.parquet"), "features": ["a", "b"], "label": "y"},
+        "validation": {"path": str(folder / "train.parquet"), "label": "y"},
         "optimizer": {"name": "sgd", "lr": 0.1},
         "epochs": 2,
         "batch_size": 16,
@@ -86,6 +89,8 @@ def _write_data(folder: Path) -> None:
         def make():
             layers = [torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)]
             return torch.nn.Sequential(*layers)
+        def broken():
+            raise RuntimeError("this model cannot be built")
     """)
     )
 
@@ -224,13 +229,36 @@ def test_job_page_shows_timeline_chart_and_log(ada: Page, service: Service, tmp_
     expect(ada.locator("h1")).to_contain_text("tiny-mlp")
     expect(ada.locator("#timeline")).to_contain_text("submitted")
     expect(ada.locator("#spec")).to_contain_text("averaging")
-    # the page refreshes itself while the job runs: wait for the end on the page itself
+    # the loss chart is on a log scale first; the reader switches it to linear while the
+    # page refreshes itself, and waits for the end on the page itself
+    toggle = ada.locator("#log-loss")
+    expect(toggle).to_be_checked(timeout=90_000)
+    toggle.uncheck()
     expect(ada.locator("#state")).to_have_text("succeeded", timeout=90_000)
     expect(ada.locator("#timeline")).to_contain_text("launched")
     expect(ada.locator("#attempts")).to_contain_text("finished")
-    expect(ada.locator("svg.chart path.line")).to_have_count(2)  # loss, samples/s
-    assert ada.locator("svg.chart path.line").first.get_attribute("d")
-    expect(ada.locator("#log")).to_contain_text("done:")
+    loss = ada.locator("#chart-loss")
+    expect(loss.locator("svg.scale-linear")).to_be_visible()  # the choice outlived the swaps
+    expect(loss.locator("svg.scale-log")).to_be_hidden()
+    toggle.check()
+    expect(loss.locator("svg.scale-log")).to_be_visible()
+    expect(loss.locator("svg.scale-linear")).to_be_hidden()
+    expect(loss.locator("svg.scale-log")).to_have_attribute(
+        "aria-label", "loss over time, log scale"
+    )
+    for chart in ("loss", "val_accuracy", "samples_per_s"):
+        assert ada.locator(f"#chart-{chart} svg path.line").first.get_attribute("d"), chart
+    expect(ada.locator("#chart-val_accuracy")).to_contain_text("validation accuracy")
+    # the last line is the final metrics as text, not JSON
+    expect(ada.locator("#log")).to_contain_text(re.compile(r"done: loss=[0-9.]+ accuracy="))
+    assert '{"' not in ada.locator("#log").inner_text()
+    # the trained model is a link away (the cookie is the login)
+    link = ada.locator("#model a")
+    expect(link).to_have_text("checkpoint-000002.pt")
+    got = ada.request.get(service.url + str(link.get_attribute("href")))
+    assert got.status == 200 and "checkpoint-000002.pt" in got.headers["content-disposition"]
+    saved = torch.load(io.BytesIO(got.body()), weights_only=True)
+    assert saved["data_position"]["epoch"] == 2 and "0.weight" in saved["model"]
     assert not ERRORS
     _shoot(ada, tmp_path, "job.png")
 
@@ -268,3 +296,20 @@ def test_another_teams_job_is_the_same_404_as_none(ada: Page, service: Service):
     answer = ada.goto(f"{service.url}/jobs/000000000000")
     assert answer is not None and answer.status == 404
     assert ada.locator("main").inner_text().replace("000000000000", "ID") == theirs
+
+
+def test_a_failed_job_shows_why_instead_of_no_metrics(ada: Page, service: Service):
+    with service.api("ada") as api:
+        spec = api.get(f"/api/jobs/{service.jobs['a']}").json()["spec"]
+        spec |= {"name": "will-fail", "entrypoint": spec["entrypoint"].replace(":make", ":broken")}
+        spec["roles"] = {"worker": {"count": 1}}
+        made = api.post("/api/jobs", json={"spec": spec})
+        service.jobs["f"] = job_id = made.raise_for_status().json()["id"]
+        assert service.wait_for(job_id, FINAL) == "failed"
+        reason = api.get(f"/api/jobs/{job_id}").json()["reason"]
+    ada.goto(f"{service.url}/jobs/{job_id}")
+    expect(ada.locator("#failure")).to_have_text(f"Failed: {reason}")
+    expect(ada.locator("#no-metrics")).to_contain_text("failed before its first report")
+    assert "No metrics yet" not in ada.content()
+    expect(ada.locator("#log")).to_contain_text("this model cannot be built")
+    expect(ada.locator("#model")).to_have_count(0)  # no checkpoint: no link

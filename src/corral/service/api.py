@@ -1,31 +1,29 @@
 """The REST API (``/api``) and the app that serves it beside the web UI, on one port.
 
-Every route asks who is calling (`corral.service.auth`). A user sees, follows and cancels
-only their own team's jobs. Another team's job answers 404, exactly as a job that does
-not exist, so ids leak nothing. Only admins manage teams, users and quotas. A spec is
-validated with the same model as ``corral train`` (`corral.spec.JobSpec`): a wrong field
-is a 422 that names it. A job that could never fit the pool or its team's quota is
-refused at submit, with the numbers.
+Every route asks who is calling (`corral.service.auth`). A user sees, follows, cancels and
+downloads the checkpoints of only their own team's jobs. Another team's job answers 404,
+exactly as a job that does not exist, so ids leak nothing (`corral.service.views`). Only
+admins manage teams, users and quotas. A spec is validated with the same model as
+``corral train`` (`corral.spec.JobSpec`): a wrong field is a 422 that names it. A job
+that could never fit the pool or its team's quota is refused at submit, with the numbers.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
 
 from corral.errors import SpecError
 from corral.service.auth import AdminUser, CurrentUser
-from corral.service.cluster import cluster_state, demand_of
+from corral.service.cluster import demand_of
 from corral.service.job import check_files
 from corral.service.models import (
     Cluster,
-    Demand,
     EventOut,
     JobDetail,
     JobOut,
@@ -33,23 +31,30 @@ from corral.service.models import (
     Me,
     NewUser,
     Problem,
-    QueueEntry,
     QuotaBody,
     QuotaOut,
     SubmitRequest,
     TeamBody,
-    TeamUsage,
     UserBody,
 )
 from corral.service.resources import Quota, Resources
-from corral.service.scheduler import Launch, Policy, QueuedJob, check_admissible, explain
-from corral.service.store import FINAL, Job, Store, StoreError, User
+from corral.service.scheduler import Policy, QueuedJob, check_admissible
+from corral.service.store import FINAL, Store, StoreError
+from corral.service.ui import ui_router
+from corral.service.views import (
+    ACTIVE,
+    JobFolder,
+    cluster_view,
+    demand_body,
+    newest_checkpoint,
+    quota_body,
+    used_by,
+    visible_job,
+)
 from corral.spec import JobSpec, parse
 
-_JOB_ID = re.compile(r"[0-9a-f]{1,16}")
 #: The largest request body accepted: a job spec is a few kilobytes.
 MAX_BODY = 1 << 20
-ACTIVE = ("queued", "running", "restarting")
 State = Literal["queued", "running", "restarting", "succeeded", "failed", "cancelled"]
 
 
@@ -64,74 +69,6 @@ class _BodyLimit(BaseHTTPMiddleware):
         if declared is None and "transfer-encoding" in request.headers:
             return JSONResponse({"detail": "send the body with a Content-Length"}, 411)
         return await call_next(request)
-
-
-def _demand(resources: Resources) -> Demand:
-    return Demand(
-        cpus=resources.cpus, memory_mib=int(resources.memory_mib), gpus=int(resources.gpus)
-    )
-
-
-def _quota_body(q: Quota | None) -> QuotaBody | None:
-    return None if q is None else QuotaBody(cpus=q.cpus, memory_mib=q.memory_mib, gpus=q.gpus)
-
-
-def _visible(store: Store, user: User, job_id: str) -> Job:
-    """The job, if `user` may see it; otherwise the same 404 as for no job at all."""
-    job = store.job(job_id) if _JOB_ID.fullmatch(job_id) else None
-    if job is None or (job.team != user.team and not user.admin):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job '{job_id}'")
-    return job
-
-
-def _used(jobs: list[Job]) -> Resources:
-    total = Resources()
-    for job in jobs:
-        total = total + job.demand
-    return total
-
-
-def cluster_view(store: Store, pool: Resources, policy: Policy, user: User) -> Cluster:
-    """The pool, each team's use against its quota, and the queue in scheduling order with
-    why each job waits, as `user` may see it: another team's queued job shows its team and
-    place only. GET /api/cluster and the web UI's cluster page both answer with this."""
-    state = cluster_state(store, pool)
-    by_team: dict[str, list[Any]] = {}
-    for r in state.running:
-        by_team.setdefault(r.team, []).append(r)
-    queued_by_team: dict[str, int] = {}
-    for q in state.queued:
-        queued_by_team[q.team] = queued_by_team.get(q.team, 0) + 1
-    teams = sorted(set(by_team) | set(queued_by_team))
-    usage = [
-        TeamUsage(
-            team=team,
-            used=_demand(sum((r.demand for r in by_team.get(team, [])), Resources())),
-            quota=_quota_body(state.quotas.get(team)),
-            running=len(by_team.get(team, [])),
-            queued=queued_by_team.get(team, 0),
-        )
-        for team in teams
-    ]
-    jobs_by_id = {j.id: j for j in store.jobs(states=["queued"])}
-    queue = []
-    for position, decision in enumerate(explain(state, time.time(), policy)):
-        job = jobs_by_id.get(decision.job_id)
-        if job is None:
-            continue
-        mine = user.admin or job.team == user.team
-        reason = "starts at the next pass" if isinstance(decision, Launch) else decision.reason
-        queue.append(
-            QueueEntry(
-                position=position + 1,
-                team=job.team,
-                id=job.id if mine else None,
-                name=job.name if mine else None,
-                reason=reason if mine else "",
-            )
-        )
-    used = sum((r.demand for r in state.running), Resources())
-    return Cluster(pool=_demand(pool), used=_demand(used), teams=usage, queue=queue)
 
 
 def router() -> APIRouter:
@@ -202,7 +139,7 @@ def router() -> APIRouter:
     @api.get("/jobs/{job_id}")
     def job(job_id: str, user: CurrentUser, request: Request) -> JobDetail:
         store = store_of(request)
-        found = _visible(store, user, job_id)
+        found = visible_job(store, user, job_id)
         return JobDetail(
             **JobOut.of(found, base_url(request)).model_dump(),
             spec=found.spec,
@@ -218,14 +155,36 @@ def router() -> APIRouter:
         after: Annotated[int, Query(ge=0, le=2**62)] = 0,
     ) -> LogPage:
         store = store_of(request)
-        found = _visible(store, user, job_id)
+        found = visible_job(store, user, job_id)
         page = store.logs(job_id, after)
         return LogPage(lines=page.lines, next=page.next, final=found.final)
+
+    @api.get(
+        "/jobs/{job_id}/checkpoint",
+        response_class=FileResponse,
+        responses={
+            200: {
+                "content": {"application/octet-stream": {}},
+                "description": "the newest checkpoint file, as the job wrote it",
+            },
+            404: {"model": Problem, "description": "no such job, or no checkpoint yet"},
+        },
+    )
+    def checkpoint(job_id: str, user: CurrentUser, request: Request) -> FileResponse:
+        """The job's newest checkpoint (its final one once it has ended): a ``torch.save``
+        of a dict whose ``"model"`` is the model's state_dict; ``corral model`` saves it."""
+        found = visible_job(store_of(request), user, job_id)
+        path = newest_checkpoint(request.app.state.job_folder, found)
+        if path is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"job '{job_id}' has no checkpoint yet ({found.state})"
+            )
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
     @api.post("/jobs/{job_id}/cancel")
     def cancel(job_id: str, user: CurrentUser, request: Request) -> JobOut:
         store = store_of(request)
-        found = _visible(store, user, job_id)
+        found = visible_job(store, user, job_id)
         if found.state not in FINAL:
             reason = f"cancelled by {user.name}"
             store.request_cancel(job_id, reason)
@@ -238,7 +197,7 @@ def router() -> APIRouter:
         store = store_of(request)
         q = store.quotas().get(user.team) or Quota()
         running = store.jobs(team=user.team, states=["running", "restarting"])
-        return QuotaOut(team=user.team, quota=_quota_body(q), used=_demand(_used(running)))
+        return QuotaOut(team=user.team, quota=quota_body(q), used=demand_body(used_by(running)))
 
     @api.get("/cluster")
     def cluster(user: CurrentUser, request: Request) -> Cluster:
@@ -280,22 +239,28 @@ def router() -> APIRouter:
         except StoreError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
         running = store.jobs(team=team, states=["running", "restarting"])
-        return QuotaOut(team=team, quota=body, used=_demand(_used(running)))
+        return QuotaOut(team=team, quota=body, used=demand_body(used_by(running)))
 
     return api
 
 
-def create_app(store: Store, *, pool: Resources, policy: Policy | None = None) -> FastAPI:
-    """The service's app: the API here, the web UI mounted beside it."""
+def create_app(
+    store: Store,
+    *,
+    pool: Resources,
+    policy: Policy | None = None,
+    job_folder: JobFolder | None = None,
+) -> FastAPI:
+    """The service's app: the API here, the web UI mounted beside it. `job_folder` says
+    where the runner keeps a job's files (its checkpoints); without it, no job has any."""
     app = FastAPI(
         title="corral",
         description="Multi-user job service for distributed PyTorch training.",
         version="0.1.0",
     )
     app.state.store, app.state.pool, app.state.policy = store, pool, policy or Policy()
+    app.state.job_folder = job_folder
     app.add_middleware(_BodyLimit)
     app.include_router(router())
-    from corral.service.ui import ui_router  # the UI builds on this module's helpers
-
     app.include_router(ui_router())
     return app

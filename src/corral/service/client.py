@@ -1,4 +1,4 @@
-"""The job service's client: a small typed HTTP client for ``/api``, and the saved login.
+"""The job service's client: a small typed HTTP client for ``/api``, and the saved logins.
 
 Every failure a user can cause or meet (not logged in, a refused token, another team's job,
 a spec the server refuses, a server that is not running) becomes one `ServiceError` whose
@@ -6,8 +6,12 @@ message says what to do, so the CLI prints it as one line. The token travels onl
 ``Authorization`` header and the credentials file (mode 0600); no message, repr or log
 line holds it.
 
+The credentials file keeps several logins, each under a profile name (the user's name
+unless given), and which one is the default (the last login). So an admin and a user, or
+one user on two servers, stay logged in side by side.
+
 Example:
-    >>> client = Client.from_credentials(load_credentials(credentials_path()))
+    >>> client = Client.from_credentials(load_credentials(credentials_path(), "ada"))
     >>> job = client.submit(spec, priority=5)
     >>> client.job(job.id).state
     'queued'
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -34,12 +39,14 @@ from corral.service.models import JobDetail, JobOut, LogPage, Me, NewUser, Quota
 if TYPE_CHECKING:
     from corral.spec import JobSpec
 
-#: The environment variable that moves the credentials file (tests, several servers).
+#: The environment variable that moves the credentials file (tests, several machines).
 CONFIG_ENV = "CORRAL_CONFIG"
 #: Where `corral login` points when given no URL and none was saved: the server's default.
 DEFAULT_URL = "http://127.0.0.1:8642"
 #: Seconds before a retried submission, after a connection error.
 RETRY_PAUSE_S = 0.5
+#: What a profile may be called: a user's name is one.
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
 class ServiceError(CorralError):
@@ -48,10 +55,20 @@ class ServiceError(CorralError):
 
 @dataclass(frozen=True, kw_only=True)
 class Credentials:
-    """Which server to talk to, and as whom."""
+    """Which server to talk to, and as whom (`user` and `team`, for listing logins)."""
 
     url: str
     token: str = field(repr=False)
+    user: str = ""
+    team: str = ""
+
+
+@dataclass(frozen=True)
+class Logins:
+    """Every saved login by profile name, and the one used when none is named."""
+
+    profiles: dict[str, Credentials]
+    default: str | None
 
 
 def credentials_path(environ: Mapping[str, str] = os.environ) -> Path:
@@ -60,29 +77,72 @@ def credentials_path(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(given) if given else Path.home() / ".config" / "corral" / "credentials.json"
 
 
-def load_credentials(path: Path) -> Credentials:
-    """The saved login; a `ServiceError` that says ``corral login`` when there is none."""
+def check_profile_name(name: str) -> str:
+    if not PROFILE_NAME.fullmatch(name):
+        raise ServiceError(f"--profile: '{name}' is not a profile name (letters, digits, _.@-)")
+    return name
+
+
+def load_logins(path: Path) -> Logins:
+    """The saved logins; none if there is no file yet. A file of the older one-login format
+    (``url`` and ``token`` at the top) reads as one profile named ``default``."""
     try:
         data = json.loads(path.read_text())
-        return Credentials(url=str(data["url"]), token=str(data["token"]))
+        if "profiles" not in data:
+            old = Credentials(url=str(data["url"]), token=str(data["token"]))
+            return Logins({"default": old}, "default")
+        profiles = {
+            str(name): Credentials(
+                url=str(p["url"]),
+                token=str(p["token"]),
+                user=str(p.get("user", "")),
+                team=str(p.get("team", "")),
+            )
+            for name, p in data["profiles"].items()
+        }
+        default = data.get("default")
+        return Logins(profiles, str(default) if default in profiles else None)
     except FileNotFoundError:
-        raise ServiceError("not logged in: corral login URL") from None
+        return Logins({}, None)
     except OSError as exc:
         raise ServiceError(f"cannot read {path}: {exc.strerror}") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise ServiceError(
             f"{path} is not a corral credentials file: log in again with corral login URL"
         ) from None
 
 
-def save_credentials(creds: Credentials, path: Path) -> None:
-    """Write the login readable by its owner only (0600), replacing any older one at once."""
+def load_credentials(path: Path, profile: str | None = None) -> Credentials:
+    """The login saved as `profile`, or the default one; a `ServiceError` that says what
+    to type when there is none."""
+    logins = load_logins(path)
+    name = profile or logins.default
+    if name is None or not logins.profiles:
+        raise ServiceError("not logged in: corral login URL")
+    if name not in logins.profiles:
+        saved = ", ".join(sorted(logins.profiles))
+        raise ServiceError(f"no login saved as '{name}' (saved: {saved}): corral login URL")
+    return logins.profiles[name]
+
+
+def save_credentials(creds: Credentials, path: Path, profile: str) -> None:
+    """Save `creds` as `profile`, the default from now on, beside the other logins; the
+    file is readable by its owner only (0600) and replaced at once, never half written."""
+    logins = load_logins(path)
+    profiles = {**logins.profiles, check_profile_name(profile): creds}
+    data = {
+        "default": profile,
+        "profiles": {
+            name: {"url": c.url, "token": c.token, "user": c.user, "team": c.team}
+            for name, c in sorted(profiles.items())
+        },
+    }
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # a leftover tmp file may have had another mode
     with os.fdopen(fd, "w") as f:
-        json.dump({"url": creds.url, "token": creds.token}, f)
+        json.dump(data, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -227,6 +287,30 @@ class Client:
     def logs(self, job_id: str, after: int = 0) -> LogPage:
         return self._call(LogPage, "GET", f"/jobs/{_segment(job_id)}/logs", params={"after": after})
 
+    def save_checkpoint(self, job_id: str, path: Path) -> str:
+        """Download the job's newest checkpoint (its final one once it has ended) to
+        `path`, whole or not at all; returns its file name on the server."""
+        response = self._send("GET", f"/jobs/{_segment(job_id)}/checkpoint", stream=True)
+        tmp = path.with_name(f".{path.name}.part")
+        try:
+            with tmp.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+            os.replace(tmp, path)
+        except httpx.HTTPError as exc:
+            raise ServiceError(
+                f"lost the connection to {self.url} while downloading ({type(exc).__name__}): "
+                "try again"
+            ) from None
+        except OSError as exc:
+            raise ServiceError(f"cannot write {path}: {exc.strerror}") from None
+        finally:
+            response.close()
+            tmp.unlink(missing_ok=True)
+        disposition = response.headers.get("content-disposition", "")
+        named = re.search(r'filename="?([^";]+)"?', disposition)
+        return named[1] if named else path.name
+
     def cancel(self, job_id: str) -> JobOut:
         return self._call(JobOut, "POST", f"/jobs/{_segment(job_id)}/cancel")
 
@@ -257,8 +341,23 @@ class Client:
 
     def _call(self, shape: Any, method: str, path: str, **kwargs: Any) -> Any:
         """Send one request; its JSON answer validated as `shape`, or a `ServiceError`."""
+        response = self._send(method, path, **kwargs)
         try:
-            response = self._http.request(method, path, **kwargs)
+            return TypeAdapter(shape).validate_json(response.content)
+        except ValidationError:
+            raise ServiceError(
+                f"{self.url} answered {method} {path} with something else than a corral "
+                "server would: is it one, of this version?"
+            ) from None
+
+    def _send(
+        self, method: str, path: str, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        """Send one request; its answer if it is not an error (with `stream`, its body
+        still to read), or a `ServiceError` that says why."""
+        try:
+            request = self._http.build_request(method, path, **kwargs)
+            response = self._http.send(request, stream=stream)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             raise _Unreachable(
                 f"cannot reach the corral server at {self.url}: is it running?"
@@ -274,6 +373,9 @@ class Client:
             ) from None
         except httpx.HTTPError as exc:  # a malformed URL, an unsupported scheme, …
             raise ServiceError(f"cannot talk to {self.url}: {exc}") from None
+        if response.is_error:
+            response.read()
+            response.close()
         if response.status_code == 401:
             raise ServiceError(f"not logged in or token not valid: corral login {self.url}")
         if response.is_error:
@@ -283,13 +385,7 @@ class Client:
             elif detail == "Not Found":  # no such route: not a corral server, or another version
                 detail = f"{self.url}{response.request.url.path}: not found; is it a corral server?"
             raise ServiceError(detail)
-        try:
-            return TypeAdapter(shape).validate_json(response.content)
-        except ValidationError:
-            raise ServiceError(
-                f"{self.url} answered {method} {path} with something else than a corral "
-                "server would: is it one, of this version?"
-            ) from None
+        return response
 
 
 class _Unreachable(ServiceError):

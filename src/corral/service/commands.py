@@ -1,9 +1,12 @@
-"""The job service's commands: ``corral login``, ``submit``, ``jobs``, ``status``, ``logs``,
-``cancel``, ``quota`` and ``corral admin …``, each one call of `corral.service.client`.
+"""The job service's commands: ``corral login``, ``profiles``, ``submit``, ``jobs``,
+``status``, ``logs``, ``model``, ``cancel``, ``quota`` and ``corral admin …``, each one
+call of `corral.service.client`.
 
 Each prints a table for people, or with ``--json`` the API's own JSON for scripts. Each
-failure is one red line and exit code 1, as for ``corral train``. The heavy imports (the
-client, the job model) happen inside the commands, so ``corral --help`` stays fast.
+failure is one red line and exit code 1, as for ``corral train``. Every command runs as
+the default login (the last ``corral login``), or as the one ``corral --profile NAME``
+(or ``$CORRAL_PROFILE``) names. The heavy imports (the client, the job model, torch)
+happen inside the commands, so ``corral --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -45,11 +48,31 @@ admin_app.add_typer(teams_app, name="teams")
 admin_app.add_typer(quota_app, name="quota")
 
 
+#: The environment variable that picks a saved login, as ``corral --profile NAME`` does.
+PROFILE_ENV = "CORRAL_PROFILE"
+#: Where the chosen profile travels from ``corral --profile`` to the command (click's
+#: ``Context.meta``, which every nested context shares).
+_PROFILE = "corral.profile"
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        envvar=PROFILE_ENV,
+        help="run the service commands as this saved login (default: the last one logged in)",
+    ),
+]
+
+
 def register(app: typer.Typer) -> None:
-    """Add the service's commands to the ``corral`` app."""
-    for command in (login, submit, jobs, status, logs, cancel, quota):
+    """Add the service's commands, and the ``--profile`` they share, to the ``corral`` app."""
+    app.callback()(choose_profile)
+    for command in (login, profiles, submit, jobs, status, logs, model, cancel, quota):
         app.command()(command)
     app.add_typer(admin_app, name="admin")
+
+
+def choose_profile(ctx: typer.Context, profile: ProfileOption = None) -> None:
+    ctx.meta[_PROFILE] = profile
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -73,15 +96,25 @@ def _out() -> Console:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
-def _note(text: str) -> None:
-    Console(stderr=True, highlight=False).print(text)
+def _note(text: str, *, markup: bool = True) -> None:
+    """A line for people on stderr, unwrapped (the terminal wraps it), so grep finds it."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(text, markup=markup)
+
+
+def _profile(ctx: typer.Context) -> str | None:
+    """The profile ``corral --profile`` (or ``$CORRAL_PROFILE``) chose; None: the default."""
+    from corral.service.client import check_profile_name
+
+    chosen = ctx.meta.get(_PROFILE)
+    return None if chosen is None else check_profile_name(chosen)
 
 
 @contextmanager
-def _client() -> Iterator[Client]:
+def _client(ctx: typer.Context) -> Iterator[Client]:
+    """A client logged in as the chosen profile."""
     from corral.service.client import Client, credentials_path, load_credentials
 
-    with Client.from_credentials(load_credentials(credentials_path())) as client:
+    with Client.from_credentials(load_credentials(credentials_path(), _profile(ctx))) as client:
         yield client
 
 
@@ -91,11 +124,13 @@ def _print_json(value: Any) -> None:
     print(json.dumps(TypeAdapter(type(value)).dump_python(value, mode="json"), indent=2))
 
 
-def _answer(as_json: bool, call: Callable[[Client], T], render: Callable[[T], None]) -> None:
-    """Make one `call` as the logged-in user; print its JSON, or `render` it for people."""
+def _answer(
+    ctx: typer.Context, as_json: bool, call: Callable[[Client], T], render: Callable[[T], None]
+) -> None:
+    """Make one `call` as the chosen login; print its JSON, or `render` it for people."""
 
     def action() -> None:
-        with _client() as client:
+        with _client(ctx) as client:
             value = call(client)
         if as_json:
             _print_json(value)
@@ -125,17 +160,26 @@ def _state(job: JobOut) -> str:
 
 
 def login(
+    ctx: typer.Context,
     url: Annotated[
         str | None,
-        typer.Argument(help="the server, e.g. http://host:8642 (default: the last one)"),
+        typer.Argument(help="the server, e.g. http://host:8642 (default: the profile's)"),
     ] = None,
     token: Annotated[
         str | None,
         typer.Option(help="your token; '-' reads it from stdin (default: asks, unechoed)"),
     ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="save the login under this name (default: your user name)"),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Log in to a corral server: check the token, then save server and token (mode 0600)."""
+    """Log in to a corral server, beside your other logins; this one becomes the default.
+
+    The token is checked, then saved (mode 0600) as a profile named after you (or
+    --profile): corral --profile NAME picks another saved login.
+    """
     from corral.service.client import (
         DEFAULT_URL,
         Client,
@@ -143,16 +187,18 @@ def login(
         ServiceError,
         credentials_path,
         load_credentials,
+        load_logins,
         normalize_url,
         save_credentials,
     )
 
     def action() -> None:
         path = credentials_path()
+        chosen = profile or _profile(ctx)
         server = url
         if server is None:
             try:
-                server = load_credentials(path).url
+                server = load_credentials(path, chosen).url
             except ServiceError:
                 server = DEFAULT_URL
         server = normalize_url(server)
@@ -164,14 +210,48 @@ def login(
         secret = secret.strip()
         with Client(server, secret) as client:
             me = client.me()
-        save_credentials(Credentials(url=server, token=secret), path)
+        name = chosen or me.name
+        save_credentials(
+            Credentials(url=server, token=secret, user=me.name, team=me.team), path, name
+        )
         if as_json:
             _print_json(me)
             return
         role = ", admin" if me.admin else ""
         _out().print(f"logged in to {server} as {me.name} (team {me.team}{role})")
+        others = sorted(set(load_logins(path).profiles) - {name})
+        kept = f" (also saved: {', '.join(others)})" if others else ""
+        _note(f"saved as profile '{name}', now the default{kept}", markup=False)
+        _note(f"in {path}; corral --profile NAME … runs as another", markup=False)
         if server.startswith("http://") and not _loopback(server):
             _note(f"[yellow]warning:[/] {server} is plain http: the token travels unencrypted")
+
+    _run(action)
+
+
+def profiles(as_json: JsonOption = False) -> None:
+    """The saved logins: each profile's user, team and server; * marks the default."""
+    from corral.service.client import credentials_path, load_logins
+
+    def action() -> None:
+        logins = load_logins(credentials_path())
+        if as_json:
+            listed = {
+                name: {"url": c.url, "user": c.user, "team": c.team}
+                for name, c in sorted(logins.profiles.items())
+            }
+            print(json.dumps({"default": logins.default, "profiles": listed}, indent=2))
+            return
+        if not logins.profiles:
+            _note("no saved logins: corral login URL")
+            return
+        table = Table(box=None, header_style="bold")
+        for column in ("", "PROFILE", "USER", "TEAM", "SERVER"):
+            table.add_column(column, no_wrap=True)
+        for name, c in sorted(logins.profiles.items()):
+            mark = "*" if name == logins.default else ""
+            table.add_row(mark, name, c.user or "?", c.team or "?", c.url)
+        _out().print(table, markup=False)
 
     _run(action)
 
@@ -188,6 +268,7 @@ def _loopback(url: str) -> bool:
 
 
 def submit(
+    ctx: typer.Context,
     job: Annotated[Path, typer.Argument(help="YAML job spec, as for corral train")],
     priority: Annotated[int, typer.Option(help="higher runs first within your team")] = 0,
     preemptible: Annotated[
@@ -215,10 +296,11 @@ def submit(
     def render(made: JobOut) -> None:
         _out().print(f"submitted {made.name} as job {made.id}: {made.url}", markup=False)
 
-    _answer(as_json, call, render)
+    _answer(ctx, as_json, call, render)
 
 
 def jobs(
+    ctx: typer.Context,
     all_states: Annotated[
         bool, typer.Option("--all-states", help="include ended jobs, not only active ones")
     ] = False,
@@ -261,10 +343,10 @@ def jobs(
             )
         _out().print(table)
 
-    _answer(as_json, call, render)
+    _answer(ctx, as_json, call, render)
 
 
-def status(job: JobArgument, as_json: JsonOption = False) -> None:
+def status(ctx: typer.Context, job: JobArgument, as_json: JsonOption = False) -> None:
     """A job's state and why, its attempts and demand, and the timeline of its events."""
 
     def render(found: JobDetail) -> None:
@@ -300,10 +382,11 @@ def status(job: JobArgument, as_json: JsonOption = False) -> None:
             timeline.add_row(_when(e.at), e.state, escape(e.reason))
         out.print(timeline)
 
-    _answer(as_json, lambda client: client.job(job), render)
+    _answer(ctx, as_json, lambda client: client.job(job), render)
 
 
 def logs(
+    ctx: typer.Context,
     job: JobArgument,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="keep printing new lines until the job ends")
@@ -314,7 +397,7 @@ def logs(
 
     def action() -> None:
         after = 0
-        with _client() as client:
+        with _client(ctx) as client:
             while True:
                 page = client.logs(job, after)
                 after = page.next
@@ -333,7 +416,72 @@ def logs(
     _run(action)
 
 
-def cancel(job: JobArgument, as_json: JsonOption = False) -> None:
+def model(
+    ctx: typer.Context,
+    job: JobArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the file to write")] = Path(
+        "model.pt"
+    ),
+    checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoint",
+            help="write the whole checkpoint (model, optimizer, data position, history), "
+            "which resume_from accepts, not only the model's state_dict",
+        ),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Download a job's trained model, for model.load_state_dict(torch.load(PATH)).
+
+    It is the state_dict of the job's final checkpoint (its newest, while it runs).
+    """
+
+    def action() -> None:
+        from corral.runtime import checkpoint as ckpt
+        from corral.service.client import ServiceError
+
+        whole = output if checkpoint else output.with_name(f".{output.name}.checkpoint")
+        with _client(ctx) as client:
+            state = client.job(job).state
+            try:
+                name = client.save_checkpoint(job, whole)
+                saved = ckpt.load(whole)  # a corral checkpoint, or a one-line error
+                if not checkpoint:
+                    if "model" not in saved:
+                        raise ServiceError(f"job {job}'s {name} holds no model state_dict")
+                    _save(saved["model"], output)
+            finally:
+                if not checkpoint:
+                    whole.unlink(missing_ok=True)
+        epoch = saved.get("data_position", {}).get("epoch")
+        if as_json:
+            got = {"job": job, "state": state, "checkpoint": name, "epoch": epoch}
+            print(json.dumps({**got, "path": str(output), "whole": checkpoint}, indent=2))
+            return
+        what = "checkpoint" if checkpoint else "model"
+        _out().print(
+            f"saved the {what} of job {job} (epoch {epoch}, {name}) to {output}", markup=False
+        )
+        if state != "succeeded":
+            _note(f"job {job} is {state}: this is its newest checkpoint, not a final one")
+
+    _run(action)
+
+
+def _save(state_dict: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name, then renamed: `path` is whole or untouched."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state_dict, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cancel(ctx: typer.Context, job: JobArgument, as_json: JsonOption = False) -> None:
     """Cancel a job: a queued one at once, a running one within seconds; an ended one stays."""
 
     def render(found: JobOut) -> None:
@@ -345,10 +493,10 @@ def cancel(job: JobArgument, as_json: JsonOption = False) -> None:
             said = f"job {found.id} is stopping (it was {found.state})"
         _out().print(said)
 
-    _answer(as_json, lambda client: client.cancel(job), render)
+    _answer(ctx, as_json, lambda client: client.cancel(job), render)
 
 
-def quota(as_json: JsonOption = False) -> None:
+def quota(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Your team's quota, and what its running jobs use of it."""
 
     def render(q: QuotaOut) -> None:
@@ -363,7 +511,7 @@ def quota(as_json: JsonOption = False) -> None:
             table.add_row(label(dim), used, "no cap" if cap is None else number(dim, cap))
         _out().print(table)
 
-    _answer(as_json, lambda client: client.quota(), render)
+    _answer(ctx, as_json, lambda client: client.quota(), render)
 
 
 # -- corral admin ---------------------------------------------------------------------
@@ -372,11 +520,11 @@ def quota(as_json: JsonOption = False) -> None:
 @users_app.callback(invoke_without_command=True)
 def users(ctx: typer.Context, as_json: JsonOption = False) -> None:
     if ctx.invoked_subcommand is None:
-        list_users(as_json)
+        list_users(ctx, as_json)
 
 
 @users_app.command("list")
-def list_users(as_json: JsonOption = False) -> None:
+def list_users(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every user: name, team, whether an admin."""
 
     def render(found: list[Me]) -> None:
@@ -387,11 +535,12 @@ def list_users(as_json: JsonOption = False) -> None:
             table.add_row(u.name, u.team, "yes" if u.admin else "")
         _out().print(table)
 
-    _answer(as_json, lambda client: client.users(), render)
+    _answer(ctx, as_json, lambda client: client.users(), render)
 
 
 @users_app.command("add")
 def add_user(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="the user's name")],
     team: Annotated[str, typer.Option(help="the team the user belongs to")],
     admin: Annotated[bool, typer.Option("--admin", help="may manage teams, users, quotas")] = False,
@@ -412,35 +561,38 @@ def add_user(
             markup=False,
         )
 
-    _answer(as_json, call, render)
+    _answer(ctx, as_json, call, render)
 
 
 @teams_app.callback(invoke_without_command=True)
 def teams(ctx: typer.Context, as_json: JsonOption = False) -> None:
     if ctx.invoked_subcommand is None:
-        list_teams(as_json)
+        list_teams(ctx, as_json)
 
 
 @teams_app.command("list")
-def list_teams(as_json: JsonOption = False) -> None:
+def list_teams(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every team's name."""
-    _answer(as_json, lambda client: client.teams(), lambda found: print("\n".join(found)))
+    _answer(ctx, as_json, lambda client: client.teams(), lambda found: print("\n".join(found)))
 
 
 @teams_app.command("add")
 def add_team(
-    name: Annotated[str, typer.Argument(help="the team's name")], as_json: JsonOption = False
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the team's name")],
+    as_json: JsonOption = False,
 ) -> None:
     """Add a team."""
 
     def render(_: list[str]) -> None:
         _out().print(f"created team '{name}'", markup=False)
 
-    _answer(as_json, lambda client: client.add_team(name), render)
+    _answer(ctx, as_json, lambda client: client.add_team(name), render)
 
 
 @quota_app.command("set")
 def set_quota(
+    ctx: typer.Context,
     team: Annotated[str, typer.Argument(help="the team")],
     cpus: Annotated[float | None, typer.Option(help="CPUs its running jobs may use")] = None,
     memory: Annotated[str | None, typer.Option(help="memory, e.g. 16g or 512m")] = None,
@@ -464,4 +616,4 @@ def set_quota(
         ]
         _out().print(f"quota of team {q.team}: {', '.join(caps)}", markup=False)
 
-    _answer(as_json, call, render)
+    _answer(ctx, as_json, call, render)

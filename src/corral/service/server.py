@@ -89,7 +89,7 @@ def serve(opts: ServerOptions) -> None:
         store, pool=opts.pool, state_dir=opts.state_dir, policy=opts.policy, spark=opts.spark
     )
     runner.start()
-    app = create_app(store, pool=opts.pool, policy=opts.policy)
+    app = create_app(store, pool=opts.pool, policy=opts.policy, job_folder=runner.folder)
     where = f"Spark at {opts.spark.master}" if opts.spark else "this machine"
     print(
         f"corral server on {url} (pool: {opts.pool.cpus:g} CPUs, {opts.pool.memory_mib} MiB, "

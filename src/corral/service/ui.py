@@ -1,22 +1,26 @@
 """The web UI (issue 5): server-rendered pages on the API's port, for people not scripts.
 
-Pages read through the API's own helpers — `_visible` scopes a job to its team (another
-team's job is the same 404 page as no job), `cluster_view` is GET /api/cluster — so the UI
-shows nothing the API would not. The token travels only in the HttpOnly, SameSite=Strict
-cookie that the login form sets, never in a URL or a page; a page without a valid one
-redirects to the login form. Templates autoescape everything. The one script, inline and
-allowed by a per-response CSP nonce, keeps an active job's page live: every 2 s it asks
-GET /api/jobs/{id} whether the job is still active and swaps in the server-drawn panel
-(timeline, attempts, chart, log tail) from ``/jobs/{id}/live``; it stops once the job ends.
-The loss and samples/s chart is SVG drawn here, from the job's metric rows, so no chart
-library is shipped and nothing is fetched from elsewhere.
+Pages read through the same helpers as the API (`corral.service.views`): `visible_job`
+scopes a job to its team (another team's job is the same 404 page as no job),
+`cluster_view` is GET /api/cluster, so the UI shows nothing the API would not. The token
+travels only in the HttpOnly, SameSite=Strict cookie that the login form sets, never in a
+URL or a page; a page without a valid one redirects to the login form. Templates
+autoescape everything. The one script, inline and allowed by a per-response CSP nonce,
+keeps an active job's page live: every 2 s it asks GET /api/jobs/{id} whether the job is
+still active and swaps in the server-drawn panel (timeline, attempts, charts, log tail)
+from ``/jobs/{id}/live``; it stops once the job ends. The charts (loss, on a log scale
+unless switched to linear; validation accuracy; samples/s) are SVG drawn here from the
+job's metric rows, so no chart library is shipped and nothing is fetched from elsewhere.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote
@@ -26,10 +30,11 @@ import yaml
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from corral.service.api import ACTIVE, _visible, cluster_view
 from corral.service.auth import COOKIE, current_user
 from corral.service.resources import number
 from corral.service.store import FINAL, STATES, Event, Store, User
+from corral.service.views import ACTIVE, cluster_view, newest_checkpoint, visible_job
+from corral.train.progress import format_metrics
 
 #: Lines of the log shown on a job's page.
 LOG_TAIL = 200
@@ -110,13 +115,23 @@ def attempts_of(events: list[Event]) -> list[Attempt]:
 
 
 @dataclass(frozen=True)
-class Panel:
-    """One chart: a metric against seconds since the first report, in SVG coordinates."""
+class Drawing:
+    """A panel's line on one y scale (``linear`` or ``log``), in SVG coordinates."""
 
-    title: str
+    scale: str
     path: str
     marks: list[tuple[float, float]]
     y_labels: list[tuple[float, str]]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One chart: a metric against seconds since the first report. It holds one drawing,
+    or two (log scale first, shown unless switched) that the page toggles between."""
+
+    key: str
+    title: str
+    drawings: list[Drawing]
     x_labels: list[tuple[float, str]]
     last: str
 
@@ -125,9 +140,53 @@ def _fmt(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def panel(rows: list[dict[str, Any]], key: str, title: str, *, from_zero: bool) -> Panel | None:
+def _drawing(
+    points: list[tuple[float, float, bool]],
+    x: Callable[[float], float],
+    lo: float,
+    hi: float,
+    *,
+    log: bool,
+) -> Drawing:
+    """The line through `points` with values from `lo` (bottom) to `hi` (top), labelled at
+    both ends and the middle; on a log scale, `lo` and `hi` are powers of ten."""
+    inner_h = HEIGHT - TOP - BOTTOM
+
+    def y(v: float) -> float:
+        return round(TOP + inner_h * (1 - (v - lo) / (hi - lo)), 1)
+
+    def shown(v: float) -> str:
+        return _fmt(10**v if log else v)
+
+    values = [(t, math.log10(v) if log else v, epoch) for t, v, epoch in points]
+    path = " ".join(f"{'M' if i == 0 else 'L'}{x(t)},{y(v)}" for i, (t, v, _) in enumerate(values))
+    mid = (lo + hi) / 2
+    return Drawing(
+        scale="log" if log else "linear",
+        path=path,
+        marks=[(x(t), y(v)) for t, v, epoch in values if epoch],
+        y_labels=[(y(hi), shown(hi)), (y(mid), shown(mid)), (y(lo), shown(lo))],
+    )
+
+
+def _widen(lo: float, hi: float, by: float) -> tuple[float, float]:
+    """A flat line gets a range around it, so it is drawn mid-height, not off the chart."""
+    return (lo - by, hi + by) if hi - lo < 1e-12 else (lo, hi)
+
+
+def panel(
+    rows: list[dict[str, Any]],
+    key: str,
+    title: str,
+    *,
+    from_zero: bool = False,
+    bounds: tuple[float, float] | None = None,
+    log: bool = False,
+) -> Panel | None:
     """`key` of the metric `rows` over time as a polyline, epoch rows marked; None if no
-    row has it. Progress ticks and epoch summaries share the line, in time order."""
+    row has it. Progress ticks and epoch summaries share the line, in time order. The y
+    range is `bounds` if given, else the data's (from 0 with `from_zero`). With `log`, and
+    values all above 0, a log-scale drawing comes first, the linear one second."""
     points = sorted(
         (float(r["time"]), float(r[key]), r.get("kind") == "epoch")
         for r in rows
@@ -139,37 +198,56 @@ def panel(rows: list[dict[str, Any]], key: str, title: str, *, from_zero: bool) 
         return None
     t0, t1 = points[0][0], points[-1][0]
     span = max(t1 - t0, 1e-9)
-    lo = 0.0 if from_zero else min(v for _, v, _ in points)
-    hi = max(v for _, v, _ in points)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5 * (abs(lo) or 1), hi + 0.5 * (abs(hi) or 1)
-        lo = max(lo, 0.0) if from_zero else lo
-    inner_w, inner_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    inner_w = WIDTH - LEFT - RIGHT
 
     def x(t: float) -> float:
         return round(LEFT + inner_w * ((t - t0) / span if len(points) > 1 else 0.5), 1)
 
-    def y(v: float) -> float:
-        return round(TOP + inner_h * (1 - (v - lo) / (hi - lo)), 1)
-
-    path = " ".join(f"{'M' if i == 0 else 'L'}{x(t)},{y(v)}" for i, (t, v, _) in enumerate(points))
+    low, high = min(v for _, v, _ in points), max(v for _, v, _ in points)
+    if bounds is not None:
+        lo, hi = bounds
+    else:
+        lo, hi = _widen(0.0 if from_zero else low, high, 0.5 * abs(high) or 0.5)
+        lo = max(lo, 0.0) if from_zero else lo
+    drawings = [_drawing(points, x, lo, hi, log=False)]
+    if log and low > 0:
+        decades = _widen(math.floor(math.log10(low)), math.ceil(math.log10(high)), 1)
+        drawings.insert(0, _drawing(points, x, *decades, log=True))
     return Panel(
+        key=key,
         title=title,
-        path=path,
-        marks=[(x(t), y(v)) for t, v, epoch in points if epoch],
-        y_labels=[(y(hi), _fmt(hi)), (y((lo + hi) / 2), _fmt((lo + hi) / 2)), (y(lo), _fmt(lo))],
+        drawings=drawings,
         x_labels=[(x(t0), "0 s"), (x(t1), duration(t1 - t0))] if len(points) > 1 else [],
         last=_fmt(points[-1][1]),
     )
 
 
 def chart(rows: list[dict[str, Any]]) -> list[Panel]:
-    """The job page's panels: training loss, and throughput (samples/s over all workers)."""
+    """The job page's panels: training loss (log scale, or linear), validation accuracy
+    (when the job validates), and throughput (samples/s over all workers)."""
     panels = [
-        panel(rows, "loss", "loss", from_zero=False),
+        panel(rows, "loss", "loss", log=True),
+        panel(rows, "val_accuracy", "validation accuracy", bounds=(0.0, 1.0)),
         panel(rows, "samples_per_s", "samples/s", from_zero=True),
     ]
     return [p for p in panels if p is not None]
+
+
+#: A log line that holds a JSON object after a label: the job's ``done: {...}`` line.
+_LABELLED_JSON = re.compile(r"(?P<label>[A-Za-z][\w ]*): (?P<body>\{.*\})")
+
+
+def log_text(line: str) -> str:
+    """A log line for people: ``done: {"loss": 0.1, …}`` as ``done: loss=0.1 …``, in the
+    order and rounding of the epoch lines above it; any other line as it is."""
+    found = _LABELLED_JSON.fullmatch(line)
+    if found is None:
+        return line
+    try:
+        values = json.loads(found["body"])
+    except ValueError:
+        return line
+    return f"{found['label']}: {format_metrics(values)}" if isinstance(values, dict) else line
 
 
 def local_path(target: str | None) -> str:
@@ -181,7 +259,7 @@ def local_path(target: str | None) -> str:
 
 # -- rendering ------------------------------------------------------------------------
 
-_env.filters.update(when=when, duration=duration)
+_env.filters.update(when=when, duration=duration, log_text=log_text)
 _env.globals.update(
     demand_text=demand_text,
     percent=percent,
@@ -237,10 +315,11 @@ def _store(request: Request) -> Store:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
-def _job_context(store: Store, user: User, job_id: str) -> dict[str, Any] | None:
+def _job_context(request: Request, user: User, job_id: str) -> dict[str, Any] | None:
     """What the job page and its live panel show; None for a job `user` may not see."""
+    store = _store(request)
     try:
-        job = _visible(store, user, job_id)
+        job = visible_job(store, user, job_id)
     except HTTPException:
         return None
     events = store.events(job.id)
@@ -250,6 +329,7 @@ def _job_context(store: Store, user: User, job_id: str) -> dict[str, Any] | None
         "events": events,
         "attempts": attempts_of(events),
         "panels": chart(store.metrics(job.id)),
+        "checkpoint": newest_checkpoint(request.app.state.job_folder, job),
         "log": store.tail(job.id, LOG_TAIL),
     }
 
@@ -325,8 +405,7 @@ def ui_router() -> APIRouter:
         user = _user(request)
         if user is None:
             return _to_login(request)
-        store = _store(request)
-        context = _job_context(store, user, job_id)
+        context = _job_context(request, user, job_id)
         if context is None:
             return render(request, "404.html", 404, user=user, job_id=job_id)
         spec = yaml.safe_dump(context["job"].spec, sort_keys=False, allow_unicode=True)
@@ -338,7 +417,7 @@ def ui_router() -> APIRouter:
         user = _user(request)
         if user is None:
             return Response(status_code=status.HTTP_401_UNAUTHORIZED)
-        context = _job_context(_store(request), user, job_id)
+        context = _job_context(request, user, job_id)
         if context is None:
             return Response(status_code=status.HTTP_404_NOT_FOUND)
         return render(request, "_job_live.html", user=user, **context)
