@@ -95,6 +95,23 @@ class DieOnceLoss:
         return torch.nn.functional.cross_entropy(out, y)
 
 
+def server_pid(rank: int) -> int:
+    """Inside a job's process: the pid of the job's server `rank`, found by the environment
+    the launcher gave it (its role, rank and the job's rendezvous port)."""
+    wanted = {"CORRAL_ROLE": "server", "RANK": str(rank), "MASTER_PORT": os.environ["MASTER_PORT"]}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:  # a process may end, or hide its environment, while we look
+            raw = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+        if all(env.get(k) == v for k, v in wanted.items()):
+            return int(proc.name)
+    raise LookupError(f"no server {rank} of this job")
+
+
 @pytest.fixture(scope="session")
 def spark():
     """A real Spark session, local[2], driver on 127.0.0.1; skipped in one line without Java."""

@@ -77,7 +77,8 @@ def test_worker_exception_fails_fast_with_rank_type_and_traceback(tmp_path, pid_
     assert (err.rank, err.exc_type, err.detail) == (1, "ValueError", "bad batch 7")
     assert "raise_on_rank_one" in err.remote_traceback
     assert "worker 1 raised ValueError: bad batch 7" in str(err)
-    assert noticed - float(stamp.read_text()) < 2.0
+    # seconds, not the 600 s the peers sleep nor gloo's timeout: margin for a loaded machine
+    assert noticed - float(stamp.read_text()) < 10.0
     assert len(read_pids(pid_dir)) == 3
     assert not [p for p in read_pids(pid_dir) if alive(p)]
 
@@ -95,7 +96,7 @@ def test_worker_killed_by_signal_is_named(tmp_path, pid_dir):
     stamp = tmp_path / "killed"
     with pytest.raises(WorkerError) as info:
         corral.run(kill_rank_one, str(pid_dir), str(stamp), workers=2)
-    assert time.time() - float(stamp.read_text()) < 5.0
+    assert time.time() - float(stamp.read_text()) < 10.0  # not the 600 s rank 0 sleeps
     assert info.value.rank == 1 and "killed by SIGKILL" in str(info.value)
     assert not [p for p in read_pids(pid_dir) if alive(p)]
 
@@ -110,7 +111,7 @@ def test_grandchildren_are_stopped_too(pid_dir):
     with pytest.raises(WorkerError, match="leaving a grandchild"):
         corral.run(spawn_grandchild, str(pid_dir), workers=1)
     (grandchild,) = read_pids(pid_dir)
-    wait_until(lambda: not alive(grandchild), 5, "the grandchild to be killed")
+    wait_until(lambda: not alive(grandchild), 30, "the grandchild to be killed")
 
 
 DRIVER = textwrap.dedent(
@@ -139,8 +140,7 @@ def test_signal_on_the_caller_leaves_no_worker_behind(tmp_path, pid_dir, sig):
         wait_until(lambda: len(read_pids(pid_dir)) == 2, 60, "both workers to start")
         driver.send_signal(sig)
         pids = read_pids(pid_dir)
-        took = wait_until(lambda: not any(alive(p) for p in pids), 5, "workers to exit")
-        assert took < 5
+        wait_until(lambda: not any(alive(p) for p in pids), 30, "workers to exit")
         driver.wait(timeout=10)
     finally:
         driver.kill()
