@@ -84,10 +84,7 @@ def _features(model: Any, features: str | list[str] | None) -> list[str]:
     names = [features] if isinstance(features, str) else features
     names = names or getattr(model, "features", None)
     if not names:
-        raise SpecError(
-            "features: name the model's input columns, in training order "
-            "(the model was not trained on named columns)"
-        )
+        raise SpecError("features: name the model's input columns (it was trained on none)")
     return list(names)
 
 
@@ -142,8 +139,7 @@ def _width(rows: Any, kinds: dict[str, str]) -> int:
         low, high = rows[f"min_size_{i}"], rows[f"max_size_{i}"]
         if low is None or low != high:
             raise DataError(
-                f"feature column {f} holds arrays of different lengths ({low} to {high}); "
-                "every row needs the same"
+                f"feature column {f} holds arrays of different lengths ({low} to {high})"
             )
         width += int(low)
     return width

@@ -70,7 +70,7 @@ def test_run_and_model_udf_on_a_standalone_cluster(spark_cluster, tmp_path):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["sum"] == 3.0 and out["udf_ok"]
     assert out["threads"] == 2
-    assert "2 worker tasks each need 2 CPU(s) and 0 GPU(s), but the Spark cluster can run 1" in (
+    assert "2 worker tasks need 2 CPU(s) and 0 GPU(s) each; Spark fits 1 at once" in (
         out.get("too_big", "")
     )
     assert "pyspark" in out["parent"]  # each rank ran under an executor's Python worker

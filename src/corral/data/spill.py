@@ -12,6 +12,9 @@ buffer, not by the partition's size. Every epoch re-reads the same file in a fre
 order: blocks shuffled, and rows within each block, as a shuffle buffer does. Every
 worker runs the same number of steps, set by the largest partition: a smaller partition
 makes smaller batches, never fewer of them.
+
+The file's layout and the variables that name it are the Spark engine's (it writes the
+file), so this layer depends on the engine's contract, never the engine on training data.
 """
 
 from __future__ import annotations
@@ -27,14 +30,8 @@ import torch
 from corral.data.arrow import feature_matrix, label_vector
 from corral.data.base import Batch, Shard, Source
 from corral.data.sharding import epoch_permutation
+from corral.engines.spark import BLOCKS_SUFFIX, ROWS_FROM_ENV, SPILL_ENV
 from corral.errors import DataError
-
-#: Environment variables the Spark engine sets for a worker: its spill file, and a FIFO
-#: that gives, once the partition is spilled, the row counts of all workers' partitions,
-#: comma-separated, in rank order.
-SPILL_ENV, ROWS_FROM_ENV = "CORRAL_SPILL", "CORRAL_PARTITION_ROWS_FROM"
-#: Beside the spill file, in a file of this suffix: the row count of each of its blocks.
-BLOCKS_SUFFIX = ".blocks"
 
 
 class SpillSource(Source):

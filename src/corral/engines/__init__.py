@@ -19,7 +19,8 @@ __all__ = [
 def resolve(engine: Engine | str | None) -> Engine:
     """An engine from what a user may pass: an `Engine`, ``"local"``, ``"spark"`` or None.
 
-    ``"spark"`` uses the active SparkSession; pyspark is imported only then.
+    ``"spark"`` uses the active SparkSession (or starts a local one sized to the job);
+    pyspark is imported only then.
     """
     if isinstance(engine, Engine):
         return engine

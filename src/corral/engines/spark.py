@@ -10,8 +10,17 @@ no orphans when its task is killed, and prefixes its log lines ``[worker 3]``.
 
 Each task reports its process's exit (code, and the tail of its log) to the driver over
 an authenticated control connection the moment it happens, so the launcher sees a failed
-rank within seconds instead of when the stage ends. Stopping the group cancels the
-stage's Spark job group with ``interruptOnCancel``, so no task is left running.
+rank within seconds instead of when the stage ends. Stopping the group releases every task
+over that channel: each stops its process and ends normally, so a job that succeeded
+leaves no killed tasks in Spark's log (cancelling the stage logs each one as a lost task).
+Only a task that does not end then is cancelled, with the stage's job group.
+
+A worker fed a DataFrame finds its partition through `SPILL_ENV` and `ROWS_FROM_ENV`, the
+engine's half of a contract the data layer (`corral.data.spill`) reads: the engine knows no
+training data, only how to hand a partition's Arrow batches to the process on its executor.
+
+Without a SparkSession, the engine starts one in local mode, sized to the job: as many
+cores as its processes ask CPUs, and at least one per process.
 
 Before submitting, the engine checks what a barrier stage would otherwise wait on for
 minutes: that the cluster has a task slot for every process, and that dynamic allocation
@@ -20,8 +29,11 @@ minutes: that the cluster has a task slot for every process, and that dynamic al
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import logging
+import math
 import os
 import queue
 import sys
@@ -30,23 +42,77 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.connection import Client
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import ControlClient, ControlServer
-from corral.data.spill import BLOCKS_SUFFIX, ROWS_FROM_ENV, SPILL_ENV
-from corral.engines.base import HOST_ENV, Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
+from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
 from corral.engines.local import LocalEngine, to_stderr
 from corral.errors import LaunchError, SpecError
+from corral.runtime import env as names
+from corral.runtime.resources import Resources
 
 if TYPE_CHECKING:
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
+log = logging.getLogger("corral")
+
 #: Lines of a process's log sent back with its exit, for error reports.
 _LOG_TAIL = 200
 #: How long to wait for a first executor to register (a cluster just started has none).
 _SLOTS_WAIT_S = 30.0
+#: How long released tasks may take to end, beyond the grace of their processes, before
+#: the stage is cancelled.
+_RELEASE_S = 10.0
+
+#: Environment variables a worker fed a DataFrame partition gets: the Arrow IPC file its
+#: task spilled the partition to, and a FIFO that gives, once every partition is spilled,
+#: their row counts, comma-separated, in rank order.
+SPILL_ENV, ROWS_FROM_ENV = "CORRAL_SPILL", "CORRAL_PARTITION_ROWS_FROM"
+#: Beside the spill file, in a file of this suffix: the row count of each of its blocks.
+BLOCKS_SUFFIX = ".blocks"
+
+
+class _Channel(ControlServer):
+    """The group's control channel: tasks send their processes' log lines and exits on
+    it, and the group releases them through it when it stops."""
+
+    def release(self) -> None:
+        """Tell every task connected so far to stop its process and end."""
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.send("release")
+
+
+def _stop_when_released(
+    address: tuple[str, int], authkey: bytes, running: WorkerGroup
+) -> Callable[[], None]:
+    """Inside a task: stop `running` once the driver releases the task (`_Channel.release`)
+    or goes away; returns what ends the watch when the process ended by itself."""
+    conn = Client(address, authkey=authkey)
+    ended = threading.Event()
+
+    def watch() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while not ended.is_set():
+                if conn.poll(0.2):
+                    conn.recv()
+                    break
+        if not ended.is_set():
+            running.stop()
+
+    thread = threading.Thread(target=watch, name="corral-release", daemon=True)
+    thread.start()
+
+    def end() -> None:
+        ended.set()
+        thread.join()
+        conn.close()
+
+    return end
 
 
 def _run_process(
@@ -75,7 +141,7 @@ def _run_process(
         with open(local, "wb") as out:
             out.write(files.value[original])
         argv = [local if a == original else a for a in argv]
-    env = {**spec.env, HOST_ENV: host}
+    env = {**spec.env, names.HOST: host}
     gpus = ctx.resources().get("gpu")
     if spec.resources.gpus and gpus is not None:  # the executor's GPUs Spark gave this task
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
@@ -84,12 +150,14 @@ def _run_process(
     try:
         group = LocalEngine(sink=lambda line: client.send({"kind": "log", "line": line}))
         running = group.launch(Plan(processes=[spec]))
+        unwatch = _stop_when_released(exits_at, exits_key, running)
         try:
             if meanwhile is not None:
                 meanwhile(running)
             (end,) = running.wait()
             tail = "\n".join(running.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
         finally:
+            unwatch()
             running.stop()
         client.send({"kind": "exit", "returncode": end.returncode, "logs": tail})
     finally:
@@ -219,15 +287,11 @@ def _profile(sc: SparkContext, resources: Resources) -> Any:
         return None
     if (sc.master or "").startswith("local"):
         if resources.gpus:
-            raise LaunchError(
-                "Spark's local mode cannot hand GPUs to tasks: run on a cluster whose "
-                "executors have them (spark.executor.resource.gpu.amount), or use "
-                "engine='local'"
-            )
+            raise LaunchError("Spark's local mode cannot hand GPUs to tasks; try engine='local'")
         return None
     from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
 
-    requests = TaskResourceRequests().cpus(resources.cpus)
+    requests = TaskResourceRequests().cpus(math.ceil(resources.cpus))
     if resources.gpus:
         requests = requests.resource("gpu", resources.gpus)
     profile = ResourceProfileBuilder().require(requests).build
@@ -281,9 +345,8 @@ def _check_slots(sc: SparkContext, stages: list[_Stage]) -> None:
         fit = _task_slots(sc, stage.profile)
         if fit < len(stage.specs):
             raise LaunchError(
-                f"the job's {stage.describe()} tasks each need {stage.resources.cpus} CPU(s) "
-                f"and {stage.resources.gpus} GPU(s), but the Spark cluster can run {fit} such "
-                "task(s) at once; ask for fewer processes or resources, or give it more"
+                f"{stage.describe()} tasks need {stage.resources.cpus:g} CPU(s) and "
+                f"{stage.resources.gpus} GPU(s) each; Spark fits {fit} at once"
             )
     everything = _Stage(
         specs=[p for s in stages for p in s.specs], resources=default, fed=False, profile=None
@@ -292,9 +355,8 @@ def _check_slots(sc: SparkContext, stages: list[_Stage]) -> None:
     if cpus > slots * default.cpus:
         wanted = cpus // default.cpus
         raise LaunchError(
-            f"the job needs {wanted} task slots at once ({everything.describe()}) but the "
-            f"Spark cluster has {slots}; ask for fewer workers or give the cluster more "
-            "executor cores"
+            f"the job needs {wanted} task slots at once ({everything.describe()}); "
+            f"Spark has {slots}: add cores"
         )
 
 
@@ -308,7 +370,7 @@ class SparkWorkerGroup(WorkerGroup):
     ) -> None:
         self._sc, self._plan, self._buffer_bytes = sc, plan, buffer_bytes
         self._job_group = f"corral-{uuid.uuid4().hex[:12]}"
-        self._channel = ControlServer(host)
+        self._channel = _Channel(host)
         self._exits: dict[tuple[str, int], Exit] = {}
         self._logs: dict[tuple[str, int], str] = {}
         self._failure: str | None = None
@@ -391,17 +453,29 @@ class SparkWorkerGroup(WorkerGroup):
         return self.poll()
 
     def stop(self, grace: float = 1.0) -> None:
-        """Cancel the stage: Spark interrupts every task, whose process group then dies."""
+        """Release every task, which stops its process and ends; cancel the stage only if
+        some task does not end then (Spark interrupts it, and its process group dies)."""
+        if self._running:
+            self._channel.release()
+            self._join(grace + _RELEASE_S)
         if self._running:
             self._sc.cancelJobGroup(self._job_group)
-            for thread in self._threads:
-                thread.join(grace + 30.0)
+            self._join(grace + 30.0)
         self._channel.close()
         self._files.unpersist(blocking=False)
+
+    def _join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def logs(self, role: str, rank: int) -> str:
         self.poll()
         return self._logs.get((role, rank), "")
+
+
+#: The driver of a session the engine starts itself, on this machine only.
+_LOOPBACK = {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
 
 
 def session(master: str, conf: dict[str, str]) -> SparkSession:
@@ -423,7 +497,9 @@ class SparkEngine(Engine):
     """Runs plans as Spark barrier stages on the given (or the active) SparkSession.
 
     Args:
-        spark: the session; by default the active one.
+        spark: the session; by default the active one, or, if there is none when a job
+            launches, a new one in local mode sized to the job (as TorchDistributor gets or
+            creates one): ``local[N]``, N the CPUs its processes ask, at least one each.
         buffer_mb: the most memory a worker fed a DataFrame holds of its partition at
             once: the partition is spilled to the executor's disk in blocks this large,
             and read back one block at a time, however large the partition.
@@ -445,24 +521,30 @@ class SparkEngine(Engine):
                     "the Spark engine needs pyspark: pip install 'corral[spark]'"
                 ) from exc
             spark = SparkSession.getActiveSession()
-            if spark is None:
-                raise LaunchError(
-                    "no active SparkSession: create one first, or pass corral.SparkEngine(spark)"
-                )
         self.spark = spark
 
     @property
     def host(self) -> str:
-        """The driver's address as the executors reach it (``spark.driver.host``)."""
+        """The driver's address as the executors reach it (``spark.driver.host``); loopback
+        for the local session `launch` would start."""
+        if self.spark is None:
+            return _LOOPBACK["spark.driver.host"]
         return str(self.spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1"))
 
+    def _session(self, plan: Plan) -> SparkSession:
+        """The engine's session, or a new local one with a core for each CPU the plan's
+        processes ask (and at least one per process: a barrier stage runs them all at once)."""
+        if self.spark is None:
+            cores = sum(math.ceil(p.resources.cpus) for p in plan.processes)
+            master = f"local[{max(cores, len(plan.processes))}]"
+            log.info("no active SparkSession: starting one on %s", master)
+            self.spark = session(master, _LOOPBACK)
+        return self.spark
+
     def launch(self, plan: Plan) -> SparkWorkerGroup:
-        sc = self.spark.sparkContext
+        sc = self._session(plan).sparkContext
         if sc.getConf().get("spark.dynamicAllocation.enabled", "false").lower() == "true":
-            raise LaunchError(
-                "Spark's barrier mode, which corral's training stage needs, refuses dynamic "
-                "allocation: set spark.dynamicAllocation.enabled=false for this application"
-            )
+            raise LaunchError("Spark's barrier mode needs spark.dynamicAllocation.enabled=false")
         stages = _stages(sc, plan)
         _check_slots(sc, stages)
         return SparkWorkerGroup(sc, plan, stages, self.host, self.buffer_bytes)
