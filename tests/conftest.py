@@ -112,6 +112,15 @@ def server_pid(rank: int) -> int:
     raise LookupError(f"no server {rank} of this job")
 
 
+def rogue_keys(keys):
+    """CURVE keys of a process outside the job `keys` belong to, in the worst case: it knows
+    the job's server public key, but holds its own client keypair, not the job's."""
+    from corral.comm.curve import JobKeys
+
+    own = JobKeys.generate()
+    return JobKeys(keys.server_public, own.server_secret, own.client_public, own.client_secret)
+
+
 @pytest.fixture(scope="session")
 def spark():
     """A real Spark session, local[2], driver on 127.0.0.1; skipped in one line without Java."""
