@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import DieOnceLoss, blobs
+from conftest import DieOnceLoss, blobs, server_pid
 
 import corral
 from corral.engines.spark import SparkEngine
@@ -74,12 +75,35 @@ def test_gpus_in_local_mode_are_refused_with_the_fix(spark):
         corral.run(sum_of_ranks, workers=1, gpus_per_worker=1, engine=SparkEngine(spark))
 
 
+def parent_of(pid: int) -> tuple[int, str]:
+    """The parent of process `pid`: its pid and command line."""
+    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return ppid, Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+class NoteServerParent(torch.nn.Module):
+    """Cross-entropy with which worker 0, at its first step, writes down server 0's parent
+    and its own to `path`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path, self.noted = str(path), False
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.noted:
+            self.noted = True
+            server = parent_of(server_pid(0))
+            Path(self.path).write_text(json.dumps({"server": server, "worker": os.getppid()}))
+        return torch.nn.functional.cross_entropy(out, y)
+
+
 def test_parameter_servers_run_as_tasks_of_the_same_stage(spark, tmp_path):
+    noted = tmp_path / "parents.json"
     trainer = corral.Trainer(
         model=lambda: torch.nn.Sequential(
             torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
         ),
-        loss=torch.nn.CrossEntropyLoss(),
+        loss=NoteServerParent(noted),
         strategy=corral.ParameterServer(mode="async", servers=1, optimizer_args={"lr": 0.2}),
         workers=1,
         epochs=3,
@@ -89,6 +113,10 @@ def test_parameter_servers_run_as_tasks_of_the_same_stage(spark, tmp_path):
     )
     result = trainer.fit(blobs(300), validation=blobs(100, seed=1), on_report=None)
     assert result.metrics["val_accuracy"] > 0.9
+    parents = json.loads(noted.read_text())
+    (server_parent, command), worker_parent = parents["server"], parents["worker"]
+    assert "pyspark" in command  # the server's parent is a Spark Python worker: a task
+    assert server_parent not in (worker_parent, os.getpid())  # its own, not the driver
 
 
 def test_an_unknown_engine_is_named():
