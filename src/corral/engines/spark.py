@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import importlib.util
 import logging
 import math
 import os
@@ -513,33 +514,38 @@ class SparkEngine(Engine):
         if buffer_mb <= 0:
             raise SpecError(f"buffer_mb: must be more than 0, got {buffer_mb}")
         self.buffer_bytes = int(buffer_mb * 2**20)
-        if spark is None:
-            try:
-                from pyspark.sql import SparkSession
-            except ImportError as exc:
-                raise LaunchError(
-                    "the Spark engine needs pyspark: pip install 'corral[spark]'"
-                ) from exc
-            spark = SparkSession.getActiveSession()
+        if spark is None and importlib.util.find_spec("pyspark") is None:
+            raise LaunchError("the Spark engine needs pyspark: pip install 'corral[spark]'")
         self.spark = spark
+
+    def _active(self) -> SparkSession | None:
+        """The engine's session: the one given, else the active one, looked up when first
+        needed (a session created after the engine, say by the user, counts)."""
+        if self.spark is None:
+            from pyspark.sql import SparkSession
+
+            self.spark = SparkSession.getActiveSession()
+        return self.spark
 
     @property
     def host(self) -> str:
         """The driver's address as the executors reach it (``spark.driver.host``); loopback
         for the local session `launch` would start."""
-        if self.spark is None:
+        spark = self._active()
+        if spark is None:
             return _LOOPBACK["spark.driver.host"]
-        return str(self.spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1"))
+        return str(spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1"))
 
     def _session(self, plan: Plan) -> SparkSession:
         """The engine's session, or a new local one with a core for each CPU the plan's
         processes ask (and at least one per process: a barrier stage runs them all at once)."""
-        if self.spark is None:
+        spark = self._active()
+        if spark is None:
             cores = sum(math.ceil(p.resources.cpus) for p in plan.processes)
             master = f"local[{max(cores, len(plan.processes))}]"
             log.info("no active SparkSession: starting one on %s", master)
-            self.spark = session(master, _LOOPBACK)
-        return self.spark
+            spark = self.spark = session(master, _LOOPBACK)
+        return spark
 
     def launch(self, plan: Plan) -> SparkWorkerGroup:
         sc = self._session(plan).sparkContext
