@@ -1,13 +1,15 @@
 """Resuming and restarting restore the training state, not only the epoch count.
 
-A run that silently started over would also end with epochs 1 to 4 in its history. So
-these tests compare parameters with a run that was never interrupted (AllReduce, a fixed
-seed, SGD with momentum, whose buffers must come back too) and count the epochs reported
-through `on_report`: a restored run trains and reports only the epochs not done yet.
+A run that silently started over would also end with epochs 1 to 4 in its history, and
+with a fixed seed even with the same parameters. So these tests count the steps each
+attempt trains, compare parameters with a run that was never interrupted (AllReduce, a
+fixed seed, SGD with momentum, whose buffers must come back too), and count the epochs
+reported through `on_report`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,12 +26,32 @@ WORKERS, BATCH, EPOCHS = 2, 16, 4
 STEPS = as_source(blobs()).steps_per_epoch(WORKERS, BATCH)
 
 
+class CountSteps:
+    """`loss`, counting worker 0's training steps of each attempt in `folder`."""
+
+    def __init__(self, folder: Path, loss: Callable[..., torch.Tensor]) -> None:
+        folder.mkdir(parents=True)
+        self.folder, self.loss, self.steps = str(folder), loss, 0
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx = corral.context()
+        if ctx.rank == 0:
+            self.steps += 1
+            Path(self.folder, str(ctx.restart_count)).write_text(str(self.steps))
+        return self.loss(out, y)
+
+    def counts(self) -> dict[int, int]:
+        """Steps worker 0 trained, by attempt."""
+        return {int(p.name): int(p.read_text()) for p in Path(self.folder).iterdir()}
+
+
 def small_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
 
 
-def fit(checkpoints: Path, **kw) -> tuple[corral.Result, list[int]]:
-    """Train on the blobs; returns the result and the epochs reported, in order."""
+def fit(folder: Path, loss: Callable[..., torch.Tensor] | None = None, **kw):
+    """Train on the blobs, checkpoints in `folder`; returns the result, the epochs
+    reported in order, and worker 0's steps by attempt."""
     reported: list[int] = []
 
     def on_report(msg) -> None:
@@ -37,19 +59,20 @@ def fit(checkpoints: Path, **kw) -> tuple[corral.Result, list[int]]:
         if metrics.get("kind") == "epoch":
             reported.append(int(metrics["epoch"]))
 
+    counter = CountSteps(folder / "steps", loss or torch.nn.functional.cross_entropy)
     args = dict(
         model=small_model,
-        loss=torch.nn.CrossEntropyLoss(),
+        loss=counter,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
         strategy=corral.AllReduce(),
         workers=WORKERS,
         epochs=EPOCHS,
         batch_size=BATCH,
         seed=3,
-        checkpoint_dir=checkpoints,
+        checkpoint_dir=folder / "checkpoints",
     )
     result = corral.Trainer(**(args | kw)).fit(blobs(), on_report=on_report)
-    return result, reported
+    return result, reported, counter.counts()
 
 
 def assert_same_parameters(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
@@ -62,38 +85,27 @@ def assert_same_parameters(ours: torch.nn.Module, theirs: torch.nn.Module) -> No
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> corral.Result:
     """Four epochs, never interrupted."""
-    result, reported = fit(tmp_path_factory.mktemp("straight"))
-    assert reported == [1, 2, 3, 4]
+    result, reported, steps = fit(tmp_path_factory.mktemp("straight"))
+    assert reported == [1, 2, 3, 4] and steps == {0: EPOCHS * STEPS}
     return result
 
 
 def test_two_epochs_then_a_two_epoch_resume_equal_four_straight(tmp_path, straight):
-    first, _ = fit(tmp_path / "first", epochs=2)
-    resumed, reported = fit(tmp_path / "more", resume_from=first.checkpoint)
-    assert reported == [3, 4]  # only the epochs not done yet were trained
+    first, _, _ = fit(tmp_path / "first", epochs=2)
+    resumed, _, steps = fit(tmp_path / "more", resume_from=first.checkpoint)
+    assert steps == {0: 2 * STEPS}  # only epochs 3 and 4 were trained
     assert_same_parameters(resumed.model, straight.model)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
-
-
-class DieInEpochTwo(DieOnceLoss):
-    """`DieOnceLoss`, armed from worker 1's second step of epoch 2: that step follows an
-    all-reduce with worker 0, which had saved and reported epoch 1 before it, so the kill
-    comes at a known step and after epoch 1's report, whatever the timing."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.steps += 1
-        if self.steps <= STEPS + 1:
-            return torch.nn.functional.cross_entropy(out, y)
-        return super().__call__(out, y)
 
 
 def test_after_a_sigkill_and_a_restart_each_epoch_is_reported_once_and_nothing_is_lost(
     tmp_path, caplog, straight
 ):
-    result, reported = fit(tmp_path, loss=DieInEpochTwo(), max_restarts=1)
+    """`DieOnceLoss` kills worker 1 in epoch 2, as soon as epoch 1's checkpoint exists
+    (perhaps before worker 0 reported that epoch): the second attempt trains epochs 2 to 4
+    from that checkpoint, and the caller still hears of each epoch once."""
+    result, reported, steps = fit(tmp_path, loss=DieOnceLoss(), max_restarts=1)
     assert "worker 1 failed (was killed by SIGKILL); restarting" in caplog.text
-    assert reported == [1, 2, 3, 4]  # epoch 1 by the first attempt, 2 to 4 by the second
+    assert reported == [1, 2, 3, 4]
+    assert steps[1] == (EPOCHS - 1) * STEPS  # the restart did not train epoch 1 again
     assert_same_parameters(result.model, straight.model)
