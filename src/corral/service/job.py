@@ -33,6 +33,9 @@ from corral.spec import JobSpec, parse
 from corral.train.progress import format_metrics
 
 SPEC, LOG, METRICS, EXIT = "spec.json", "log", "metrics.jsonl", "exit.json"
+#: The restarts this attempt's launcher spent so far, rewritten at each: the runner reads
+#: it when the process died without writing its exit status.
+RESTARTS = "restarts.json"
 #: The folder of the job's checkpoints, kept across its attempts.
 CHECKPOINTS = "checkpoints"
 #: The file the runner writes to ask the job to stop at its next checkpoint (preemption).
@@ -45,20 +48,48 @@ class _Preempted(Exception):
     """Raised on the epoch report after a checkpoint, once the runner asked to stop."""
 
 
+def _recorded_epochs(path: Path) -> set[int]:
+    """The epochs earlier attempts of the job recorded (a restored attempt reports again
+    the epochs of its checkpoint; those already here are skipped)."""
+    epochs = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if row.get("kind") == "epoch":
+                epochs.add(int(row["epoch"]))
+    return epochs
+
+
 def _report_to(folder: Path, checkpoint_every: int) -> Any:
-    """Reports as JSON lines in ``metrics.jsonl``; each epoch's summary also as a line of
-    the log. An epoch that wrote a checkpoint (it is saved before it is reported) ends the
-    job if the runner asked it to stop."""
+    """Reports as JSON lines in ``metrics.jsonl``, each epoch once; each epoch's summary
+    also as a line of the log. An epoch that wrote a checkpoint (it is saved before it is
+    reported) ends the job if the runner asked it to stop. Each restart the launcher
+    spends is written down at once."""
+    seen = _recorded_epochs(folder / METRICS)
     out = (folder / METRICS).open("a", buffering=1)
 
     def report(msg: Message) -> None:
         metrics = msg.body.get("metrics") if msg.body else None
-        if metrics and metrics.get("kind") in ("epoch", "progress"):
-            out.write(json.dumps({"time": time.time(), **metrics}) + "\n")
-        if metrics and metrics.get("kind") == "epoch":
+        kind = metrics.get("kind") if metrics else None
+        if metrics is None:
+            return
+        if kind == "restart":
+            write_atomically(folder / RESTARTS, {"restarts": metrics["restarts"]})
+            return
+        if kind == "epoch":
             epoch = int(metrics["epoch"])
+            if epoch in seen:
+                return
+            seen.add(epoch)
+        if kind in ("epoch", "progress"):
+            out.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        if kind == "epoch":
             print(f"epoch {epoch}/{int(metrics['epochs'])} {format_metrics(metrics)}", flush=True)
-            if epoch % checkpoint_every == 0 and (folder / PREEMPT).exists():
+            restored = metrics.get("restored", False)  # saved before the stop was asked
+            if not restored and epoch % checkpoint_every == 0 and (folder / PREEMPT).exists():
                 raise _Preempted(f"stopped at its epoch {epoch} checkpoint")
 
     return report
@@ -113,11 +144,24 @@ def run(folder: Path) -> int:
     return 0
 
 
+def write_atomically(path: Path, value: dict[str, Any]) -> None:
+    """Write `value` as JSON, whole or not at all (a kill mid-write leaves the old file)."""
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(json.dumps(value))
+    os.replace(partial, path)
+
+
+def restarts_spent(folder: Path) -> int:
+    """The restarts this attempt's launcher spent so far, as `RESTARTS` says (0 if none)."""
+    try:
+        return int(json.loads((folder / RESTARTS).read_text())["restarts"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def write_exit(folder: Path, status: dict[str, Any]) -> None:
     """Write the exit status whole or not at all (a kill mid-write leaves none)."""
-    partial = folder / f"{EXIT}.partial"
-    partial.write_text(json.dumps(status))
-    os.replace(partial, folder / EXIT)
+    write_atomically(folder / EXIT, status)
 
 
 def main() -> None:
@@ -142,6 +186,7 @@ def main() -> None:
     except Exception as exc:  # a fault of this process, not of the job: it may restart
         error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
+    restarts = max(restarts, restarts_spent(folder))  # also when it ended otherwise
     write_exit(folder, {"code": code, "error": error, "restarts": restarts, "final": final})
     sys.exit(code)
 

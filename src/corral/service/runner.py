@@ -46,7 +46,17 @@ from typing import Any
 
 from corral.runtime import checkpoint as ckpt
 from corral.service.cluster import cluster_state
-from corral.service.job import CHECKPOINTS, EXIT, LOG, METRICS, PREEMPT, PREEMPTED, SPEC
+from corral.service.job import (
+    CHECKPOINTS,
+    EXIT,
+    LOG,
+    METRICS,
+    PREEMPT,
+    PREEMPTED,
+    RESTARTS,
+    SPEC,
+    restarts_spent,
+)
 from corral.service.resources import Resources
 from corral.service.scheduler import Launch, Policy, Preempt, schedule
 from corral.service.store import Job, Store
@@ -94,7 +104,8 @@ class _Attempt:
         except (OSError, ValueError):
             if self.popen is not None and self.popen.returncode is not None:
                 code = self.popen.returncode
-                return ExitStatus(code, f"its process ended with {_exit_code(code)}")
+                spent = restarts_spent(self.folder)  # what its launcher spent before
+                return ExitStatus(code, f"its process ended with {_exit_code(code)}", spent)
             return None
         return ExitStatus(
             int(status["code"]),
@@ -329,6 +340,7 @@ class Runner:
         spec = {**self._effective_spec(job), "max_restarts": left}
         (folder / SPEC).write_text(json.dumps(spec))
         (folder / EXIT).unlink(missing_ok=True)
+        (folder / RESTARTS).unlink(missing_ok=True)
         (folder / PREEMPT).unlink(missing_ok=True)
         try:
             with (folder / LOG).open("ab") as out:

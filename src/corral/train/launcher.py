@@ -348,6 +348,8 @@ class _Watch:
                 self.restarts_done, successor = decision.restarts_done, e.rank
                 self.group.add(self.processes.restarted(e.role, e.rank))
                 reason = f"{e.role} {e.rank} restarts and restores its state"
+            if not isinstance(decision, restarts.Continue):
+                _report_restart(self.opts, failure, self.restarts_done)
             loss = ProcessLoss(
                 role=e.role,
                 rank=e.rank,
@@ -427,6 +429,20 @@ class _Watch:
         )
 
 
+def _report_restart(opts: LaunchOptions, failure: restarts.Failure, restarts_done: int) -> None:
+    """Tell the caller a restart was spent, as it happens (as a report of the driver's):
+    a caller that itself may die, such as a service job's process, records the count."""
+    if opts.on_report is not None:
+        metrics = {
+            "kind": "restart",
+            "restarts": restarts_done,
+            "max_restarts": opts.max_restarts,
+            "cause": f"{failure.role} {failure.rank}: {failure.exc_type or failure.detail}",
+        }
+        body = {"kind": "report", "time": time.time(), "metrics": metrics}
+        opts.on_report(Message(role="driver", rank=0, body=body))
+
+
 def _attempt(payload: Path, opts: LaunchOptions, attempt: int, restarts_done: int) -> _Outcome:
     store = _host_store(opts.engine.host, opts.master_port)
     control = ControlServer(opts.engine.host)
@@ -479,6 +495,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -
                     opts.max_restarts + 1,
                 )
                 restarts_done, attempt = decision.attempt, attempt + 1
+                _report_restart(opts, f, restarts_done)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -240,6 +240,12 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
         replica = strategy.build(model, optimizer, task.loss, ctx, task.plan)
         if state is not None:
             replica.load_state_dict(state.get("strategy", {}))
+            if ctx.rank == 0:
+                # An epoch saved but not reported yet (the process died in between, or the
+                # caller stopped the job on an earlier report) would otherwise never be;
+                # the caller skips the epochs it has seen.
+                for row in history:
+                    ctx.report(kind="epoch", epochs=s.epochs, restored=True, **row)
         members = list(range(ctx.world_size))
         if ctx.joining:
             joined = replica.join()

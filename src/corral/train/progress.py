@@ -40,6 +40,8 @@ def log_report(msg: Message) -> None:
     """The Python API's default: epoch summaries at INFO, progress ticks at DEBUG."""
     metrics = msg.body["metrics"] if msg.body else {}
     kind = metrics.get("kind")
+    if kind == "restart":
+        return  # the launcher has warned, with the whole story
     if kind == "epoch":
         log.info("epoch %d/%d %s", metrics["epoch"], metrics["epochs"], format_metrics(metrics))
     elif kind == "progress":

@@ -204,7 +204,10 @@ class Trainer:
             features, label: Column names, for DataFrames and Parquet.
             validation: Held-out data of the same kind, evaluated after every epoch.
             on_report: Called with every progress and epoch report; by default they are
-                logged at INFO on the ``corral`` logger.
+                logged at INFO on the ``corral`` logger. Each epoch of the job's history
+                is reported once per fit: the epochs a checkpoint restored (after a
+                restart, or with ``resume_from``) come first, with ``restored=True``.
+                Each restart the launcher spends is a report of ``kind="restart"``.
         """
         s = self.settings
         workers = s.roles.worker.count
@@ -318,9 +321,13 @@ class _Losses:
         self.rows: dict[int, dict[str, Any]] = {}
 
     def report(self, msg: Message) -> None:
+        """Forward `msg`, each epoch once: a restarted attempt reports again the epochs
+        its checkpoint holds, and only those this caller has not seen pass."""
         metrics = (msg.body or {}).get("metrics", {})
         if metrics.get("kind") == "epoch":
-            row = {k: v for k, v in metrics.items() if k not in ("kind", "epochs")}
+            row = {k: v for k, v in metrics.items() if k not in ("kind", "epochs", "restored")}
+            if int(row["epoch"]) in self.rows:
+                return
             self.rows[int(row["epoch"])] = row
         if self.on_report is not None:
             self.on_report(msg)
