@@ -70,6 +70,8 @@ def _report_to(folder: Path, checkpoint_every: int) -> Any:
     spends is written down at once."""
     seen = _recorded_epochs(folder / METRICS)
     out = (folder / METRICS).open("a", buffering=1)
+    if out.tell() and not (folder / METRICS).read_bytes().endswith(b"\n"):
+        out.write("\n")  # end a line a kill cut short, so this attempt's lines stay whole
 
     def report(msg: Message) -> None:
         metrics = msg.body.get("metrics") if msg.body else None
