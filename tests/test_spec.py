@@ -48,7 +48,10 @@ def test_a_good_spec(tmp_path):
         ),
         ({"roles": {"worker": {"memory": "lots"}}}, "roles.worker.memory: 'lots' is not a size"),
         ({"roles": {"driver": {"count": 1}}}, "roles.driver: unknown field"),
-        ({"roles": {"server": {"count": 1}}}, "roles.server: the allreduce strategy runs no servers"),
+        (
+            {"roles": {"server": {"count": 1}}},
+            "roles.server: the allreduce strategy runs no servers",
+        ),
         ({"epochs": "many"}, "epochs: Input should be a valid integer"),
         ({"batch_sise": 3}, "batch_sise: unknown field"),
         ({"master_port": 70000}, "master_port: Input should be less than or equal to 65535"),

@@ -113,8 +113,8 @@ def server(
     """Start the job service: REST API and web UI on one port, jobs on this machine (or on
     a Spark cluster, whose capacity is then the pool)."""
     from corral.errors import SpecError
+    from corral.runtime.resources import Resources
     from corral.service.cluster import machine_pool, spark_pool
-    from corral.service.resources import Resources
     from corral.service.scheduler import Policy
     from corral.service.server import ServerOptions, serve
     from corral.spec import RoleSpec, SparkSpec, parse

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from corral.engines import LocalEngine, Plan, ProcessSpec, Resources
+from corral.engines import LocalEngine, Plan, ProcessSpec
 from corral.engines.local import available_gpus
 from corral.errors import LaunchError
+from corral.runtime.resources import Resources
 
 
 def proc(rank: int, code: str, **resources) -> ProcessSpec:

@@ -28,9 +28,9 @@ from fastapi.testclient import TestClient
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
 from corral.runtime import checkpoint as ckpt
+from corral.runtime.resources import Resources
 from corral.service.api import MAX_BODY, create_app
 from corral.service.job import CHECKPOINTS
-from corral.service.resources import Resources
 from corral.service.store import TOKEN_PREFIX, Store
 
 POOL = Resources(cpus=2, memory_mib=4096, gpus=0)

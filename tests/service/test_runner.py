@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import alive, job_spec, start_server, wait_until
 
+from corral.runtime.resources import Resources
 from corral.service.cluster import cluster_state
-from corral.service.resources import Resources
 from corral.service.runner import Runner
 from corral.service.scheduler import Policy, Wait, explain
 from corral.service.store import Store

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from corral.runtime.resources import Resources
 from corral.service.job import LOG, METRICS, write_exit
-from corral.service.resources import Resources
 from corral.service.runner import Runner
 from corral.service.store import Store
 

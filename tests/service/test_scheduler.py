@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from corral.service.resources import Quota, Resources, total_demand
+from corral.runtime.resources import Resources, total_demand
+from corral.service.resources import Quota
 from corral.service.scheduler import (
     ClusterState,
     Launch,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.service.resources import Quota, Resources
+from corral.runtime.resources import Resources
+from corral.service.resources import Quota
 from corral.service.store import Store, StoreError, hash_token
 
 

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from corral.runtime.resources import Resources
 from corral.service.api import create_app
-from corral.service.resources import Resources
 from corral.service.store import Store
 
 

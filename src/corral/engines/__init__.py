@@ -1,6 +1,6 @@
 """Where processes run: local subprocesses (the default) or a Spark barrier stage."""
 
-from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
+from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
 from corral.engines.local import LocalEngine
 from corral.errors import SpecError
 
@@ -10,7 +10,6 @@ __all__ = [
     "LocalEngine",
     "Plan",
     "ProcessSpec",
-    "Resources",
     "WorkerGroup",
     "resolve",
 ]

@@ -19,6 +19,7 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 from starlette.responses import Response
 
 from corral.errors import SpecError
+from corral.runtime.resources import Resources
 from corral.service.auth import AdminUser, CurrentUser
 from corral.service.cluster import demand_of
 from corral.service.job import check_files
@@ -37,7 +38,7 @@ from corral.service.models import (
     TeamBody,
     UserBody,
 )
-from corral.service.resources import Quota, Resources
+from corral.service.resources import Quota
 from corral.service.scheduler import Policy, QueuedJob, check_admissible
 from corral.service.store import FINAL, Store, StoreError
 from corral.service.ui import ui_router

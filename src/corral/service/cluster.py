@@ -9,7 +9,7 @@ import time
 
 from corral.engines.local import available_gpus
 from corral.errors import CorralError
-from corral.service.resources import Resources, total_demand
+from corral.runtime.resources import Resources, total_demand
 from corral.service.scheduler import ClusterState, QueuedJob, RunningJob
 from corral.service.store import Store
 from corral.spec import JobSpec, RoleSpec, parse

@@ -500,7 +500,8 @@ def quota(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Your team's quota, and what its running jobs use of it."""
 
     def render(q: QuotaOut) -> None:
-        from corral.service.resources import DIMS, label, number
+        from corral.runtime.resources import DIMS
+        from corral.service.resources import label, number
 
         table = Table(title=f"team {q.team}", title_justify="left", box=None, header_style="bold")
         for column in ("RESOURCE", "USED", "QUOTA"):
@@ -608,7 +609,8 @@ def set_quota(
         return client.set_quota(team, cpus=cpus, memory_mib=mib, gpus=gpus)
 
     def render(q: QuotaOut) -> None:
-        from corral.service.resources import DIMS, amount, label
+        from corral.runtime.resources import DIMS
+        from corral.service.resources import amount, label
 
         caps = [
             f"no cap on {label(dim)}" if cap is None else amount(dim, cap)

@@ -24,9 +24,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from corral.runtime.resources import DIMS, EPS, Resources, total_demand
-
-__all__ = ["DIMS", "EPS", "Quota", "Resources", "total_demand"]
+from corral.runtime.resources import DIMS, EPS, Resources
 
 _LABELS = {"cpus": "CPUs", "memory_mib": "memory", "gpus": "GPUs"}
 

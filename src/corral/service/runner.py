@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.runtime import checkpoint as ckpt
+from corral.runtime.resources import Resources
 from corral.service.cluster import cluster_state
 from corral.service.job import (
     CHECKPOINTS,
@@ -57,7 +58,6 @@ from corral.service.job import (
     SPEC,
     restarts_spent,
 )
-from corral.service.resources import Resources
 from corral.service.scheduler import Launch, Policy, Preempt, schedule
 from corral.service.store import Job, Store
 from corral.spec import SparkSpec

@@ -64,11 +64,9 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from corral.runtime.resources import DIMS, EPS, Resources
 from corral.service.resources import (
-    DIMS,
-    EPS,
     Quota,
-    Resources,
     accumulate,
     amount,
     amounts,

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.errors import CorralError
+from corral.runtime.resources import Resources
 from corral.service.api import create_app
-from corral.service.resources import Resources
 from corral.service.runner import Runner
 from corral.service.scheduler import Policy
 from corral.service.store import Store

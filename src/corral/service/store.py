@@ -32,8 +32,9 @@ from sqlalchemy import Engine, create_engine, event, func, insert, select, updat
 from sqlalchemy.exc import IntegrityError
 
 from corral.errors import CorralError
+from corral.runtime.resources import Resources
 from corral.service import schema as t
-from corral.service.resources import Quota, Resources
+from corral.service.resources import Quota
 
 #: Every state a job can be in; the last three are final.
 STATES = ("queued", "running", "restarting", "succeeded", "failed", "cancelled")

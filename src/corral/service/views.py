@@ -19,10 +19,11 @@ from typing import Any
 from fastapi import HTTPException, status
 
 from corral.runtime import checkpoint as ckpt
+from corral.runtime.resources import Resources
 from corral.service.cluster import cluster_state
 from corral.service.job import CHECKPOINTS
 from corral.service.models import Cluster, Demand, QueueEntry, QuotaBody, TeamUsage
-from corral.service.resources import Quota, Resources
+from corral.service.resources import Quota
 from corral.service.scheduler import Launch, Policy, explain
 from corral.service.store import Job, Store, User
 
