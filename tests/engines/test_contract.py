@@ -22,9 +22,10 @@ import pytest
 from conftest import alive, read_pids, wait_until
 
 import corral
-from corral.engines.base import Engine, Exit, Plan, ProcessSpec, Resources, WorkerGroup
+from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
 from corral.engines.local import LocalEngine
 from corral.errors import WorkerError
+from corral.runtime.resources import Resources
 
 pytestmark = pytest.mark.slow
 
