@@ -49,6 +49,8 @@ def to_stderr(line: str) -> None:
         pass
 
 
+#: Longest wait, after a process ended, for the rest of its output to be read.
+_DRAIN_S = 2.0
 #: Environment variable naming the inherited file descriptor of the parent-death pipe.
 PARENT_FD_ENV = "CORRAL_PARENT_FD"
 
@@ -131,11 +133,22 @@ class _LocalProcess:
         self.spec, self.sink = spec, sink
         self.popen = popen
         self.lines: deque[str] = deque(maxlen=LOG_LINES_KEPT)
+        self.drained = False
         assert popen.stdout is not None
         self.reader = threading.Thread(
             target=self._forward, args=(popen.stdout,), name=f"log-{spec.label}", daemon=True
         )
         self.reader.start()
+
+    def returncode(self) -> int | None:
+        """The exit code once the process has ended *and* its output is read: an exit
+        reported before the last lines are in would give a log tail without them."""
+        code = self.popen.poll()
+        if code is not None and not self.drained:
+            # once only: a grandchild that keeps the pipe open must not hold it back long
+            self.reader.join(timeout=_DRAIN_S)
+            self.drained = True
+        return code
 
     def _forward(self, stream: IO[bytes]) -> None:
         prefix = f"[{self.spec.label}] "
@@ -197,7 +210,7 @@ class LocalWorkerGroup(WorkerGroup):
     def poll(self) -> list[Exit]:
         exits = []
         for p in self._procs:
-            code = p.popen.poll()
+            code = p.returncode()
             if code is not None:
                 exits.append(Exit(role=p.spec.role, rank=p.spec.rank, returncode=code))
         return exits
