@@ -13,6 +13,7 @@ import torch.distributed as dist
 from conftest import DieOnceLoss, blobs, server_pid
 
 import corral
+from corral.engines.base import Plan, ProcessSpec
 from corral.engines.spark import SparkEngine
 from corral.errors import DataError, LaunchError, SpecError, WorkerError
 
@@ -36,7 +37,8 @@ def test_run_starts_every_rank_as_a_barrier_task(spark):
 
 
 def where_am_i() -> dict:
-    print(f"hello from rank {os.environ['RANK']}")
+    local = f"local rank {os.environ['LOCAL_RANK']} of {os.environ['LOCAL_WORLD_SIZE']}"
+    print(f"hello from rank {os.environ['RANK']}, {local}")
     return {"payload": sys.argv[-1], "host": os.environ["CORRAL_HOST"]}
 
 
@@ -48,8 +50,30 @@ def test_tasks_get_the_payload_shipped_and_stream_their_output_to_the_driver(spa
     # printed by the driver itself (capsys sees only this process's sys.stderr, not the
     # executors' output, which local mode also sends to this terminal)
     err = capsys.readouterr().err
-    assert "[worker 0] hello from rank 0" in err
-    assert "[worker 1] hello from rank 1" in err
+    # both tasks on 127.0.0.1: numbered on that host, as torchrun numbers them
+    assert "[worker 0] hello from rank 0, local rank 0 of 2" in err
+    assert "[worker 1] hello from rank 1, local rank 1 of 2" in err
+
+
+def test_tasks_number_their_processes_per_host_whatever_the_plan_says(spark):
+    show = "import os; print(os.environ['LOCAL_RANK'], os.environ['LOCAL_WORLD_SIZE'])"
+    # ranks 6 and 7 of 8 workers, numbered by the launcher as if on one host; both of
+    # these tasks are on 127.0.0.1, so they are that host's processes 0 and 1 of 2
+    specs = [
+        ProcessSpec(
+            role="worker",
+            rank=r,
+            argv=[sys.executable, "-c", show],
+            env={"LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "8"},
+        )
+        for r in (6, 7)
+    ]
+    group = SparkEngine(spark).launch(Plan(processes=specs))
+    try:
+        assert sorted(e.returncode for e in group.wait(timeout=60)) == [0, 0]
+        assert [group.logs("worker", r) for r in (6, 7)] == ["0 2", "1 2"]
+    finally:
+        group.stop()
 
 
 def fail_on_rank_one() -> None:

@@ -15,6 +15,11 @@ over that channel: each stops its process and ends normally, so a job that succe
 leaves no killed tasks in Spark's log (cancelling the stage logs each one as a lost task).
 Only a task that does not end then is cancelled, with the stage's job group.
 
+Processes are numbered per host, as torchrun numbers them: each task learns where the
+stage's other tasks run and which GPUs Spark gave them (one ``allGather`` at its start),
+and its process gets ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` among its role's processes on
+its host, and sees all of their GPUs there, in rank order, as on the local engine.
+
 A worker fed a DataFrame finds its partition through `SPILL_ENV` and `ROWS_FROM_ENV`, the
 engine's half of a contract the data layer (`corral.data.spill`) reads: the engine knows no
 training data, only how to hand a partition's Arrow batches to the process on its executor.
@@ -33,6 +38,7 @@ import contextlib
 import dataclasses
 import errno
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -49,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import ControlClient, ControlServer
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
-from corral.engines.local import LocalEngine, to_stderr
+from corral.engines.local import LocalEngine, device_sets, to_stderr
 from corral.errors import LaunchError, SpecError
 from corral.runtime import env as names
 from corral.runtime.resources import Resources
@@ -116,37 +122,85 @@ def _stop_when_released(
     return end
 
 
+def per_host_env(
+    specs: list[ProcessSpec], placed: list[tuple[str, list[str]]]
+) -> list[dict[str, str]]:
+    """What each process of a stage is told of its place on its host, from where every
+    task of the stage runs: its host, and the GPUs Spark gave it (`placed[i]` for
+    `specs[i]`).
+
+    The launcher numbers processes as for one host; torchrun numbers them per host, and
+    code written for it picks its GPU with ``cuda:LOCAL_RANK``. So ``LOCAL_RANK`` and
+    ``LOCAL_WORLD_SIZE`` count the processes of the same role on the same host, in rank
+    order, and a process with GPUs sees all of theirs (`device_sets`), its own first one
+    at index ``CORRAL_DEVICE``. A process without GPUs is told nothing of devices.
+    """
+    on_host: dict[str, list[int]] = {}
+    for i, (host, _) in enumerate(placed):
+        on_host.setdefault(host, []).append(i)
+    envs: list[dict[str, str]] = [{} for _ in specs]
+    for tasks in on_host.values():
+        visible = device_sets([specs[i] for i in tasks], [placed[i][1] for i in tasks])
+        for i, seen in zip(tasks, visible, strict=True):
+            role = specs[i].role
+            peers = sorted(specs[j].rank for j in tasks if specs[j].role == role)
+            env = {
+                "LOCAL_RANK": str(peers.index(specs[i].rank)),
+                "LOCAL_WORLD_SIZE": str(len(peers)),
+            }
+            if seen:
+                env |= {
+                    "CUDA_VISIBLE_DEVICES": ",".join(seen),
+                    names.DEVICE: str(seen.index(placed[i][1][0])),
+                }
+            envs[i] = env
+    return envs
+
+
+def _placement(specs: list[ProcessSpec]) -> dict[str, str]:
+    """Inside a task: the address its process serves on (its executor's, not the
+    driver's), and its place among the stage's processes on this host (`per_host_env`),
+    learnt from every task of the stage with one ``allGather``."""
+    from pyspark import BarrierTaskContext
+
+    ctx = BarrierTaskContext.get()
+    me = ctx.partitionId()
+    hosts = [t.address.rsplit(":", 1)[0] for t in ctx.getTaskInfos()]
+    given = ctx.resources().get("gpu")  # the executor's GPUs Spark gave this task
+    own = list(given.addresses) if specs[me].resources.gpus and given is not None else []
+    every = [json.loads(gpus) for gpus in ctx.allGather(json.dumps(own))]
+    return {names.HOST: hosts[me], **per_host_env(specs, list(zip(hosts, every, strict=True)))[me]}
+
+
 def _run_process(
-    spec: ProcessSpec,
+    specs: list[ProcessSpec],
     folder: str,
     files: Any,
     exits_at: tuple[str, int],
     exits_key: bytes,
+    env: dict[str, str] | None = None,
     meanwhile: Callable[[WorkerGroup], None] | None = None,
 ) -> int:
-    """Inside a task: run `spec` with the local engine on this executor, its output lines
-    streamed to the driver as they come, and report its exit there.
+    """Inside a task: run process number `partitionId` of the stage's `specs`, with `env`
+    beside its own, with the local engine on this executor, its output lines streamed to
+    the driver as they come, and report its exit there.
 
     `files` (a broadcast of the driver's files the spec names) are written to `folder`,
-    and the process serves on this executor's own address, not the driver's. `meanwhile`
+    and the process learns its place on this executor's host (`_placement`). `meanwhile`
     runs once the process has started (a fed task spills its partition then, while the
     worker imports and meets its peers); if it fails, the process is stopped.
     """
     from pyspark import BarrierTaskContext
 
-    ctx = BarrierTaskContext.get()
-    host = ctx.getTaskInfos()[ctx.partitionId()].address.rsplit(":", 1)[0]
+    spec = specs[BarrierTaskContext.get().partitionId()]
+    placement = _placement(specs)
     argv = [sys.executable, *spec.argv[1:]]  # on a cluster, the driver's path may not exist
     for i, original in enumerate(spec.files):
         local = os.path.join(folder, f"file-{i}-{os.path.basename(original)}")
         with open(local, "wb") as out:
             out.write(files.value[original])
         argv = [local if a == original else a for a in argv]
-    env = {**spec.env, names.HOST: host}
-    gpus = ctx.resources().get("gpu")
-    if spec.resources.gpus and gpus is not None:  # the executor's GPUs Spark gave this task
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
-    spec = dataclasses.replace(spec, argv=argv, env=env)
+    spec = dataclasses.replace(spec, argv=argv, env={**spec.env, **(env or {}), **placement})
     client = ControlClient(exits_at, exits_key, spec.role, spec.rank)
     try:
         group = LocalEngine(sink=lambda line: client.send({"kind": "log", "line": line}))
@@ -156,10 +210,11 @@ def _run_process(
             if meanwhile is not None:
                 meanwhile(running)
             (end,) = running.wait()
-            tail = "\n".join(running.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
         finally:
             unwatch()
             running.stop()
+        # after stop, which has read the process's output to its end (wait has not)
+        tail = "\n".join(running.logs(spec.role, spec.rank).splitlines()[-_LOG_TAIL:])
         client.send({"kind": "exit", "returncode": end.returncode, "logs": tail})
     finally:
         client.close()
@@ -172,11 +227,8 @@ def _task(
     """What every task of a plain barrier stage runs: process number `partitionId`."""
 
     def run(_: Iterable[int]) -> Iterator[int]:
-        from pyspark import BarrierTaskContext
-
-        spec = specs[BarrierTaskContext.get().partitionId()]
         with tempfile.TemporaryDirectory(prefix="corral-task-", dir=_scratch()) as folder:
-            yield _run_process(spec, folder, files, exits_at, exits_key)
+            yield _run_process(specs, folder, files, exits_at, exits_key)
 
     return run
 
@@ -244,7 +296,6 @@ def _fed_task(
         from pyspark import BarrierTaskContext
 
         ctx = BarrierTaskContext.get()
-        spec = specs[ctx.partitionId()]
         with tempfile.TemporaryDirectory(prefix="corral-task-", dir=_scratch()) as folder:
             path, fifo = os.path.join(folder, "partition.arrow"), os.path.join(folder, "rows")
             os.mkfifo(fifo)
@@ -253,9 +304,8 @@ def _fed_task(
                 counts = ctx.allGather(str(_spill(batches, schema, path, buffer_bytes)))
                 _tell(fifo, ",".join(counts), running)
 
-            env = {**spec.env, SPILL_ENV: path, ROWS_FROM_ENV: fifo}
-            spec = dataclasses.replace(spec, env=env)
-            code = _run_process(spec, folder, files, exits_at, exits_key, meanwhile=spill)
+            env = {SPILL_ENV: path, ROWS_FROM_ENV: fifo}
+            code = _run_process(specs, folder, files, exits_at, exits_key, env, spill)
         yield pa.RecordBatch.from_pydict({"returncode": [code]})
 
     return run
