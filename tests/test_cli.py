@@ -137,11 +137,6 @@ def test_a_bad_spec_fails_before_the_training_stack_loads(job_dir):
     assert not [m for m in modules if any(m == h or m.startswith(f"{h}.") for h in HEAVY)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="corral.spec imports torch through the strategies' module (issue 10's restructure "
-    "gives them torch-free configs): about 1.5 s of a spec error's 2 s",
-)
 def test_a_bad_spec_fails_before_torch_loads(job_dir):
     assert "torch" not in imported(job_dir)
 

@@ -15,14 +15,14 @@ the allowed values.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -38,6 +38,11 @@ from corral.errors import SpecError
 from corral.runtime.resources import Resources, total_demand
 from corral.runtime.roles import Role
 from corral.strategies import AllReduce, AnyStrategy, Strategy, StrategyPlan
+
+# torch is imported where an optimizer or loss is made: a spec is read and checked without
+# it, so ``corral train bad.yaml`` reports its error in a fraction of a second.
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {
     "": 1,
@@ -129,6 +134,8 @@ class OptimizerSpec(_Model):
     weight_decay: float = Field(0.0, ge=0)
 
     def __call__(self, params: Any) -> torch.optim.Optimizer:
+        import torch
+
         if self.name == "sgd":
             return torch.optim.SGD(
                 params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
@@ -137,13 +144,22 @@ class OptimizerSpec(_Model):
         return cls(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
-#: Losses a YAML job can name; anything else must be a ``module:attribute`` reference.
-LOSSES = {
-    "cross_entropy": torch.nn.CrossEntropyLoss,
-    "nll": torch.nn.NLLLoss,
-    "mse": torch.nn.MSELoss,
-    "l1": torch.nn.L1Loss,
-    "bce_with_logits": torch.nn.BCEWithLogitsLoss,
+def _torch_loss(cls: str, **kwargs: Any) -> torch.nn.Module:
+    """``torch.nn.<cls>(**kwargs)``, looked up only when a loss is made."""
+    import torch
+
+    module: torch.nn.Module = getattr(torch.nn, cls)(**kwargs)
+    return module
+
+
+#: Losses a YAML job can name, each a factory of its torch module (``LOSSES["mse"]()``);
+#: anything else must be a ``module:attribute`` reference.
+LOSSES: dict[str, Callable[..., torch.nn.Module]] = {
+    "cross_entropy": functools.partial(_torch_loss, "CrossEntropyLoss"),
+    "nll": functools.partial(_torch_loss, "NLLLoss"),
+    "mse": functools.partial(_torch_loss, "MSELoss"),
+    "l1": functools.partial(_torch_loss, "L1Loss"),
+    "bce_with_logits": functools.partial(_torch_loss, "BCEWithLogitsLoss"),
 }
 
 

@@ -18,13 +18,12 @@ group of gradients averaged into one update, by the group's mean staleness.
 
 from __future__ import annotations
 
+import statistics
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import numpy as np
 
 LrScaling = Literal["staleness"] | None
 
@@ -39,6 +38,8 @@ class Update:
 
 def mean_of_arrays(gradients: list[Any]) -> Any:
     """The plain mean; gradients here are opaque, so a server may pass its own."""
+    import numpy as np  # here: the job spec reads the settings' types without NumPy
+
     return np.mean(gradients, axis=0)
 
 
@@ -118,10 +119,10 @@ class Consistency(ABC):
         updates = []
         while self._pending and len(self._pending) >= max(size, 1):
             group, self._pending = self._pending[:size], self._pending[size:]
-            stale = np.mean([self._note(seen) for _, seen in group])
+            stale = statistics.fmean([self._note(seen) for _, seen in group])
             mean = self.average([g for g, _ in group])
             self.version += 1
-            updates.append(Update(mean, self._scale(float(stale))))
+            updates.append(Update(mean, self._scale(stale)))
         return updates
 
     def _note(self, seen_version: int) -> int:

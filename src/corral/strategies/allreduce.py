@@ -17,20 +17,17 @@ number of workers (and warm it up) as Goyal et al. recommend.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.distributed as dist
 from pydantic import Field
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-from torch.nn.parallel import DistributedDataParallel
 
-from corral.runtime.context import Context
 from corral.strategies.base import DataParallel, LossFn, Strategy, StrategyPlan
 
-#: What of PowerSGD's state a checkpoint keeps: the error feedback (what compression left
-#: out so far, added back next step), the warm start of its low-rank factors, and the step.
-_POWERSGD_STATE = ("error_dict", "p_memory_dict", "q_memory_dict", "iter")
+# torch is imported in the replica's methods: the spec reads `AllReduce` without it.
+if TYPE_CHECKING:
+    import torch
+
+    from corral.runtime.context import Context
 
 
 class AllReduce(Strategy):
@@ -68,19 +65,18 @@ class _AllReduceReplica(DataParallel):
         loss: LossFn,
         ctx: Context,
     ) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.nn.parallel import DistributedDataParallel
+
+        from corral.strategies.powersgd import PowerSGD
+
         device_ids = [ctx.device] if ctx.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids)
-        self.powersgd: powerSGD_hook.PowerSGDState | None = None
+        self.powersgd: PowerSGD | None = None
         if config.compression == "fp16":
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
         elif config.compression == "powersgd":
-            self.powersgd = powerSGD_hook.PowerSGDState(
-                process_group=None,
-                matrix_approximation_rank=config.powersgd_rank,
-                start_powerSGD_iter=config.powersgd_warmup,
-                min_compression_rate=1,
-            )
-            ddp.register_comm_hook(self.powersgd, powerSGD_hook.powerSGD_hook)
+            self.powersgd = PowerSGD(ddp, rank=config.powersgd_rank, warmup=config.powersgd_warmup)
         super().__init__(model, optimizer, loss, ctx, net=ddp)
 
     def update(self, loss: torch.Tensor) -> bool:
@@ -90,34 +86,10 @@ class _AllReduceReplica(DataParallel):
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """PowerSGD's error feedback, every rank's (each holds its own): without it a
-        resumed job loses what compression had deferred, and its steps after the restart
-        differ from an unbroken run's. Collective: every rank calls it at the same step."""
-        if self.powersgd is None:
-            return {}
-        mine = {k: _cpu(getattr(self.powersgd, k)) for k in _POWERSGD_STATE}
-        every: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-        return {"powersgd": every}
+        """PowerSGD's state, every rank's (see `corral.strategies.powersgd`): without it a
+        resumed job's steps differ from an unbroken run's. Collective."""
+        return {"powersgd": self.powersgd.state_dict()} if self.powersgd else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("powersgd")
-        if self.powersgd is None or not saved:
-            return
-        if len(saved) != dist.get_world_size():  # another world: its errors do not map
-            return
-        for key, value in saved[self.ctx.rank].items():
-            setattr(self.powersgd, key, _to(value, self.ctx.device))
-
-
-def _cpu(value: Any) -> Any:
-    """`value` with every tensor copied to the host (dicts of bucket index → tensor)."""
-    if isinstance(value, dict):
-        return {k: v.detach().cpu() for k, v in value.items()}
-    return value
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, dict):
-        return {k: v.to(device) for k, v in value.items()}
-    return value
+        if self.powersgd is not None and "powersgd" in state:
+            self.powersgd.load_state_dict(state["powersgd"])

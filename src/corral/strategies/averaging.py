@@ -16,15 +16,18 @@ Adam moments) stays local to each worker and is not averaged.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.distributed as dist
 from pydantic import Field
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from corral.runtime.context import Context
 from corral.strategies.base import DataParallel, LossFn, Strategy, StrategyPlan
+
+# torch is imported in the functions that run in workers: the spec reads `Averaging`
+# without it.
+if TYPE_CHECKING:
+    import torch
+
+    from corral.runtime.context import Context
 
 
 def _state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -35,6 +38,9 @@ def _state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def average_(tensors: list[torch.Tensor]) -> None:
     """Replace each tensor, in place, by its mean over all ranks, with a single all-reduce."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
     if not tensors:
         return
     flat = _flatten_dense_tensors(tensors)
@@ -46,6 +52,9 @@ def average_(tensors: list[torch.Tensor]) -> None:
 
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
     """Make every rank hold rank `src`'s values, so replicas start from one model."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
     if not tensors:
         return
     flat = _flatten_dense_tensors(tensors)
@@ -100,6 +109,8 @@ class _AveragingReplica(DataParallel):
         return True
 
     def sync(self) -> None:
+        import torch
+
         if not self.since_sync:
             return
         with torch.no_grad():

@@ -33,19 +33,24 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from corral.comm.curve import JobKeys
 from corral.errors import TrainingError
-from corral.runtime.context import Context
 from corral.runtime.resources import Resources
 from corral.runtime.roles import Role
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# torch is imported where replicas run, in their methods: the spec reads the configs
+# in these modules without it (``corral train bad.yaml`` fails before torch loads).
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+
+    from corral.comm.curve import JobKeys
+    from corral.runtime.context import Context
+
+LossFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,8 @@ class Replica(ABC):
         Every worker calls this once per epoch with a tensor of the same length, so it is
         also the point where all workers of an epoch meet.
         """
+        import torch.distributed as dist
+
         dist.all_reduce(sums)
         return sums, list(range(dist.get_world_size()))
 
@@ -162,6 +169,8 @@ class Replica(ABC):
 
 def checked_loss(loss: torch.Tensor, batch: Batch, rank: int) -> float:
     """`loss` as a number; a loss that is not a finite scalar stops the job clearly."""
+    import torch
+
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise TrainingError(f"the loss must return a scalar tensor, got {shape}")

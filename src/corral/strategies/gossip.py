@@ -19,21 +19,24 @@ from __future__ import annotations
 import random
 import threading
 from collections import deque
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import zmq
 from pydantic import Field
 
-from corral.comm.curve import JobKeys, secure_client, secure_server, start_authenticator
-from corral.comm.frames import pack, unpack
 from corral.errors import CorralError, SpecError
-from corral.runtime.context import Context
 from corral.runtime.resources import Resources
 from corral.strategies.averaging import average_, broadcast_
 from corral.strategies.base import DataParallel, LossFn, Strategy, StrategyPlan
+
+# torch, NumPy and ZeroMQ are imported in plan() and the replica's methods: the spec
+# reads `Gossip` without them.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    import zmq
+
+    from corral.comm.curve import JobKeys
+    from corral.runtime.context import Context
 
 _ADDRESS_KEY = "corral/gossip/{}"
 _TIMEOUT_MS = 60_000
@@ -43,6 +46,10 @@ class _Mailbox:
     """The answering thread of one worker: serves snapshots, collects peers' parameters."""
 
     def __init__(self, keys: JobKeys, host: str, values: np.ndarray) -> None:
+        import zmq
+
+        from corral.comm.curve import secure_server, start_authenticator
+
         self._zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth = start_authenticator(self._zctx, keys)
         self._sock = self._zctx.socket(zmq.ROUTER)
@@ -60,6 +67,8 @@ class _Mailbox:
             self._snapshot = values.copy()
 
     def _serve(self) -> None:
+        from corral.comm.frames import pack, unpack
+
         while not self._stop.is_set():
             if not self._sock.poll(100):
                 continue
@@ -89,6 +98,8 @@ class Gossip(Strategy):
     peers: int = Field(1, ge=1, description="peers to average with after each step")
 
     def plan(self, *, workers: int, helpers: Resources) -> StrategyPlan:
+        from corral.comm.curve import JobKeys
+
         if workers > 1 and self.peers > workers - 1:
             raise SpecError(
                 f"strategy.peers: {self.peers} is more than the {workers - 1} other workers"
@@ -119,6 +130,10 @@ class _GossipReplica(DataParallel):
         loss: LossFn,
         ctx: Context,
     ) -> None:
+        import zmq
+
+        from corral.comm.curve import secure_client
+
         super().__init__(model, optimizer, loss, ctx)
         broadcast_([p.data for p in model.parameters()])
         self.mailbox = _Mailbox(keys, ctx.serving_host, self._flat())
@@ -137,10 +152,14 @@ class _GossipReplica(DataParallel):
         self.rng = random.Random(1000 + ctx.rank)
 
     def _flat(self) -> np.ndarray:
+        import torch
+
         vector = torch.nn.utils.parameters_to_vector(self.model.parameters())
         return vector.detach().cpu().numpy().copy()
 
     def update(self, loss: torch.Tensor) -> bool:
+        import torch
+
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -158,6 +177,8 @@ class _GossipReplica(DataParallel):
         return bool(self.peers)
 
     def _exchange(self, peer: int, flat: np.ndarray) -> np.ndarray:
+        from corral.comm.frames import pack, unpack
+
         sock = self.peers[peer]
         sock.send_multipart(pack({}, [flat]), copy=False)
         if not sock.poll(_TIMEOUT_MS):
@@ -166,12 +187,16 @@ class _GossipReplica(DataParallel):
         return theirs
 
     def sync(self) -> None:
+        import torch
+
         self.mailbox.received.clear()  # the exact average below supersedes pending ones
         with torch.no_grad():
             average_([p.data for p in self.model.parameters()])
         self.mailbox.publish(self._flat())
 
     def close(self) -> None:
+        import torch.distributed as dist
+
         dist.barrier()  # nobody may still be asking us for parameters
         for sock in self.peers.values():
             sock.close(linger=0)

@@ -24,20 +24,12 @@ than a few workers.
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import numpy as np
-import torch
-import torch.distributed as dist
 from pydantic import Field
 
-from corral.comm.curve import JobKeys
 from corral.errors import SpecError
-from corral.ps.client import PSClient
-from corral.ps.layout import Layout
-from corral.ps.server import ADDRESS_KEY, serve
 from corral.ps.settings import ServerSettings
-from corral.runtime.context import Context
 from corral.runtime.resources import Resources
 from corral.runtime.roles import Role
 from corral.strategies.base import (
@@ -51,7 +43,15 @@ from corral.strategies.base import (
     checked_loss,
 )
 
-_SPARSE = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+# torch, NumPy, ZeroMQ and the server and client are imported in plan() and where workers
+# run: the spec reads `ParameterServer` without them.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from corral.comm.curve import JobKeys
+    from corral.runtime.context import Context
 
 
 class _Parameters:
@@ -59,8 +59,11 @@ class _Parameters:
     embeddings built with ``sparse=True``, which move as touched rows only."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        import torch
+
+        sparse = (torch.nn.Embedding, torch.nn.EmbeddingBag)
         self.sparse: list[torch.nn.Embedding | torch.nn.EmbeddingBag] = [
-            m for m in model.modules() if isinstance(m, _SPARSE) and m.sparse
+            m for m in model.modules() if isinstance(m, sparse) and m.sparse
         ]
         if any(m.weight.device.type != "cpu" for m in self.sparse):
             raise SpecError(
@@ -75,15 +78,21 @@ class _Parameters:
         return [m.weight.detach().numpy() for m in self.sparse]
 
     def values(self) -> np.ndarray:
+        import torch
+
         return torch.nn.utils.parameters_to_vector(self.dense).detach().cpu().numpy().copy()
 
     def load(self, values: np.ndarray) -> None:
         """Set the dense parameters, on whatever device they live (a GPU's too)."""
+        import torch
+
         device = self.dense[0].device if self.dense else torch.device("cpu")
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(torch.from_numpy(values).to(device), self.dense)
 
     def grads(self) -> np.ndarray:
+        import torch
+
         grads = [
             torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
             for p in self.dense
@@ -92,6 +101,8 @@ class _Parameters:
 
     def row_grads(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per table, the rows this step touched and their gradient rows."""
+        import numpy as np
+
         out = []
         for m in self.sparse:
             grad = m.weight.grad
@@ -126,6 +137,9 @@ class ParameterServer(ServerSettings, Strategy):
                 f"strategy.quorum: {self.quorum} is more than the {workers} workers; "
                 "a softsync update could never complete"
             )
+        from corral.comm.curve import JobKeys
+        from corral.ps.server import serve
+
         keys = JobKeys.generate()
         settings = ServerSettings.model_validate(self.model_dump(include=_SERVER_FIELDS))
         servers = Role(
@@ -162,6 +176,8 @@ _SERVER_FIELDS = set(ServerSettings.model_fields)
 
 def _addresses(store: dist.Store, servers: int) -> list[str]:
     """Where the servers listen, as they published it (waits for them to start)."""
+    from corral.ps.server import ADDRESS_KEY
+
     return [store.get(ADDRESS_KEY.format(i)).decode() for i in range(servers)]
 
 
@@ -175,6 +191,9 @@ class _Supervisor(Supervisor):
         self, store: dist.Store, lost: list[tuple[int, int | None]]
     ) -> dict[str, Any]:
         """Report lost workers to every server; server 0's account of the last."""
+        from corral.ps.client import PSClient
+        from corral.ps.server import ADDRESS_KEY
+
         keys = [ADDRESS_KEY.format(i) for i in range(self.servers)]
         if not store.check(keys):
             return {}  # lost before the servers were up: nobody waits for it yet
@@ -210,6 +229,9 @@ class _PSReplica(Replica):
     def __init__(
         self, servers: int, keys: JobKeys, model: torch.nn.Module, loss: LossFn, ctx: Context
     ) -> None:
+        from corral.ps.client import PSClient
+        from corral.ps.layout import Layout
+
         self.model, self.loss, self.rank = model, loss, ctx.rank
         self.client = PSClient(_addresses(ctx.store, servers), keys, ctx.rank, store=ctx.store)
         self.params = params = _Parameters(model)
@@ -223,6 +245,8 @@ class _PSReplica(Replica):
 
     def _pull_rows(self, table: int, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         """Before an embedding runs: fetch the current values of the rows it will read."""
+        import torch
+
         rows = torch.unique(args[0]).cpu().numpy()
         wanted = [rows if t == table else rows[:0] for t in range(len(self.layout.rows))]
         values = self.client.rows(self.layout, wanted)[table]
@@ -252,6 +276,8 @@ class _PSReplica(Replica):
         self.client.begin_epoch(epoch, steps=steps, samples=samples)
 
     def meet(self, epoch: int, sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        import torch
+
         totals, members = self.client.meet(epoch, sums.cpu().numpy())
         return torch.from_numpy(totals).to(sums.device), members
 
