@@ -109,3 +109,17 @@ def test_after_a_sigkill_and_a_restart_each_epoch_is_reported_once_and_nothing_i
     assert reported == [1, 2, 3, 4]
     assert steps[1] == (EPOCHS - 1) * STEPS  # the restart did not train epoch 1 again
     assert_same_parameters(result.model, straight.model)
+
+
+def test_a_powersgd_resume_restores_every_ranks_error_feedback(tmp_path):
+    """PowerSGD defers what its low-rank step left out to the next step (error feedback,
+    a different residual on each rank) and counts its warm-up steps: a resume that lost
+    either would train differently from here on."""
+    powersgd = corral.AllReduce(compression="powersgd", powersgd_rank=1, powersgd_warmup=2)
+    straight, _, _ = fit(tmp_path / "straight", strategy=powersgd)
+    first, _, _ = fit(tmp_path / "first", strategy=powersgd, epochs=2)
+    ranks = torch.load(first.checkpoint, weights_only=True)["strategy"]["powersgd"]["ranks"]
+    assert len(ranks) == WORKERS and ranks[0]["iter"] == 2 * STEPS  # steps so far
+    assert not torch.equal(*(r["errors"]["0.weight"] for r in ranks))  # each rank's own
+    resumed, _, _ = fit(tmp_path / "more", strategy=powersgd, resume_from=first.checkpoint)
+    assert_same_parameters(resumed.model, straight.model)
