@@ -62,13 +62,6 @@ def by_rank(exits: list[Exit]) -> dict[int, Exit]:
     return {e.rank: e for e in exits}
 
 
-def on_spark_failing(reason: str, *, strict: bool) -> pytest.MarkDecorator:
-    """Both engines, the Spark one expected to fail for `reason` (a known engine bug)."""
-    xfail = pytest.mark.xfail(strict=strict, reason=reason)
-    spark = pytest.param("spark", marks=[pytest.mark.spark, xfail])
-    return pytest.mark.parametrize("engine", ["local", spark], indirect=True)
-
-
 def test_a_plan_runs_to_each_exit_code(engine):
     with launched(engine, command(0, "pass"), command(1, "import sys; sys.exit(3)")) as group:
         exits = by_rank(group.wait(timeout=120))
@@ -76,11 +69,6 @@ def test_a_plan_runs_to_each_exit_code(engine):
     assert exits[1].how() == "exited with code 3" and exits[1].signal_name is None
 
 
-@on_spark_failing(
-    "an exit is reported before the local engine's log reader drained the pipe "
-    "(LocalWorkerGroup.poll), and a Spark task sends its log tail at that moment",
-    strict=False,
-)
 def test_each_log_is_kept_apart_and_forwarded_with_its_prefix(engine, capsys):
     with launched(
         engine,
@@ -138,7 +126,6 @@ def test_resources_and_environment_reach_the_process(engine, tmp_path):
     assert seen[1].read_text() == repr(["1", "1", "", None])
 
 
-@on_spark_failing("SparkWorkerGroup.logs returns only the tail sent with the exit", strict=True)
 def test_logs_hold_what_a_running_process_printed_so_far(engine):
     ready = "print('ready', flush=True); import time; time.sleep(600)"
     with launched(engine, command(0, ready)) as group:

@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Client
 from pathlib import Path
@@ -55,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import ControlClient, ControlServer
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
-from corral.engines.local import LocalEngine, device_sets, to_stderr
+from corral.engines.local import LOG_LINES_KEPT, LocalEngine, device_sets, to_stderr
 from corral.errors import LaunchError, SpecError
 from corral.runtime import env as names
 from corral.runtime.resources import Resources
@@ -423,7 +424,8 @@ class SparkWorkerGroup(WorkerGroup):
         self._job_group = f"corral-{uuid.uuid4().hex[:12]}"
         self._channel = _Channel(host)
         self._exits: dict[tuple[str, int], Exit] = {}
-        self._logs: dict[tuple[str, int], str] = {}
+        self._logs: dict[tuple[str, int], str] = {}  # the tail each exit carried
+        self._live: dict[tuple[str, int], deque[str]] = {}  # lines streamed so far
         self._failure: str | None = None
         # the driver's files the processes read (the job's payload), shipped once to each
         # executor rather than read from a path that exists only on the driver
@@ -480,7 +482,10 @@ class SparkWorkerGroup(WorkerGroup):
             except queue.Empty:
                 break
             if msg.body is not None and msg.body.get("kind") == "log":
-                to_stderr(msg.body["line"])
+                line = msg.body["line"]
+                to_stderr(line)
+                kept = self._live.setdefault((msg.role, msg.rank), deque(maxlen=LOG_LINES_KEPT))
+                kept.append(line.removeprefix(f"[{msg.role} {msg.rank}] "))
             elif msg.body is not None and msg.body.get("kind") == "exit":
                 key = (msg.role, msg.rank)
                 self._exits[key] = Exit(
@@ -521,8 +526,12 @@ class SparkWorkerGroup(WorkerGroup):
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def logs(self, role: str, rank: int) -> str:
+        """What the process printed: the tail its exit carried, or while it runs, the
+        lines streamed so far."""
         self.poll()
-        return self._logs.get((role, rank), "")
+        if (role, rank) in self._logs:
+            return self._logs[role, rank]
+        return "\n".join(self._live.get((role, rank), ()))
 
 
 #: The driver of a session the engine starts itself, on this machine only.
