@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from corral.runtime.membership import Membership, Reply, Share
+from corral.runtime.membership import Membership, Reply, Share, untrained
 
 
 def ones(value: float = 1.0) -> np.ndarray:
@@ -121,3 +121,33 @@ def test_a_restarted_host_that_learns_a_member_back_waits_for_it():
     m.add(1)
     assert m.meet("a", worker=0, epoch=4, sums=ones(1)).replies == []
     assert len(m.meet("b", worker=1, epoch=4, sums=ones(1)).replies) == 2
+
+
+def test_a_gather_sums_over_the_current_members_and_admits_nobody():
+    m = Membership[str](range(2))
+    m.lost(1, successor=2, clock=0)
+    m.join("j", worker=2)
+    decision = m.gather("a", worker=0, key="sync-0", values=ones(3))
+    assert sent(decision.replies) == {"a": {"members": [0], "sums": [3.0, 3.0]}}
+    assert decision.admitted == [] and m.members == {0}  # the joiner waits for a meeting
+
+
+def test_a_gather_is_released_by_a_member_that_left_after_adding():
+    m = Membership[str](range(3))
+    m.gather("a", worker=0, key="k", values=ones(1))
+    m.gather("b", worker=1, key="k", values=ones(1))
+    _, decision = m.leave(2, clock=0)
+    both = {"members": [0, 1], "sums": [2.0, 2.0]}
+    assert sent(decision.replies) == {"a": both, "b": both}
+
+
+def test_a_lost_workers_account_counts_the_larger_batches_first():
+    # 10 samples in 3 steps are batches of 4, 3, 3: after 2 steps 7 are trained
+    done = {"epoch": 1, "steps": 3, "samples": 10, "steps_done": 2}
+    assert untrained(done) == {
+        "epoch": 2,
+        "steps_done": 2,
+        "steps": 3,
+        "samples_not_trained": 3,
+    }
+    assert untrained({}) == {}

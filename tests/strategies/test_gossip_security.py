@@ -22,6 +22,7 @@ from corral.strategies import Batch, StrategyPlan
 
 # the store key under which each worker publishes its mailbox's address
 from corral.strategies.gossip import _ADDRESS_KEY
+from corral.train.launcher import LaunchOptions, launch
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,8 @@ def probe_worker_one(strategy: corral.Gossip, plan: StrategyPlan) -> dict:
 def test_a_client_without_the_job_key_gets_no_answer_and_injects_nothing():
     strategy = corral.Gossip(peers=1)
     plan = strategy.plan(workers=2, helpers=Resources())
-    out = corral.run(probe_worker_one, strategy, plan, workers=2)
+    opts = LaunchOptions(workers=2, membership=plan.keys)  # as Trainer launches gossip
+    out = launch(probe_worker_one, (strategy, plan), opts)
     assert out["rogue"] is None  # no answer: the handshake was refused
     assert out["legit"]  # while the job's own key got worker 1's parameters
     assert out["largest"] < 10  # and none of the rogue's POISON reached the model

@@ -11,9 +11,16 @@ without processes.
   it left undone, from the steps the host saw it complete.
 * At the epoch's end every member brings its sums to a meeting (`meet`); the meeting
   answers once all members came, with the total and the members of the next epoch.
+* Within an epoch, members may also sum something among themselves (`gather`: a
+  strategy's exact model average, say); such a sum waits for the current members only
+  and admits nobody.
 * A successor started in a lost worker's place is expected (`lost(..., successor)`); the
   next meeting waits until it asked to `join`, and admits it there, so it trains from
   the next epoch on. Once every member left, waiting joiners are told the job is over.
+
+Two hosts run it: a parameter server's shard 0 (whose consistency model must admit a
+joiner in the same step as the meeting), and, for any other strategy that trains on
+without a lost worker, the driver (`corral.runtime.meetings`).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ class Membership(Generic[To]):
     def __init__(self, members: Iterable[int]) -> None:
         self.members = set(members)
         self._meetings: dict[int, _Meeting[To]] = {}
+        self._sums: dict[str, _Meeting[To]] = {}
         self._joiners: list[tuple[To, int]] = []
         self._expected: set[int] = set()  # successors started but not yet come to join
         self._shares: dict[int, Share] = {}
@@ -99,6 +107,17 @@ class Membership(Generic[To]):
         meeting = self._meetings.setdefault(epoch, _Meeting(np.zeros_like(sums)))
         if worker not in meeting.came:
             meeting.total += sums
+            meeting.came.add(worker)
+        meeting.waiting.append(to)
+        return self._release()
+
+    def gather(self, to: To, *, worker: int, key: str, values: np.ndarray) -> Decision[To]:
+        """`worker` adds `values` to the sum named `key` over the current members; all
+        who added are answered with the total and their ranks once every member did (a
+        resent copy is not added twice)."""
+        meeting = self._sums.setdefault(key, _Meeting(np.zeros_like(values)))
+        if worker not in meeting.came:
+            meeting.total += values
             meeting.came.add(worker)
         meeting.waiting.append(to)
         return self._release()
@@ -142,6 +161,10 @@ class Membership(Generic[To]):
         once every member left, tell waiting joiners the job is over."""
         replies: list[Reply[To]] = []
         admitted: list[int] = []
+        for key in [k for k, sum_ in self._sums.items() if self.members <= sum_.came]:
+            sum_ = self._sums.pop(key)
+            came = sorted(sum_.came)
+            replies += [Reply(to, {"members": came}, (sum_.total,)) for to in sum_.waiting]
         for epoch in sorted(self._meetings):
             meeting = self._meetings[epoch]
             joining = {worker for _, worker in self._joiners}
@@ -162,3 +185,19 @@ class Membership(Generic[To]):
             replies += [Reply(to, {"finished": True}) for to, _ in self._joiners]
             self._joiners = []
         return Decision(replies=replies, admitted=admitted)
+
+
+def untrained(done: dict[str, int]) -> dict[str, int]:
+    """A lost worker's account for the caller, from what `leave` returned: the epoch it
+    died in (1-based), its steps done of its share, and the samples it left untrained."""
+    if not done:
+        return {}  # it had not started an epoch
+    steps, samples, steps_done = done["steps"], done["samples"], done["steps_done"]
+    base, extra = divmod(samples, steps)  # batches are near-equal, larger ones first
+    trained = steps_done * base + min(steps_done, extra)
+    return {
+        "epoch": done["epoch"] + 1,
+        "steps_done": steps_done,
+        "steps": steps,
+        "samples_not_trained": samples - trained,
+    }

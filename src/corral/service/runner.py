@@ -40,9 +40,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from corral.runtime import checkpoint as ckpt
 from corral.runtime.resources import Resources
@@ -78,6 +79,28 @@ class ExitStatus:
     error: str | None
     restarts: int = 0
     final: bool = False
+
+
+class Attempt(Protocol):
+    """What the runner watches of one attempt of a job: its process, or, in the runner's
+    policy tests, a scripted stand-in (`tests/service/test_runner_policy.py`)."""
+
+    job_id: str
+    pid: int
+    folder: Path
+    #: How far the job's log and metrics files were copied to the store.
+    offsets: dict[str, int]
+
+    def alive(self) -> bool: ...
+
+    def exit_status(self) -> ExitStatus | None: ...
+
+    def stop(self) -> None: ...
+
+
+#: Starts an attempt of a job whose folder holds its spec; the runner's default runs
+#: ``python -m corral.service.job FOLDER`` in a session of its own.
+Starter = Callable[["Job", Path], Attempt]
 
 
 @dataclass
@@ -154,8 +177,28 @@ def _is_job_process(pid: int, folder: Path) -> bool:
     return not zombie and str(folder).encode() in cmdline
 
 
+def _start_process(job: Job, folder: Path) -> Attempt:
+    """The job's process, in a session of its own: it outlives a server restart and is
+    stopped as a group. Its output goes to the job's log file."""
+    with (folder / LOG).open("ab") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "corral.service.job", str(folder)],
+            cwd=folder,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    offsets = {LOG: job.log_offset, METRICS: job.metrics_offset}
+    return _Attempt(job.id, popen.pid, folder, popen, offsets)
+
+
 class Runner:
-    """Runs the service's jobs as local processes, in a folder per job under `state_dir`."""
+    """Runs the service's jobs as local processes, in a folder per job under `state_dir`.
+
+    `start_attempt` starts one attempt; the default runs the job's process, and the
+    policy tests pass scripted attempts, so the decisions are tested without processes.
+    """
 
     def __init__(
         self,
@@ -167,11 +210,13 @@ class Runner:
         interval: float = 0.5,
         spark: SparkSpec | None = None,
         preempt_grace_s: float = 120.0,
+        start_attempt: Starter = _start_process,
     ) -> None:
         self.store, self.pool, self.policy = store, pool, policy or Policy()
+        self.start_attempt = start_attempt
         self.spark = spark
         self.state_dir, self.interval = state_dir, interval
-        self._attempts: dict[str, _Attempt] = {}
+        self._attempts: dict[str, Attempt] = {}
         #: Jobs asked to stop at their next checkpoint: when to stop them anyway, and why.
         self._preempting: dict[str, tuple[float, str]] = {}
         self.preempt_grace_s = preempt_grace_s
@@ -228,10 +273,11 @@ class Runner:
                 f"its process was gone after the server restarted; restarting {_resumes(folder)}",
             )
 
-    def _watch(self, job: Job, pid: int, popen: subprocess.Popen[bytes] | None = None) -> _Attempt:
-        """An attempt of `job` to watch, copying its files from where the store says."""
+    def _watch(self, job: Job, pid: int) -> _Attempt:
+        """A running process of `job` to re-attach to, copying its files from where the
+        store says."""
         offsets = {LOG: job.log_offset, METRICS: job.metrics_offset}
-        return _Attempt(job.id, pid, self.folder(job.id), popen, offsets)
+        return _Attempt(job.id, pid, self.folder(job.id), None, offsets)
 
     # -- one pass -------------------------------------------------------------------
 
@@ -343,20 +389,12 @@ class Runner:
         (folder / RESTARTS).unlink(missing_ok=True)
         (folder / PREEMPT).unlink(missing_ok=True)
         try:
-            with (folder / LOG).open("ab") as out:
-                popen = subprocess.Popen(
-                    [sys.executable, "-m", "corral.service.job", str(folder)],
-                    cwd=folder,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # outlives a server restart; stopped as a group
-                )
+            attempt = self.start_attempt(job, folder)
         except OSError as exc:
             self.store.transition(job.id, ["running"], "failed", f"cannot start: {exc}")
             return
-        self.store.set_fields(job.id, pid=popen.pid)
-        self._attempts[job.id] = self._watch(job, popen.pid, popen)
+        self.store.set_fields(job.id, pid=attempt.pid)
+        self._attempts[job.id] = attempt
 
     def _effective_spec(self, job: Job) -> dict[str, Any]:
         """The spec the attempt runs: on a Spark service, a Spark application of its own
@@ -395,7 +433,7 @@ class Runner:
         for attempt in self._attempts.values():
             self._pump_one(attempt)
 
-    def _pump_one(self, attempt: _Attempt, *, final: bool = False) -> None:
+    def _pump_one(self, attempt: Attempt, *, final: bool = False) -> None:
         """Copy the lines added to the job's log and metrics files since last time: the
         complete ones, and once the attempt has ended (`final`) an unfinished last one.
         The store takes them and the new offsets in one transaction."""

@@ -107,17 +107,24 @@ class StrategyPlan:
             successor, when a worker dies.
         supervisor: Whom the launcher tells about a lost worker or a restarted helper;
             required when either can happen.
+        membership: Whether the driver hosts the job's membership for its workers
+            (`corral.runtime.meetings`, authenticated with `keys`): how a strategy
+            without a process group meets, and learns who trains (see
+            `corral.strategies.members`).
     """
 
     helpers: tuple[Role, ...] = ()
     keys: JobKeys | None = field(default=None, repr=False)
     tolerates_worker_loss: bool = False
     supervisor: Supervisor | None = None
+    membership: bool = False
 
     def __post_init__(self) -> None:
         restartable = any(r.restartable for r in self.helpers)
         if (self.tolerates_worker_loss or restartable) and self.supervisor is None:
             raise TypeError("a plan that absorbs lost processes needs a supervisor")
+        if self.membership and self.keys is None:
+            raise TypeError("a plan whose driver hosts membership needs the job's keys")
 
 
 class Replica(ABC):

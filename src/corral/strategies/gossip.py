@@ -11,7 +11,14 @@ touches the model (the training thread may be in the middle of a backward pass):
 replies with the worker's last published parameters and leaves the peer's parameters in a
 mailbox, which the owner folds in at its next step. So each exchange averages both sides,
 the owner's half a step later. At the end of every epoch all replicas are averaged exactly
-with one all-reduce, so evaluation and checkpoints see one model.
+(a sum over the members on the driver's membership host), so evaluation and checkpoints
+see one model.
+
+Workers share no process group: a worker that dies costs only its share of the current
+epoch. A peer that stops answering is asked about at the host; once the launcher has
+reported it lost, the others stop picking it, train on, and share its data from the next
+epoch; a successor (if ``max_restarts`` allows one) joins at the next epoch's start, from
+a member's current parameters. See `corral.strategies.members`.
 """
 
 from __future__ import annotations
@@ -19,14 +26,14 @@ from __future__ import annotations
 import random
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
 from corral.errors import CorralError, SpecError
 from corral.runtime.resources import Resources
-from corral.strategies.averaging import average_, broadcast_
 from corral.strategies.base import DataParallel, LossFn, Strategy, StrategyPlan
+from corral.strategies.members import MemberReplica, MembersSupervisor
 
 # torch, NumPy and ZeroMQ are imported in plan() and the replica's methods: the spec
 # reads `Gossip` without them.
@@ -40,6 +47,8 @@ if TYPE_CHECKING:
 
 _ADDRESS_KEY = "corral/gossip/{}"
 _TIMEOUT_MS = 60_000
+#: How long a peer may stay silent before the membership host is asked whether it is lost.
+_ASK_MS = 500
 
 
 class _Mailbox:
@@ -73,8 +82,9 @@ class _Mailbox:
             if not self._sock.poll(100):
                 continue
             ident, *frames = self._sock.recv_multipart(copy=False)
-            _, (theirs,) = unpack(frames)
-            self.received.append(theirs.copy())
+            header, arrays = unpack(frames)
+            if header.get("op") != "pull":  # a joiner only takes; a peer also gives
+                self.received.append(arrays[0].copy())
             with self._lock:
                 reply = pack({}, [self._snapshot])
             self._sock.send_multipart([ident, *reply], copy=False)
@@ -94,6 +104,8 @@ class Gossip(Strategy):
         >>> corral.Gossip(peers=1)
     """
 
+    uses_process_group: ClassVar[bool] = False
+
     kind: Literal["gossip"] = "gossip"
     peers: int = Field(1, ge=1, description="peers to average with after each step")
 
@@ -104,7 +116,13 @@ class Gossip(Strategy):
             raise SpecError(
                 f"strategy.peers: {self.peers} is more than the {workers - 1} other workers"
             )
-        return StrategyPlan(keys=JobKeys.generate())
+        keys = JobKeys.generate()
+        return StrategyPlan(
+            keys=keys,
+            membership=True,
+            tolerates_worker_loss=True,
+            supervisor=MembersSupervisor(keys),
+        )
 
     def build(
         self,
@@ -114,13 +132,13 @@ class Gossip(Strategy):
         ctx: Context,
         plan: StrategyPlan,
     ) -> _GossipReplica:
-        if plan.keys is None:
+        if plan.keys is None or not plan.membership:
             raise SpecError("the gossip strategy must be launched by corral")
         assert optimizer is not None  # needs_optimizer: Trainer checked
         return _GossipReplica(self.peers, plan.keys, model, optimizer, loss, ctx)
 
 
-class _GossipReplica(DataParallel):
+class _GossipReplica(MemberReplica, DataParallel):
     def __init__(
         self,
         peers: int,
@@ -132,24 +150,32 @@ class _GossipReplica(DataParallel):
     ) -> None:
         import zmq
 
-        from corral.comm.curve import secure_client
+        from corral.runtime.meetings import MembershipClient
 
         super().__init__(model, optimizer, loss, ctx)
-        broadcast_([p.data for p in model.parameters()])
+        self.keys, self.fanout = keys, peers
+        self.members = MembershipClient.connect(ctx.store, keys, ctx.rank)
         self.mailbox = _Mailbox(keys, ctx.serving_host, self._flat())
         ctx.store.set(_ADDRESS_KEY.format(ctx.rank), f"{ctx.serving_host}:{self.mailbox.port}")
         self.zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.peers: dict[int, zmq.Socket[bytes]] = {}
-        for peer in range(ctx.world_size):
-            if peer == ctx.rank:
-                continue
-            sock = self.zctx.socket(zmq.DEALER)
-            secure_client(sock, keys)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://{ctx.store.get(_ADDRESS_KEY.format(peer)).decode()}")
-            self.peers[peer] = sock
-        self.fanout = min(peers, len(self.peers))
+        self.peers: dict[int, zmq.Socket[bytes]] = {}  # connected on first use
+        self.current = list(range(ctx.world_size))  # this epoch's workers
         self.rng = random.Random(1000 + ctx.rank)
+        self.epoch = 0  # the epoch being trained, which names its exact average
+        if not ctx.joining:  # every worker starts from rank 0's parameters
+            self._load(self._lowest_ranks_values())
+
+    def _lowest_ranks_values(self) -> np.ndarray:
+        """Rank 0's parameters, summed with nothing from the others (a flag counts rank
+        0 in; without it, say dead before this, each worker keeps its own)."""
+        import numpy as np
+
+        flat = self._flat()
+        mine = np.zeros(flat.size + 1)
+        if self.ctx.rank == 0:
+            mine[:-1], mine[-1] = flat, 1.0
+        total, _ = self.members.gather("init", mine)
+        return total[:-1].astype(flat.dtype) if total[-1] else flat
 
     def _flat(self) -> np.ndarray:
         import torch
@@ -157,47 +183,98 @@ class _GossipReplica(DataParallel):
         vector = torch.nn.utils.parameters_to_vector(self.model.parameters())
         return vector.detach().cpu().numpy().copy()
 
-    def update(self, loss: torch.Tensor) -> bool:
+    def _load(self, flat: np.ndarray) -> None:
         import torch
 
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        flat, mailbox = self._flat(), self.mailbox
-        while mailbox.received:  # peers that averaged with us since our last step
-            flat = (flat + mailbox.received.popleft()) / 2
-        for peer in self.rng.sample(sorted(self.peers), self.fanout):
-            flat = (flat + self._exchange(peer, flat)) / 2
         device = next(self.model.parameters()).device
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(
                 torch.from_numpy(flat).to(device), self.model.parameters()
             )
-        mailbox.publish(flat)
-        return bool(self.peers)
+        self.mailbox.publish(flat)
 
-    def _exchange(self, peer: int, flat: np.ndarray) -> np.ndarray:
+    def _peer(self, peer: int) -> zmq.Socket[bytes]:
+        import zmq
+
+        from corral.comm.curve import secure_client
+
+        if peer not in self.peers:
+            sock = self.zctx.socket(zmq.DEALER)
+            secure_client(sock, self.keys)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{self.ctx.store.get(_ADDRESS_KEY.format(peer)).decode()}")
+            self.peers[peer] = sock
+        return self.peers[peer]
+
+    def update(self, loss: torch.Tensor) -> bool:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.members.count_step()  # answered while we talk to peers
+        flat, mailbox = self._flat(), self.mailbox
+        while mailbox.received:  # peers that averaged with us since our last step
+            flat = (flat + mailbox.received.popleft()) / 2
+        others = [p for p in self.current if p != self.ctx.rank]
+        synced = False
+        for peer in self.rng.sample(others, min(self.fanout, len(others))):
+            theirs = self._exchange(peer, {}, flat)
+            if theirs is not None:
+                flat, synced = (flat + theirs) / 2, True
+        self._load(flat)
+        self.members.settle()
+        return synced
+
+    def _exchange(self, peer: int, header: dict, flat: np.ndarray) -> np.ndarray | None:
+        """`peer`'s parameters for ours, or None if the driver says it is lost (it is
+        not asked again this epoch)."""
         from corral.comm.frames import pack, unpack
 
-        sock = self.peers[peer]
-        sock.send_multipart(pack({}, [flat]), copy=False)
-        if not sock.poll(_TIMEOUT_MS):
-            raise CorralError(f"gossip peer {peer} did not answer within {_TIMEOUT_MS // 1000} s")
+        sock = self._peer(peer)
+        sock.send_multipart(pack(header, [flat]), copy=False)
+        waited = 0
+        while not sock.poll(_ASK_MS):
+            waited += _ASK_MS
+            if peer not in self.members.members():
+                self.current = [p for p in self.current if p != peer]  # the loop's is apart
+                self.peers.pop(peer).close(linger=0)
+                return None
+            if waited >= _TIMEOUT_MS:
+                raise CorralError(
+                    f"gossip peer {peer} did not answer within {_TIMEOUT_MS // 1000} s"
+                )
         _, (theirs,) = unpack(sock.recv_multipart(copy=False))
         return theirs
 
-    def sync(self) -> None:
-        import torch
+    def begin_epoch(self, epoch: int, *, steps: int, samples: int) -> None:
+        super().begin_epoch(epoch, steps=steps, samples=samples)
+        self.epoch = epoch
 
+    def sync(self) -> None:
+        """The exact average over this epoch's surviving workers."""
         self.mailbox.received.clear()  # the exact average below supersedes pending ones
-        with torch.no_grad():
-            average_([p.data for p in self.model.parameters()])
-        self.mailbox.publish(self._flat())
+        flat = self._flat()
+        total, came = self.members.gather(f"sync-{self.epoch}", flat)
+        self._load((total / len(came)).astype(flat.dtype))
+
+    def meet(self, epoch: int, sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        totals, members = super().meet(epoch, sums)
+        self.current = list(members)
+        return totals, members
+
+    def join(self) -> tuple[int, list[int]] | None:
+        """Start from the lowest member's current parameters."""
+        joined = super().join()
+        if joined is not None:
+            self.current = list(joined[1])
+            theirs = self._exchange(self.current[0], {"op": "pull"}, self._flat())
+            if theirs is None:
+                raise CorralError(f"worker {self.current[0]} was lost while this one joined")
+            self._load(theirs.copy())
+        return joined
 
     def close(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()  # nobody may still be asking us for parameters
+        # every member met after its last step: nobody asks us for parameters any more
+        super().close()
         for sock in self.peers.values():
             sock.close(linger=0)
         self.peers.clear()

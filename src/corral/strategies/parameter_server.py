@@ -209,18 +209,9 @@ class _Supervisor(Supervisor):
             self._tell_servers(store, [(r, None) for r in lost])
 
     def worker_lost(self, rank: int, successor: int | None, store: dist.Store) -> dict[str, Any]:
-        done = self._tell_servers(store, [(rank, successor)])
-        if not done:
-            return {}  # it had not started an epoch
-        steps, samples, steps_done = done["steps"], done["samples"], done["steps_done"]
-        base, extra = divmod(samples, steps)  # batches are near-equal, larger ones first
-        trained = steps_done * base + min(steps_done, extra)
-        return {
-            "epoch": done["epoch"] + 1,
-            "steps_done": steps_done,
-            "steps": steps,
-            "samples_not_trained": samples - trained,
-        }
+        from corral.runtime.membership import untrained
+
+        return untrained(self._tell_servers(store, [(rank, successor)]))
 
 
 class _PSReplica(Replica):

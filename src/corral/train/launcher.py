@@ -6,11 +6,12 @@ the kernel picks, and tells workers to connect to it as clients
 then re-bound, so two jobs can never race for one. User code calling
 ``dist.init_process_group("gloo")`` with ``env://`` works unchanged.
 
-Each attempt follows the same steps: host the store and the control channel, write the
-payload, launch the plan on the engine, then watch exits and messages until all workers
-finish or one fails. On failure every worker is stopped, the root cause is picked (a
-signal beats an exception, an exception beats the communication errors it causes in
-peers), and `corral.train.restarts.decide` says whether to relaunch.
+Each attempt follows the same steps: host the store and the control channel (and, for a
+strategy that asks, the job's membership: `corral.runtime.meetings`), write the payload,
+launch the plan on the engine, then watch exits and messages until all workers finish or
+one fails. On failure every worker is stopped, the root cause is picked (a signal beats
+an exception, an exception beats the communication errors it causes in peers), and
+`corral.train.restarts.decide` says whether to relaunch.
 
 A job whose strategy trains on without a lost worker sets
 `LaunchOptions.tolerate_worker_loss`, and helper roles may be `restartable`. Then a process
@@ -45,11 +46,13 @@ import cloudpickle
 import torch.distributed as dist
 
 from corral.comm.control import ControlServer, Message
+from corral.comm.curve import JobKeys
 from corral.engines import resolve
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
 from corral.engines.local import LocalEngine
 from corral.errors import CorralError, LaunchError, SpecError, WorkerError
 from corral.runtime import env as names
+from corral.runtime.meetings import ADDRESS_KEY, MembershipHost
 from corral.runtime.resources import ONE_CPU, Resources
 from corral.runtime.roles import Role
 from corral.train import restarts
@@ -86,6 +89,9 @@ class LaunchOptions:
     on_lost: Callable[[ProcessLoss, dist.Store], None] | None = None
     #: Data for the workers that only some engines deliver (see `Plan.feed`).
     feed: Any = None
+    #: Host the job's membership on the driver with these keys, for workers that meet
+    #: without a process group (`StrategyPlan.membership`).
+    membership: JobKeys | None = field(default=None, repr=False)
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -447,6 +453,10 @@ def _attempt(payload: Path, opts: LaunchOptions, attempt: int, restarts_done: in
     store = _host_store(opts.engine.host, opts.master_port)
     control = ControlServer(opts.engine.host)
     group: WorkerGroup | None = None
+    members = None
+    if opts.membership is not None:  # fresh each attempt, as the workers are
+        members = MembershipHost(opts.membership, opts.engine.host, opts.workers)
+        store.set(ADDRESS_KEY, members.address)
     try:
         processes = _Processes(opts, payload, store.port, control, attempt)
         group = opts.engine.launch(processes.plan())
@@ -455,6 +465,8 @@ def _attempt(payload: Path, opts: LaunchOptions, attempt: int, restarts_done: in
         if group is not None:
             group.stop()
         control.close()
+        if members is not None:
+            members.close()
 
 
 def launch(fn: Callable[..., Any], args: tuple[Any, ...], opts: LaunchOptions) -> Any:

@@ -264,6 +264,7 @@ class Trainer:
             tolerate_worker_loss=plan.strategy.tolerates_worker_loss,
             on_lost=losses.lost,
             feed=feed,
+            membership=plan.strategy.keys if plan.strategy.membership else None,
         )
         out = launch(train_worker, (task,), opts)
         local_model.load_state_dict(out["state_dict"])
