@@ -53,7 +53,9 @@ def accuracy_of(strategy, checkpoints: Path, *, workers: int = 4, epochs: int = 
                 optimizer_args={"lr": 0.05, "momentum": 0.974},
             ),
             0.965,
-            60,
+            # 60 epochs gave 96.2-97.1% over six runs (0.965 is 435 of 450): a flake;
+            # 90 gave 97.1-97.3%
+            90,
         ),
         (
             corral.ParameterServer(
