@@ -1,15 +1,17 @@
 """Claim: the job service takes 1,000 submissions from 20 concurrent clients and stores each
 job exactly once, retries included.
 
-Starts a real ``corral server`` (a subprocess on a SQLite file, ``--port 0``) and, through
-its REST API as the admin it creates on first start, makes a team ``load`` with a user
-``loader``. Then ``--clients`` threads, each with its own ``httpx.Client``, submit ``--jobs``
-jobs in all, each with a unique ``client_key``. About ``--retry`` of the submissions are sent
-twice with the same key: half of them again after the reply (a client that lost it), half
-from a second connection at the same moment (a client that timed out and resent while the
-first request was still in flight), so two inserts race on the store's unique key. The
-clients run in this process, on the same cores as the server: their time is part of the
-latency measured, as it is for any client on the server's machine.
+Starts a real ``corral server`` (a subprocess, ``--port 0``) on a fresh database: a SQLite
+file by default, or, with ``--db postgresql://user@host/db``, a database created for the
+run on that PostgreSQL server (and dropped after). Through its REST API, as the admin it
+creates on first start, it makes a team ``load`` with a user ``loader``. Then ``--clients``
+threads, each with its own ``httpx.Client``, submit ``--jobs`` jobs in all, each with a
+unique ``client_key``. About ``--retry`` of the submissions are sent twice with the same
+key: half of them again after the reply (a client that lost it), half from a second
+connection at the same moment (a client that timed out and resent while the first request
+was still in flight), so two inserts race on the store's unique key. The clients run in
+this process, on the same cores as the server: their time is part of the latency
+measured, as it is for any client on the server's machine.
 
 Nothing trains. The point is the submit path (auth, spec validation, admission, insert)
 and the storage, not job processes: a pool of 1 CPU / 1 GiB, and a job of the admin's team
@@ -17,22 +19,28 @@ and the storage, not job processes: a pool of 1 CPU / 1 GiB, and a job of the ad
 run by another replica on the same database would look: no process of this server's), with
 a quota of 0 CPUs for ``holder`` so that the runner could not launch it in the instant
 before. Every submitted job asks for 1 CPU and 512 MiB: admissible (it fits the pool and the
-team's quota), so it is queued and stays queued. The runner still runs a scheduling pass
-over the growing queue every 0.5 s, as in production.
+team's quota), so it is queued and stays queued. Its data is a small Parquet file the run
+writes, which the service opens at submit. The runner still runs a scheduling pass over the
+growing queue every 0.5 s, as in production.
 
-Verifies, through ``GET /api/jobs?all_states=true`` as the admin and directly in the
-``jobs`` table of the same SQLite file, that every job is stored exactly once: ``--jobs``
-distinct jobs, no ``client_key`` twice, one ``submitted`` event each, and every retry
-answered with the job its key made.
+Verifies, through ``GET /api/jobs?all_states=true`` as the admin and in the ``jobs`` table
+of the same database (read through SQLAlchemy at its URL), that every job is stored exactly
+once: ``--jobs`` distinct jobs, no ``client_key`` twice, one ``submitted`` event each, and
+every retry answered with the job its key made.
 
-In the same run, the peer is the floor of the storage layer: the same inserts done directly
-through ``Store.add_job`` from ``--clients`` threads, no HTTP, on a fresh SQLite file, after
-the server has stopped. It also times the scheduling pass of ``bench/schedule_pass.py``
-(10,000 queued jobs of 100 teams; target < 100 ms), and the runner's pass on this store
-(``cluster_state()`` read from SQLite, then ``schedule()``), which ran every 0.5 s during
-the load.
+In the same run, two floors. The storage layer's: the same inserts done directly through
+``Store.add_job`` from ``--clients`` threads, no HTTP, on a second fresh database of the
+same kind, after the server has stopped. And the HTTP stack's: the same requests from the
+same clients to a no-op ``POST /api/jobs`` (uvicorn as ``corral server`` runs it, the same
+middleware and body model, no token check, no store), which bounds what any store behind
+that stack could reach on this machine. It also times the scheduling pass of
+``bench/schedule_pass.py`` (10,000 queued jobs of 100 teams; target < 100 ms), and the
+runner's pass on this store (``cluster_state()`` read from the database, then
+``schedule()``), which ran every 0.5 s during the load.
 
-Run: ``.venv/bin/python bench/service_load.py`` (``--help`` for sizes).
+Run: ``.venv/bin/python bench/service_load.py`` (SQLite), or
+``.venv/bin/python bench/service_load.py --db postgresql://postgres@127.0.0.1:5432/test``
+(``--help`` for sizes).
 """
 
 from __future__ import annotations
@@ -44,34 +52,42 @@ import platform
 import queue
 import random
 import re
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, make_url, select, text
 
+from corral.runtime.resources import Resources
 from corral.service import schema as t
 from corral.service.cluster import cluster_state
-from corral.service.resources import Resources
 from corral.service.scheduler import Policy, schedule
 from corral.service.store import Store, User
 
 sys.path.insert(0, str(Path(__file__).parent))
-import schedule_pass  # the scheduling bench: called, not copied
+try:
+    import schedule_pass  # the scheduling bench: called, not copied
+except ImportError as exc:  # that script broken must not hide the load numbers
+    schedule_pass = None  # type: ignore[assignment]
+    SCHEDULE_PASS_ERROR = f"{type(exc).__name__}: {exc}"
 
 #: The pool the server schedules: one job of the size below could run, were it free.
 POOL = Resources(cpus=1, memory_mib=1024, gpus=0)
+#: The jobs' spec; its data path is set to a small Parquet file the run writes (the
+#: service opens a job's data at submit, as ``corral train`` would, and refuses it missing).
 SPEC: dict[str, Any] = {
     "entrypoint": "examples.digits:make_model",
-    "data": {"path": "data/train.parquet", "label": "y"},
+    "data": {"path": "/absent/train.parquet", "label": "y"},
     "roles": {"worker": {"count": 1, "cpus": 1, "memory": "512m"}},
 }
 DEMAND = Resources(cpus=1, memory_mib=512, gpus=0)
@@ -86,11 +102,65 @@ class Sent:
     job_id: str | None
 
 
-def start_server(db: str, state_dir: Path, log: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """`corral server` on a free port; returns it, its URL and the admin token it printed."""
-    argv = [sys.executable, "-m", "corral", "server", "--port", "0", "--db", db]
-    argv += ["--state-dir", str(state_dir), "--cpus", f"{POOL.cpus:g}"]
-    argv += ["--memory", f"{POOL.memory_mib}m", "--gpus", str(POOL.gpus)]
+def write_data(folder: Path) -> None:
+    """The jobs' training data: a two-row Parquet file in `folder`, named in `SPEC`."""
+    import pandas as pd
+
+    path = folder / "train.parquet"
+    pd.DataFrame({"a": [0.0, 1.0], "y": [0, 1]}).to_parquet(path)
+    SPEC["data"] = {"path": str(path), "label": "y"}
+
+
+def kind_of(db: str) -> str:
+    """SQLite or PostgreSQL, as the table names it."""
+    return "SQLite" if make_url(db).get_backend_name() == "sqlite" else "PostgreSQL"
+
+
+@contextlib.contextmanager
+def databases(db: str | None, tmp: Path) -> Iterator[tuple[str, str]]:
+    """Two fresh databases of the same kind: the server's, and the floor's.
+
+    Without `db`, SQLite files in `tmp`, as the bench always used. A SQLite URL names the
+    server's file (it must not exist yet); the floor's is beside it. A PostgreSQL URL names
+    the server and the credentials: two databases are created there (``CREATE DATABASE``,
+    from a connection to the database the URL names, which is never written) and dropped
+    after the run."""
+    if db is None:
+        yield f"sqlite:///{tmp}/service.db", f"sqlite:///{tmp}/floor.db"
+        return
+    url = make_url(db)
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database or "")
+        floor_path = path.with_name(f"{path.stem}-floor{path.suffix}")
+        for taken in (path, floor_path):
+            if taken.exists():
+                raise SystemExit(f"{taken} exists: the bench needs a fresh database")
+        yield db, url.set(database=str(floor_path)).render_as_string(hide_password=False)
+        return
+    if url.drivername == "postgresql":  # psycopg 3, as `Store` uses
+        url = url.set(drivername="postgresql+psycopg")
+    names = [f"corral_load_{secrets.token_hex(4)}"]
+    names.append(f"{names[0]}_floor")
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        made = make_url(db)
+        yield (
+            made.set(database=names[0]).render_as_string(hide_password=False),
+            made.set(database=names[1]).render_as_string(hide_password=False),
+        )
+    finally:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _serve(argv: list[str], log: Path, ready: str) -> tuple[subprocess.Popen[str], str, str | None]:
+    """Start `argv` and wait for the line matching `ready` (its URL); returns the process,
+    the URL and the token it printed before, if any."""
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -120,17 +190,57 @@ def start_server(db: str, state_dir: Path, log: Path) -> tuple[subprocess.Popen[
             break
         if line.strip().startswith("crl_"):
             token = line.strip()
-        if m := re.match(r"corral server on (http://\S+)", line):
-            if token is None:
-                break
+        if m := re.match(ready, line):
             return proc, m.group(1), token
-    stop_server(proc, db, state_dir)
-    raise SystemExit(f"the server did not start; its output is in {log}:\n{log.read_text()}")
+    _stop(proc)
+    raise SystemExit(f"{argv} did not start; its output is in {log}:\n{log.read_text()}")
 
 
-def stop_server(proc: subprocess.Popen[str], db: str, state_dir: Path) -> int:
-    """Stop the server, then any job process it started (none should have); returns how
-    many jobs the store gives a pid (a process was started for them)."""
+def start_server(db: str, state_dir: Path, log: Path) -> tuple[subprocess.Popen[str], str, str]:
+    """`corral server` on a free port; returns it, its URL and the admin token it printed."""
+    argv = [sys.executable, "-m", "corral", "server", "--port", "0", "--db", db]
+    argv += ["--state-dir", str(state_dir), "--cpus", f"{POOL.cpus:g}"]
+    argv += ["--memory", f"{POOL.memory_mib}m", "--gpus", str(POOL.gpus)]
+    proc, url, token = _serve(argv, log, r"corral server on (http://\S+)")
+    if token is None:
+        stop_server(proc, db, state_dir)
+        raise SystemExit(f"the server printed no admin token; its output is in {log}")
+    return proc, url, token
+
+
+def serve_noop() -> None:
+    """The HTTP stack alone (``--serve-noop``): uvicorn as `corral server` runs it, the
+    app's body-size middleware, and a sync ``POST /api/jobs`` that validates the same
+    `SubmitRequest` and answers 201 with a `JobOut`, touching no store and asking no token."""
+    import uvicorn
+    from fastapi import FastAPI, status
+
+    from corral.service.api import _BodyLimit
+    from corral.service.models import Demand, JobOut, SubmitRequest
+    from corral.service.server import bind
+
+    app = FastAPI()
+    app.add_middleware(_BodyLimit)
+
+    @app.post("/api/jobs", status_code=status.HTTP_201_CREATED)
+    def submit(body: SubmitRequest) -> JobOut:
+        key = body.client_key or "none"
+        return JobOut(
+            id=key, name=key, user="loader", team="load", state="queued", priority=0,
+            demand=Demand(cpus=1, memory_mib=512, gpus=0), attempts=0, max_restarts=0,
+            submitted=time.time(), started=None, ended=None, reason="submitted",
+            preemptible=False, url=f"http://127.0.0.1/jobs/{key}",
+        )  # fmt: skip
+
+    sock = bind("127.0.0.1", 0)
+    host, port = sock.getsockname()[:2]
+    print(f"no-op server on http://{host}:{port}", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -139,7 +249,14 @@ def stop_server(proc: subprocess.Popen[str], db: str, state_dir: Path) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    if not Path(db.removeprefix("sqlite:///")).exists():
+
+
+def stop_server(proc: subprocess.Popen[str], db: str, state_dir: Path) -> int:
+    """Stop the server, then any job process it started (none should have); returns how
+    many jobs the store gives a pid (a process was started for them)."""
+    _stop(proc)
+    url = make_url(db)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
         return 0
     store = Store(db)
     try:
@@ -328,17 +445,39 @@ def pct(values: list[float]) -> tuple[float, float, float, float]:
     return float(p50), float(p95), float(p99), max(values)
 
 
+def row(label: str, wall: float, jobs: int, requests: int, ms: list[float]) -> str:
+    return (
+        f"| {label} | {wall:.2f} | {jobs / wall:.0f} | {requests / wall:.0f} | "
+        + " | ".join(f"{v:.1f}" for v in pct(ms))
+        + " |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument(
+        "--db",
+        help="database URL, e.g. postgresql://postgres@127.0.0.1:5432/test: the server "
+        "and floor run on fresh databases created there and dropped after (default: "
+        "SQLite files in a temporary folder)",
+    )
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--retry", type=float, default=0.05, help="share of submissions resent")
     parser.add_argument("--passes", type=int, default=10, help="timed scheduling passes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve-noop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_noop:
+        serve_noop()
+        return
     work = plan(args.clients, args.jobs, args.retry, args.seed)
-    with tempfile.TemporaryDirectory(prefix="corral-load-") as tmp:
-        db, state_dir = f"sqlite:///{tmp}/service.db", Path(tmp, "state")
+    with (
+        tempfile.TemporaryDirectory(prefix="corral-load-") as tmp,
+        databases(args.db, Path(tmp)) as (db, floor_db),
+    ):
+        kind, state_dir = kind_of(db), Path(tmp, "state")
+        write_data(Path(tmp))
         proc, url, admin = start_server(db, state_dir, Path(tmp, "server.log"))
         try:
             token = setup(url, admin, db)
@@ -349,12 +488,19 @@ def main() -> None:
         finally:
             started = stop_server(proc, db, state_dir)
         rows, keys, twice, events, left = verify_store(db)
-        ours_pass = runner_pass(db, args.passes)
-        floor_wall, floor_ms = floor(f"sqlite:///{tmp}/floor.db", args.clients, args.jobs)
-    typical = schedule_pass.build(10_000, 100, args.seed)
-    big_pass = schedule_pass.timed(
-        lambda: len(schedule(typical, schedule_pass.NOW, Policy())), args.passes
-    )
+        ours_pass = runner_pass(db, args.passes) if schedule_pass else None
+        floor_wall, floor_ms = floor(floor_db, args.clients, args.jobs)
+        noop, noop_url, _ = _serve(
+            [sys.executable, __file__, "--serve-noop"],
+            Path(tmp, "noop.log"),
+            r"no-op server on (http://\S+)",
+        )
+        try:
+            begin = time.perf_counter()
+            noop_sent = submit_all(noop_url, "none", work)
+            noop_wall = time.perf_counter() - begin
+        finally:
+            _stop(noop)
 
     failed = [s for s in sent if s.status != 201]
     by_key: dict[str, set[str | None]] = {}
@@ -376,29 +522,44 @@ def main() -> None:
 
     print(
         f"\n{platform.node()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
-        f"`corral server` on SQLite, {args.clients} client threads, {args.jobs} jobs "
+        f"`corral server` on {kind}, {args.clients} client threads, {args.jobs} jobs "
         f"+ {len(retries)} retries ({racing} racing the first request)\n"
     )
     print(
         "| path | wall s | jobs/s | requests/s | p50 ms | p95 ms | p99 ms | max ms |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|"
     )
-    ours = pct([s.ms for s in sent])
-    base = pct(floor_ms)
+    n = args.jobs
+    ours, base = pct([s.ms for s in sent]), pct(floor_ms)
     print(
-        f"| ours: POST /api/jobs, {args.clients} clients over HTTP | {wall:.2f} | "
-        f"{args.jobs / wall:.0f} | {len(sent) / wall:.0f} | "
-        + " | ".join(f"{v:.1f}" for v in ours)
-        + " |"
+        row(
+            f"ours: POST /api/jobs on {kind}, {args.clients} clients over HTTP",
+            wall,
+            n,
+            len(sent),
+            [s.ms for s in sent],
+        )
     )
     print(
-        f"| floor: `Store.add_job`, {args.clients} threads, no HTTP | {floor_wall:.2f} | "
-        f"{args.jobs / floor_wall:.0f} | {args.jobs / floor_wall:.0f} | "
-        + " | ".join(f"{v:.1f}" for v in base)
-        + " |"
+        row(
+            f"floor: `Store.add_job` on {kind}, {args.clients} threads, no HTTP",
+            floor_wall,
+            n,
+            n,
+            floor_ms,
+        )
     )
     print(
-        f"| ratio ours / floor | {wall / floor_wall:.1f}× | | | "
+        row(
+            f"floor: HTTP alone, a no-op POST /api/jobs, {args.clients} clients",
+            noop_wall,
+            n,
+            len(noop_sent),
+            [s.ms for s in noop_sent],
+        )
+    )
+    print(
+        f"| ratio ours / store floor | {wall / floor_wall:.1f}× | | | "
         + " | ".join(f"{a / b:.1f}×" for a, b in zip(ours, base, strict=True))
         + " |"
     )
@@ -412,12 +573,21 @@ def main() -> None:
         f"{len(listed)}, {len(listed_ids)} |"
     )
     print(
-        f"| `jobs` table: rows, distinct client keys, keys stored twice, "
-        f"'submitted' events | {rows}, {keys}, {twice}, {events} |"
+        f"| `jobs` table ({kind}, through SQLAlchemy): rows, distinct client keys, keys "
+        f"stored twice, 'submitted' events | {rows}, {keys}, {twice}, {events} |"
     )
     print(f"| jobs that left the queue; job processes the server started | {left}; {started} |")
     print(f"| **stored exactly once** | **{yes[once]}** |")
+    if failed:
+        print(f"\nfailed requests (first 5): {[(s.key, s.kind, s.status) for s in failed[:5]]}")
 
+    if schedule_pass is None or ours_pass is None:
+        print(f"\nscheduling passes not timed: bench/schedule_pass.py: {SCHEDULE_PASS_ERROR}")
+        return
+    typical = schedule_pass.build(10_000, 100, args.seed)
+    big_pass = schedule_pass.timed(
+        lambda: len(schedule(typical, schedule_pass.NOW, Policy())), args.passes
+    )
     print("\n| scheduling pass | target | median ms | worst ms | launches |")
     print("|---|---:|---:|---:|---:|")
     print(
@@ -425,11 +595,9 @@ def main() -> None:
         f"{big_pass[0]:.1f} | {big_pass[1]:.1f} | {big_pass[2]} |"
     )
     print(
-        f"| runner's pass on this store: `cluster_state()` from SQLite + `schedule()`, "
+        f"| runner's pass on this store: `cluster_state()` from {kind} + `schedule()`, "
         f"{args.jobs} queued | | {ours_pass[0]:.1f} | {ours_pass[1]:.1f} | {ours_pass[2]} |"
     )
-    if failed:
-        print(f"\nfailed requests (first 5): {[(s.key, s.kind, s.status) for s in failed[:5]]}")
 
 
 if __name__ == "__main__":
