@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from corral.console import err, guarded
 from corral.service.commands import register
+
+if TYPE_CHECKING:
+    from corral.service.isolation import Mode
 
 app = typer.Typer(
     help="corral: distributed PyTorch training on local processes or Spark.",
@@ -85,10 +88,23 @@ def train(
     guarded(action)
 
 
+def _isolation_mode(value: str) -> Mode:
+    from corral.errors import SpecError
+
+    if value not in ("auto", "accounts", "none"):
+        raise SpecError(f"--isolation: '{value}' is not one of auto, accounts, none")
+    return value  # type: ignore[return-value]
+
+
 @app.command()
 def server(
     db: Annotated[
-        str, typer.Option(help="database URL: sqlite:///file.db, or postgresql://…")
+        str,
+        typer.Option(
+            envvar="CORRAL_DB",
+            help="database URL: sqlite:///file.db, or postgresql://… (pass a password "
+            "in CORRAL_DB: a command line is readable by every process in /proc)",
+        ),
     ] = "sqlite:///corral-service.db",
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port; 0 picks a free one")] = 8642,
@@ -109,6 +125,13 @@ def server(
     spark_conf: Annotated[
         list[str] | None, typer.Option(help="Spark setting for the jobs, key=value (repeatable)")
     ] = None,
+    isolation: Annotated[
+        str,
+        typer.Option(
+            help="auto: as root, each team's jobs run as its own OS account inside "
+            "enforced limits; none: one-user mode; accounts: require it"
+        ),
+    ] = "auto",
 ) -> None:
     """Start the job service: REST API and web UI on one port, jobs on this machine (or on
     a Spark cluster, whose capacity is then the pool)."""
@@ -142,6 +165,7 @@ def server(
             pool=pool,
             policy=Policy(preemption=preemption),
             spark=spark,
+            isolation=_isolation_mode(isolation),
         )
         serve(opts)
 

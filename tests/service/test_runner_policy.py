@@ -40,6 +40,12 @@ class Scripted:
     def stop(self) -> None:
         self.stopped = True
 
+    def exceeded(self) -> str | None:
+        return None
+
+    def release(self) -> None:
+        pass
+
 
 class Script:
     """Starts attempts that end as `outcomes` say, one per start, in order."""

@@ -47,7 +47,9 @@ from typing import Any, Protocol
 
 from corral.runtime import checkpoint as ckpt
 from corral.runtime.resources import Resources
+from corral.service import accounts, cgroups, isolation
 from corral.service.cluster import cluster_state
+from corral.service.isolation import Isolation
 from corral.service.job import (
     CHECKPOINTS,
     EXIT,
@@ -97,6 +99,14 @@ class Attempt(Protocol):
 
     def stop(self) -> None: ...
 
+    def exceeded(self) -> str | None:
+        """Which enforced limit the attempt went past (the kernel stopped it), if any."""
+        ...
+
+    def release(self) -> None:
+        """Free what the ended attempt held beside its process (its cgroups)."""
+        ...
+
 
 #: Starts an attempt of a job whose folder holds its spec; the runner's default runs
 #: ``python -m corral.service.job FOLDER`` in a session of its own.
@@ -113,6 +123,17 @@ class _Attempt:
     folder: Path
     popen: subprocess.Popen[bytes] | None = None
     offsets: dict[str, int] = field(default_factory=lambda: {LOG: 0, METRICS: 0})
+    #: Its enforced limits, with team accounts (none for an attempt re-attached to).
+    cgroup: cgroups.Cgroup | None = None
+
+    def exceeded(self) -> str | None:
+        if self.cgroup is None or self.cgroup.oom_kills() == 0:
+            return None
+        return f"exceeded its {_mib(self.cgroup.memory_mib)} memory"
+
+    def release(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -151,6 +172,11 @@ class _Attempt:
             self.popen.wait()
 
 
+def _mib(mib: int) -> str:
+    """``2 GiB``, ``1.5 GiB``, or ``512 MiB``."""
+    return f"{mib / 1024:g} GiB" if mib >= 1024 else f"{mib} MiB"
+
+
 def _exit_code(code: int) -> str:
     """``exit code 3``, or ``SIGKILL`` for a process a signal ended."""
     if code < 0:
@@ -177,20 +203,49 @@ def _is_job_process(pid: int, folder: Path) -> bool:
     return not zombie and str(folder).encode() in cmdline
 
 
-def _start_process(job: Job, folder: Path) -> Attempt:
-    """The job's process, in a session of its own: it outlives a server restart and is
-    stopped as a group. Its output goes to the job's log file."""
-    with (folder / LOG).open("ab") as out:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "corral.service.job", str(folder)],
-            cwd=folder,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    offsets = {LOG: job.log_offset, METRICS: job.metrics_offset}
-    return _Attempt(job.id, popen.pid, folder, popen, offsets)
+class ProcessStarter:
+    """Starts an attempt as ``python -m corral.service.job FOLDER``, in a session of its
+    own (it outlives a server restart and is stopped as a group), its output to the
+    job's log. With team accounts (`Isolation.accounts`) it goes through
+    `corral.service.sandbox`: inside the attempt's cgroup limits, as the team's account,
+    in a clean environment, in a folder only that account may enter."""
+
+    def __init__(self, isolation: Isolation) -> None:
+        self.isolation = isolation
+
+    def __call__(self, job: Job, folder: Path) -> Attempt:
+        offsets = {LOG: job.log_offset, METRICS: job.metrics_offset}
+        argv = [sys.executable, "-m", "corral.service.job", str(folder)]
+        cgroup, env = None, None
+        with (folder / LOG).open("ab") as out:
+            if self.isolation.accounts:
+                account = accounts.ensure(job.team)
+                isolation.give(folder, account.uid, account.gid)
+                memory = job.demand.memory_mib
+                cgroup = cgroups.create(
+                    f"{job.id}-{job.attempts}", memory_mib=memory, cpus=job.demand.cpus
+                )
+                env = isolation.clean_env(folder)
+                spec = {
+                    "uid": account.uid,
+                    "gid": account.gid,
+                    "procs": [str(p) for p in cgroup.procs] if cgroup else [],
+                    "rlimit_as": None if cgroup or not memory else memory * 2**20,
+                    "env": env,
+                    "cwd": str(folder),
+                }
+                argv = [sys.executable, "-m", "corral.service.sandbox", json.dumps(spec), "--"]
+                argv += [sys.executable, "-m", "corral.service.job", str(folder)]
+            popen = subprocess.Popen(
+                argv,
+                cwd=folder,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return _Attempt(job.id, popen.pid, folder, popen, offsets, cgroup)
 
 
 class Runner:
@@ -210,10 +265,10 @@ class Runner:
         interval: float = 0.5,
         spark: SparkSpec | None = None,
         preempt_grace_s: float = 120.0,
-        start_attempt: Starter = _start_process,
+        start_attempt: Starter | None = None,
     ) -> None:
         self.store, self.pool, self.policy = store, pool, policy or Policy()
-        self.start_attempt = start_attempt
+        self.start_attempt = start_attempt or ProcessStarter(Isolation(accounts=False))
         self.spark = spark
         self.state_dir, self.interval = state_dir, interval
         self._attempts: dict[str, Attempt] = {}
@@ -284,6 +339,7 @@ class Runner:
     def tick(self) -> None:
         self._cancel_requested()
         self._preempt_overdue()
+        self._over_limits()
         self._reap()
         for job in self.store.jobs(states=["restarting"]):
             if job.id not in self._attempts:
@@ -308,7 +364,22 @@ class Runner:
             if attempt is not None:
                 attempt.stop()
                 self._pump_one(attempt, final=True)
+                attempt.release()
             self.store.transition(job.id, [job.state], "cancelled", job.reason)
+
+    def _over_limits(self) -> None:
+        """Stop, and fail for good, the attempts that went past an enforced limit: a
+        restart would only meet it again."""
+        for job_id, attempt in list(self._attempts.items()):
+            reason = attempt.exceeded()
+            if reason is None:
+                continue
+            attempt.stop()
+            self._pump_one(attempt, final=True)
+            del self._attempts[job_id]
+            self._preempting.pop(job_id, None)
+            self.store.transition(job_id, ["running"], "failed", f"stopped: {reason}")
+            attempt.release()
 
     def _reap(self) -> None:
         for job_id, attempt in list(self._attempts.items()):
@@ -318,6 +389,11 @@ class Runner:
             del self._attempts[job_id]
             job = self.store.job(job_id)
             if job is None:
+                continue
+            reason = attempt.exceeded()
+            attempt.release()
+            if reason is not None:  # the kernel stopped it between two ticks
+                self.store.transition(job_id, ["running"], "failed", f"stopped: {reason}")
                 continue
             status = attempt.exit_status() or ExitStatus(
                 1, "its process died without an exit status"

@@ -19,7 +19,8 @@ from pathlib import Path
 from corral.errors import CorralError
 from corral.runtime.resources import Resources
 from corral.service.api import create_app
-from corral.service.runner import Runner
+from corral.service.isolation import Isolation, Mode
+from corral.service.runner import ProcessStarter, Runner
 from corral.service.scheduler import Policy
 from corral.service.store import Store
 from corral.spec import SparkSpec
@@ -37,6 +38,8 @@ class ServerOptions:
     policy: Policy = field(default_factory=Policy)
     #: Run jobs as applications on this Spark cluster instead of local processes.
     spark: SparkSpec | None = None
+    #: Team accounts and enforced limits (`corral.service.isolation`).
+    isolation: Mode = "auto"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -69,6 +72,10 @@ def serve(opts: ServerOptions) -> None:
     re-attaches to them."""
     import uvicorn
 
+    isolation = Isolation.choose(opts.isolation)
+    if isolation.warning is not None:
+        print(f"corral server: {isolation.warning}", flush=True)
+    isolation.prepare_state(opts.state_dir)  # before the database file is created
     sock = bind(opts.host, opts.port)
     try:
         store = Store(opts.db)
@@ -86,14 +93,21 @@ def serve(opts: ServerOptions) -> None:
         )
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(
-        store, pool=opts.pool, state_dir=opts.state_dir, policy=opts.policy, spark=opts.spark
+        store,
+        pool=opts.pool,
+        state_dir=opts.state_dir,
+        policy=opts.policy,
+        spark=opts.spark,
+        start_attempt=ProcessStarter(isolation),
     )
     runner.start()
     app = create_app(store, pool=opts.pool, policy=opts.policy, job_folder=runner.folder)
+    app.state.isolation_warning = isolation.warning
     where = f"Spark at {opts.spark.master}" if opts.spark else "this machine"
+    how = "as their teams' accounts" if isolation.accounts else "as this server's user"
     print(
         f"corral server on {url} (pool: {opts.pool.cpus:g} CPUs, {opts.pool.memory_mib} MiB, "
-        f"{opts.pool.gpus} GPUs; jobs run on {where})",
+        f"{opts.pool.gpus} GPUs; jobs run on {where}, {how})",
         flush=True,
     )
     config = uvicorn.Config(app, log_level="warning", access_log=False)

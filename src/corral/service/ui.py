@@ -429,6 +429,8 @@ def ui_router() -> APIRouter:
             return _to_login(request)
         app = request.app
         view = cluster_view(_store(request), app.state.pool, app.state.policy, user)
-        return render(request, "cluster.html", user=user, view=view)
+        # set by `corral server` in one-user mode (`corral.service.isolation`)
+        warning = getattr(app.state, "isolation_warning", None)
+        return render(request, "cluster.html", user=user, view=view, warning=warning)
 
     return ui
