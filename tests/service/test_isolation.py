@@ -23,6 +23,7 @@ import httpx
 import pytest
 from conftest import start_server, wait_until
 
+import corral
 from corral.service import accounts
 from corral.service.store import Store
 
@@ -36,11 +37,12 @@ if os.geteuid() != 0:
 
 @pytest.fixture(autouse=True)
 def python_for_accounts():
-    """The interpreter must be one the job accounts can run. Where it sits under a
-    private home (pyenv in /root, 0700), let others traverse that home (not list it) for
-    the test's length, as a production install would put Python elsewhere."""
+    """The interpreter and corral must be where the job accounts can run them. Where they
+    sit under a private home (pyenv in /root, 0700), let others traverse that home (not
+    list it) for the test's length, as a production install would put them elsewhere."""
     changed = []
-    for parent in Path(os.path.realpath(sys.executable)).parents:
+    needed = (os.path.realpath(sys.executable), os.path.realpath(corral.__file__))
+    for parent in {p for path in needed for p in Path(path).parents}:
         mode = parent.stat().st_mode & 0o777
         if not mode & 0o001:
             parent.chmod(mode | 0o001)
