@@ -171,6 +171,20 @@ def alpha_waiting(shared: Path, gate: Path) -> dict:
     return write_job(shared, "alpha", body)
 
 
+def cpu_quota(pid: int) -> float | None:
+    """The CPUs the kernel lets process `pid` use, from its cgroup (v2 or v1)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and Path(f"/sys/fs/cgroup{path}/cpu.max").exists():
+            quota, period = Path(f"/sys/fs/cgroup{path}/cpu.max").read_text().split()
+            return None if quota == "max" else int(quota) / int(period)
+        if "cpu" in controllers.split(","):
+            group = Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
+            quota = int((group / "cpu.cfs_quota_us").read_text())
+            return None if quota < 0 else quota / int((group / "cpu.cfs_period_us").read_text())
+    return None
+
+
 def payload_of(uid: int) -> Path:
     """The launcher payload (the job's keys inside) of the running job of account `uid`."""
     (found,) = [p for p in Path("/tmp").glob("corral-*/payload.pkl") if p.stat().st_uid == uid]
@@ -211,6 +225,7 @@ except OSError as exc:
     print("probe {name}:", errno.errorcode[exc.errno], flush=True)"""
         for name, code in targets.items()
     )
+    assert cpu_quota(pid) == 1.0  # the grant: one worker of one CPU
     b = service.submit(beta, write_job(shared, "beta", textwrap.dedent(probes)))
     wait_until(lambda: service.job(beta, b)["state"] in ("succeeded", "failed"), 120, "beta")
     log = service.log(beta, b)

@@ -137,3 +137,25 @@ def create(name: str, *, memory_mib: int, cpus: float) -> Cgroup | None:
     if os.geteuid() != 0:
         return None
     return _v2(name, memory_mib, cpus) or _v1(name, memory_mib, cpus)
+
+
+def of_process(pid: int, memory_mib: int) -> Cgroup | None:
+    """The attempt's groups that process `pid` is in, if `create` made them: a server
+    that restarted finds the limits of the jobs it re-attaches to."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    found: dict[str, Path] = {}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "/corral/" not in path:
+            continue
+        if controllers == "":
+            return Cgroup((ROOT / path.lstrip("/"),), 2, memory_mib)
+        for controller in ("memory", "cpu"):
+            if controller in controllers.split(","):
+                found[controller] = ROOT / controller / path.lstrip("/")
+    if "memory" not in found:
+        return None
+    return Cgroup(tuple(found[c] for c in ("memory", "cpu") if c in found), 1, memory_mib)

@@ -123,7 +123,7 @@ class _Attempt:
     folder: Path
     popen: subprocess.Popen[bytes] | None = None
     offsets: dict[str, int] = field(default_factory=lambda: {LOG: 0, METRICS: 0})
-    #: Its enforced limits, with team accounts (none for an attempt re-attached to).
+    #: Its enforced limits, with team accounts.
     cgroup: cgroups.Cgroup | None = None
 
     def exceeded(self) -> str | None:
@@ -332,7 +332,8 @@ class Runner:
         """A running process of `job` to re-attach to, copying its files from where the
         store says."""
         offsets = {LOG: job.log_offset, METRICS: job.metrics_offset}
-        return _Attempt(job.id, pid, self.folder(job.id), None, offsets)
+        group = cgroups.of_process(pid, job.demand.memory_mib)  # its limits, if it has any
+        return _Attempt(job.id, pid, self.folder(job.id), None, offsets, group)
 
     # -- one pass -------------------------------------------------------------------
 
