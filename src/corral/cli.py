@@ -125,6 +125,13 @@ def server(
     spark_conf: Annotated[
         list[str] | None, typer.Option(help="Spark setting for the jobs, key=value (repeatable)")
     ] = None,
+    spark_team_conf: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a Spark setting for one team's jobs, which they cannot override, "
+            "team:key=value (repeatable), e.g. vision:spark.kubernetes.namespace=vision"
+        ),
+    ] = None,
     isolation: Annotated[
         str,
         typer.Option(
@@ -150,6 +157,13 @@ def server(
             if bad:
                 raise SpecError(f"--spark-conf: '{bad[0]}' is not key=value")
             spark = SparkSpec(master=spark_master, conf={k: v for k, _, v in pairs})
+        teams: dict[str, dict[str, str]] = {}
+        for item in spark_team_conf or []:
+            team, colon, setting = item.partition(":")
+            key, eq, value = setting.partition("=")
+            if not (colon and eq and team and key):
+                raise SpecError(f"--spark-team-conf: '{item}' is not team:key=value")
+            teams.setdefault(team, {})[key] = value
         here = spark_pool(spark.master, spark.conf) if spark else machine_pool()
         mib = parse(RoleSpec, {"memory": memory}, source="--memory").memory if memory else None
         pool = Resources(
@@ -166,6 +180,7 @@ def server(
             policy=Policy(preemption=preemption),
             spark=spark,
             isolation=_isolation_mode(isolation),
+            spark_teams=teams,
         )
         serve(opts)
 

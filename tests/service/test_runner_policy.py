@@ -130,3 +130,26 @@ def test_a_cancel_stops_the_running_attempt(store, tmp_path):
     runner.tick()
     (attempt,) = script.started
     assert attempt.stopped and store.job(job.id).state == "cancelled"
+
+
+def test_a_teams_spark_settings_reach_its_jobs_and_override_theirs(store, tmp_path):
+    from corral.spec import SparkSpec
+
+    user, _ = store.create_user("ada", "vision")
+    mine = {"spark.kubernetes.namespace": "other-team", "spark.executor.memory": "2g"}
+    job, _ = store.add_job(
+        user=user,
+        name="spark",
+        spec={"name": "spark", "spark": {"conf": mine}},
+        demand=Resources(cpus=2, memory_mib=512),
+    )
+    runner = Runner(
+        store,
+        pool=POOL,
+        state_dir=tmp_path / "state",
+        spark=SparkSpec(master="spark://127.0.0.1:7077"),
+        spark_teams={"vision": {"spark.kubernetes.namespace": "vision"}},
+    )
+    conf = runner._effective_spec(job)["spark"]["conf"]
+    assert conf["spark.kubernetes.namespace"] == "vision"  # not the one the job asked for
+    assert conf["spark.executor.memory"] == "2g" and conf["spark.cores.max"] == "2"

@@ -266,10 +266,15 @@ class Runner:
         spark: SparkSpec | None = None,
         preempt_grace_s: float = 120.0,
         start_attempt: Starter | None = None,
+        spark_teams: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.store, self.pool, self.policy = store, pool, policy or Policy()
         self.start_attempt = start_attempt or ProcessStarter(Isolation(accounts=False))
         self.spark = spark
+        #: Per team, Spark settings its jobs get and cannot override: where a cluster can
+        #: run an application as its team (a Kubernetes namespace and service account; a
+        #: Kerberos principal and keytab on YARN), the team's.
+        self.spark_teams = spark_teams or {}
         self.state_dir, self.interval = state_dir, interval
         self._attempts: dict[str, Attempt] = {}
         #: Jobs asked to stop at their next checkpoint: when to stop them anyway, and why.
@@ -475,13 +480,15 @@ class Runner:
 
     def _effective_spec(self, job: Job) -> dict[str, Any]:
         """The spec the attempt runs: on a Spark service, a Spark application of its own
-        on the service's cluster, sized to what the scheduler gave it (``spark.cores.max``:
+        on the service's cluster, with its team's settings, sized to what the scheduler
+        gave it (``spark.cores.max``:
         without it, a standalone application takes every core, and the next job none)."""
         if self.spark is None:
             return job.spec
         conf = {
             **self.spark.conf,
             **job.spec.get("spark", {}).get("conf", {}),
+            **self.spark_teams.get(job.team, {}),  # the team's identity: not the job's to set
             "spark.cores.max": str(max(1, math.ceil(job.demand.cpus))),
             "spark.dynamicAllocation.enabled": "false",
             "spark.app.name": f"corral-{job.name}-{job.id}",

@@ -40,6 +40,8 @@ class ServerOptions:
     spark: SparkSpec | None = None
     #: Team accounts and enforced limits (`corral.service.isolation`).
     isolation: Mode = "auto"
+    #: Per team, Spark settings its jobs get and cannot override (`Runner.spark_teams`).
+    spark_teams: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -99,6 +101,7 @@ def serve(opts: ServerOptions) -> None:
         policy=opts.policy,
         spark=opts.spark,
         start_attempt=ProcessStarter(isolation),
+        spark_teams=opts.spark_teams,
     )
     runner.start()
     app = create_app(store, pool=opts.pool, policy=opts.policy, job_folder=runner.folder)
