@@ -74,3 +74,23 @@ def secure_client(socket: zmq.Socket[bytes], keys: JobKeys) -> None:
     socket.curve_serverkey = keys.server_public
     socket.curve_publickey = keys.client_public
     socket.curve_secretkey = keys.client_secret
+
+
+class SecureRouter:
+    """A ROUTER socket in a context of its own, bound to a free port of `host`, that
+    completes the handshake only with the job's clients: what a process serving its
+    peers on a thread (a gossip mailbox, the driver's membership host) starts with."""
+
+    def __init__(self, keys: JobKeys, host: str) -> None:
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._auth = start_authenticator(self.context, keys)
+        self.sock = self.context.socket(zmq.ROUTER)
+        secure_server(self.sock, keys)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port: int = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.address = f"{host}:{self.port}"
+
+    def close(self) -> None:
+        self._auth.stop()
+        self.sock.close(linger=0)
+        self.context.term()

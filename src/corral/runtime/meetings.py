@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from corral.comm.curve import JobKeys, secure_client, secure_server, start_authenticator
+from corral.comm.curve import JobKeys, SecureRouter, secure_client
 from corral.comm.frames import pack, unpack
 from corral.errors import CorralError
 from corral.runtime.membership import Decision, Membership, Share
@@ -53,13 +53,8 @@ class MembershipHost:
     """
 
     def __init__(self, keys: JobKeys, host: str, workers: int) -> None:
-        self._zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._auth = start_authenticator(self._zctx, keys)
-        self._sock = self._zctx.socket(zmq.ROUTER)
-        secure_server(self._sock, keys)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"{host}:{port}"
+        self._router = SecureRouter(keys, host)
+        self._sock, self.address = self._router.sock, self._router.address
         self.members: Membership[bytes] = Membership(range(workers))
         self.clocks: dict[int, int] = {}
         self.handlers: dict[str, Handler] = {
@@ -147,9 +142,7 @@ class MembershipHost:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        self._auth.stop()
-        self._sock.close(linger=0)
-        self._zctx.term()
+        self._router.close()
 
 
 class MembershipClient:

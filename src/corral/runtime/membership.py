@@ -71,6 +71,13 @@ class _Meeting(Generic[To]):
     came: set[int] = field(default_factory=set)
     waiting: list[To] = field(default_factory=list)
 
+    def add(self, to: To, worker: int, values: np.ndarray) -> None:
+        """`worker` adds `values` (once: a resent copy is not added again), and waits."""
+        if worker not in self.came:
+            self.total += values
+            self.came.add(worker)
+        self.waiting.append(to)
+
 
 class Membership(Generic[To]):
     """The members of a running job and its epoch-end meetings.
@@ -104,22 +111,14 @@ class Membership(Generic[To]):
     def meet(self, to: To, *, worker: int, epoch: int, sums: np.ndarray) -> Decision[To]:
         """`worker` adds `sums` to `epoch`'s meeting and waits there (a resent copy of its
         sums is not added twice)."""
-        meeting = self._meetings.setdefault(epoch, _Meeting(np.zeros_like(sums)))
-        if worker not in meeting.came:
-            meeting.total += sums
-            meeting.came.add(worker)
-        meeting.waiting.append(to)
+        self._meetings.setdefault(epoch, _Meeting(np.zeros_like(sums))).add(to, worker, sums)
         return self._release()
 
     def gather(self, to: To, *, worker: int, key: str, values: np.ndarray) -> Decision[To]:
         """`worker` adds `values` to the sum named `key` over the current members; all
         who added are answered with the total and their ranks once every member did (a
         resent copy is not added twice)."""
-        meeting = self._sums.setdefault(key, _Meeting(np.zeros_like(values)))
-        if worker not in meeting.came:
-            meeting.total += values
-            meeting.came.add(worker)
-        meeting.waiting.append(to)
+        self._sums.setdefault(key, _Meeting(np.zeros_like(values))).add(to, worker, values)
         return self._release()
 
     def join(self, to: To, *, worker: int) -> Decision[To]:

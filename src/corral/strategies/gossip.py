@@ -55,15 +55,10 @@ class _Mailbox:
     """The answering thread of one worker: serves snapshots, collects peers' parameters."""
 
     def __init__(self, keys: JobKeys, host: str, values: np.ndarray) -> None:
-        import zmq
+        from corral.comm.curve import SecureRouter
 
-        from corral.comm.curve import secure_server, start_authenticator
-
-        self._zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._auth = start_authenticator(self._zctx, keys)
-        self._sock = self._zctx.socket(zmq.ROUTER)
-        secure_server(self._sock, keys)
-        self.port = self._sock.bind_to_random_port(f"tcp://{host}")
+        self._router = SecureRouter(keys, host)
+        self._sock, self.port = self._router.sock, self._router.port
         self._lock = threading.Lock()
         self._snapshot = values.copy()
         self.received: deque[np.ndarray] = deque()
@@ -92,9 +87,7 @@ class _Mailbox:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        self._auth.stop()
-        self._sock.close(linger=0)
-        self._zctx.term()
+        self._router.close()
 
 
 class Gossip(Strategy):
