@@ -64,7 +64,7 @@ def fit(strategy: corral.Strategy, tmp_path: Path, victim: int, **kw) -> corral.
     logs = tmp_path / "first-loss"
     logs.mkdir()
     if strategy.needs_optimizer:  # gossip: the workers' own (servers bring theirs)
-        kw.setdefault("optimizer", functools.partial(torch.optim.SGD, lr=0.1))
+        kw.setdefault("optimizer", functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     trainer = corral.Trainer(
         model=model,
         loss=KillLoss(victim, logs),
