@@ -25,6 +25,7 @@ _EXPORTS = {
     "Gossip": "corral.strategies",
     "JobSpec": "corral.spec",
     "LaunchError": "corral.errors",
+    "MLflow": "corral.spec",
     "OptimizerSpec": "corral.spec",
     "ParameterServer": "corral.strategies",
     "Result": "corral.train.trainer",
@@ -50,6 +51,7 @@ __all__ = [
     "Gossip",
     "JobSpec",
     "LaunchError",
+    "MLflow",
     "OptimizerSpec",
     "ParameterServer",
     "Result",
@@ -96,7 +98,7 @@ if TYPE_CHECKING:
         WorkerError,
     )
     from corral.runtime.context import Context, context
-    from corral.spec import JobSpec, OptimizerSpec, TrainSettings, load_spec
+    from corral.spec import JobSpec, MLflow, OptimizerSpec, TrainSettings, load_spec
     from corral.strategies import AllReduce, Averaging, Gossip, ParameterServer, Strategy
     from corral.train.launcher import run
     from corral.train.trainer import Result, Trainer

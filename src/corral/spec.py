@@ -98,6 +98,32 @@ class Roles(_Model):
     server: RoleSpec | None = Field(None, description="parameter servers (strategy 'ps')")
 
 
+class MLflow(_Model):
+    """Track the job in MLflow: the spec as params, tags, every epoch's metrics (step =
+    epoch), the progress reports as per-step metrics, and the spec, the last checkpoint
+    and the model as artifacts. See `corral.train.tracking`.
+
+    Example:
+        >>> corral.Trainer(..., tracking=corral.MLflow(experiment="digits"))
+    """
+
+    kind: Literal["mlflow"] = "mlflow"
+    uri: str | None = Field(
+        None,
+        description="tracking URI; default MLFLOW_TRACKING_URI, else MLflow's own local "
+        "store in the working directory",
+    )
+    experiment: str = Field("corral", min_length=1, description="experiment of the run")
+    run_name: str | None = Field(None, description="the run's name; default MLflow's")
+    run_id: str | None = Field(
+        None, description="continue this run (its epochs already logged are not repeated)"
+    )
+    step_metrics: bool = Field(
+        True, description="also log the progress reports (about two a second) per step"
+    )
+    log_model: bool = Field(True, description="log the trained model (mlflow.pytorch)")
+
+
 class CheckpointSpec(_Model):
     """When and where checkpoints are written."""
 
@@ -176,6 +202,7 @@ class TrainSettings(_Model):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resume_from: Path | None = None
     master_port: int | None = Field(None, ge=1, le=65535)
+    tracking: MLflow | None = Field(None, description="experiment tracking (MLflow)")
 
     @field_validator("strategy", mode="wrap")
     @classmethod
@@ -186,6 +213,12 @@ class TrainSettings(_Model):
         if isinstance(value, Strategy) and not isinstance(value, _UNION):
             return value
         return handler({"kind": value} if isinstance(value, str) else value)
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracking(cls, value: Any) -> Any:
+        """``"mlflow"`` stands for MLflow with its defaults."""
+        return {"kind": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _roles_match_the_plan(self) -> TrainSettings:

@@ -26,12 +26,13 @@ from corral.engines import resolve
 from corral.engines.base import Engine
 from corral.errors import SpecError
 from corral.runtime import checkpoint as ckpt
-from corral.spec import TrainSettings, parse
+from corral.spec import MLflow, TrainSettings, parse
 from corral.strategies import Strategy, Supervisor
 from corral.strategies.base import LossFn
 from corral.train.launcher import LaunchOptions, ProcessLoss, launch
 from corral.train.loop import ModelArg, OptimizerFn, TrainTask, build_model, train_worker
 from corral.train.progress import log_report
+from corral.train.tracking import Tracker, tracked
 
 log = logging.getLogger("corral")
 
@@ -110,6 +111,8 @@ class Trainer:
         resume_from: A checkpoint file, or a folder of them, to continue from.
         engine: Where the processes run: ``"local"`` (default), ``"spark"`` (the active
             SparkSession; see `corral.SparkEngine`) or an `Engine`.
+        tracking: ``"mlflow"`` or `corral.MLflow` (uri, experiment, …): log the job to
+            MLflow (`corral.train.tracking`).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Trainer:
         resume_from: str | os.PathLike[str] | None = None,
         master_port: int | None = None,
         engine: Engine | str | None = None,
+        tracking: MLflow | str | dict[str, Any] | None = None,
     ) -> None:
         for name, value in (("loss", loss), ("optimizer", optimizer or callable)):
             if not callable(value):
@@ -166,6 +170,8 @@ class Trainer:
         }
         if strategy is not None:
             raw["strategy"] = strategy
+        if tracking is not None:
+            raw["tracking"] = tracking
         self.settings = parse(TrainSettings, raw, source="Trainer arguments")
         if optimizer is None and self.settings.strategy.needs_optimizer:
             raise SpecError(f"optimizer: required by the {self.settings.strategy.kind} strategy")
@@ -250,6 +256,11 @@ class Trainer:
             validation=valid,
             resume_from=resume,
         )
+        tracker = None
+        if s.tracking is not None:
+            engine = type(self.engine).__name__.removesuffix("Engine").lower()
+            tracker = Tracker(s, engine=engine)
+            on_report = tracked(tracker, on_report)
         losses = _Losses(plan.strategy.supervisor, on_report)
         opts = LaunchOptions(
             workers=plan.workers.count,
@@ -266,9 +277,23 @@ class Trainer:
             feed=feed,
             membership=plan.strategy.keys if plan.strategy.membership else None,
         )
-        out = launch(train_worker, (task,), opts)
+        try:
+            out = launch(train_worker, (task,), opts)
+        except BaseException:
+            if tracker is not None:
+                tracker.finish(ok=False, settings=s, lost_workers=losses.workers)
+            raise
         local_model.load_state_dict(out["state_dict"])
         checkpoint = Path(out["checkpoint"]) if out["checkpoint"] else None
+        if tracker is not None:
+            tracker.finish(
+                ok=True,
+                model=local_model.eval(),
+                example=_example(train),
+                checkpoint=checkpoint,
+                settings=s,
+                lost_workers=losses.workers,
+            )
         return Result(
             model=local_model.eval(),
             history=losses.complete(out["history"]),
@@ -366,6 +391,15 @@ class _Losses:
         done = {int(row["epoch"]) for row in history}
         missing = [row for epoch, row in self.rows.items() if epoch not in done]
         return sorted([*missing, *history], key=lambda row: row["epoch"])
+
+
+def _example(source: Source) -> Any:
+    """Two rows of the training inputs, as the model takes them (for MLflow's signature);
+    None where the caller cannot read them (a Spark DataFrame stays on the executors)."""
+    if isinstance(source, SpillSource):
+        return None
+    x, _ = next(iter(source.batches(rank=0, world_size=1, epoch=0, seed=0, batch_size=2)))
+    return x.numpy()
 
 
 def _is_spark_dataframe(obj: Any) -> bool:
