@@ -132,6 +132,10 @@ def server(
             "team:key=value (repeatable), e.g. vision:spark.kubernetes.namespace=vision"
         ),
     ] = None,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(help="track every job on this MLflow store, in its team's experiment"),
+    ] = None,
     isolation: Annotated[
         str,
         typer.Option(
@@ -181,6 +185,7 @@ def server(
             spark=spark,
             isolation=_isolation_mode(isolation),
             spark_teams=teams,
+            mlflow_uri=mlflow_uri,
         )
         serve(opts)
 

@@ -16,6 +16,12 @@ mlflow = pytest.importorskip("mlflow")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _artifacts_in_tmp(tmp_path, monkeypatch):
+    """MLflow puts a SQLite store's artifacts in ./mlruns: here, the test's folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def data(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 4)).astype(np.float32)

@@ -29,7 +29,7 @@ from corral.comm.control import Message
 from corral.data import as_source
 from corral.errors import CheckpointError, CorralError, DataError, SpecError, WorkerError
 from corral.runtime import checkpoint as ckpt
-from corral.spec import JobSpec, parse
+from corral.spec import JobSpec, MLflow, parse
 from corral.train.progress import format_metrics
 
 SPEC, LOG, METRICS, EXIT = "spec.json", "log", "metrics.jsonl", "exit.json"
@@ -42,6 +42,9 @@ CHECKPOINTS = "checkpoints"
 PREEMPT = "preempt"
 #: The exit code of a job that stopped so.
 PREEMPTED = 75
+#: The job's MLflow run (``run_id``, ``experiment_id``, its page's ``url``), kept across
+#: its attempts.
+TRACKING = "mlflow.json"
 
 
 class _Preempted(Exception):
@@ -139,11 +142,32 @@ def run(folder: Path) -> int:
     if spec.resume_from is None and ckpt.latest(checkpoints) is not None:
         spec.resume_from = checkpoints
         print(f"resuming from {ckpt.latest(checkpoints)}", flush=True)
+    if spec.tracking is not None:
+        spec.tracking = _continued_run(folder, spec.tracking)
     trainer, data, validation = trainer_for(spec, base=folder)
     report = _report_to(folder, spec.checkpoint.every)
     result = trainer.fit(data, validation=validation, on_report=report)
     print(f"done: {json.dumps(result.metrics)}", flush=True)
     return 0
+
+
+def _continued_run(folder: Path, tracking: MLflow) -> MLflow:
+    """The job's MLflow run, the same for all its attempts: made by the first and kept in
+    `TRACKING` (with its page's address, for the job page), continued by the others."""
+    from corral.train.tracking import client_for, open_run, run_url
+
+    try:
+        saved = json.loads((folder / TRACKING).read_text())
+    except (OSError, ValueError):
+        run_id = open_run(tracking, tags={"corral.service_job": folder.name})
+        experiment_id = client_for(tracking).get_run(run_id).info.experiment_id
+        saved = {
+            "run_id": run_id,
+            "experiment_id": experiment_id,
+            "url": run_url(tracking.uri, experiment_id, run_id),
+        }
+        write_atomically(folder / TRACKING, saved)
+    return tracking.model_copy(update={"run_id": saved["run_id"]})
 
 
 def write_atomically(path: Path, value: dict[str, Any]) -> None:

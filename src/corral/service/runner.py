@@ -267,6 +267,7 @@ class Runner:
         preempt_grace_s: float = 120.0,
         start_attempt: Starter | None = None,
         spark_teams: dict[str, dict[str, str]] | None = None,
+        mlflow_uri: str | None = None,
     ) -> None:
         self.store, self.pool, self.policy = store, pool, policy or Policy()
         self.start_attempt = start_attempt or ProcessStarter(Isolation(accounts=False))
@@ -275,6 +276,8 @@ class Runner:
         #: run an application as its team (a Kubernetes namespace and service account; a
         #: Kerberos principal and keytab on YARN), the team's.
         self.spark_teams = spark_teams or {}
+        #: Every job is tracked on this MLflow store, in its team's experiment.
+        self.mlflow_uri = mlflow_uri
         self.state_dir, self.interval = state_dir, interval
         self._attempts: dict[str, Attempt] = {}
         #: Jobs asked to stop at their next checkpoint: when to stop them anyway, and why.
@@ -479,12 +482,19 @@ class Runner:
         self._attempts[job.id] = attempt
 
     def _effective_spec(self, job: Job) -> dict[str, Any]:
-        """The spec the attempt runs: on a Spark service, a Spark application of its own
+        """The spec the attempt runs: tracked in the service's MLflow store (when it has
+        one), in an experiment named after the team; on a Spark service, a Spark
+        application of its own
         on the service's cluster, with its team's settings, sized to what the scheduler
         gave it (``spark.cores.max``:
         without it, a standalone application takes every core, and the next job none)."""
+        spec = job.spec
+        if self.mlflow_uri is not None:  # the service's store, the team's experiment
+            tracking = {**(spec.get("tracking") or {}), "kind": "mlflow"}
+            tracking |= {"uri": self.mlflow_uri, "experiment": job.team}
+            spec = {**spec, "tracking": tracking}
         if self.spark is None:
-            return job.spec
+            return spec
         conf = {
             **self.spark.conf,
             **job.spec.get("spark", {}).get("conf", {}),
@@ -493,7 +503,7 @@ class Runner:
             "spark.dynamicAllocation.enabled": "false",
             "spark.app.name": f"corral-{job.name}-{job.id}",
         }
-        return {**job.spec, "engine": "spark", "spark": {"master": self.spark.master, "conf": conf}}
+        return {**spec, "engine": "spark", "spark": {"master": self.spark.master, "conf": conf}}
 
     def _preempt(self, decision: Preempt) -> None:
         """Ask the job to stop at its next checkpoint; it is requeued once it has."""

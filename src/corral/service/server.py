@@ -42,6 +42,8 @@ class ServerOptions:
     isolation: Mode = "auto"
     #: Per team, Spark settings its jobs get and cannot override (`Runner.spark_teams`).
     spark_teams: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Track every job on this MLflow store (`Runner.mlflow_uri`).
+    mlflow_uri: str | None = None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -102,6 +104,7 @@ def serve(opts: ServerOptions) -> None:
         spark=opts.spark,
         start_attempt=ProcessStarter(isolation),
         spark_teams=opts.spark_teams,
+        mlflow_uri=opts.mlflow_uri,
     )
     runner.start()
     app = create_app(store, pool=opts.pool, policy=opts.policy, job_folder=runner.folder)

@@ -33,7 +33,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from corral.service.auth import COOKIE, current_user
 from corral.service.resources import number
 from corral.service.store import FINAL, STATES, Event, Store, User
-from corral.service.views import ACTIVE, cluster_view, newest_checkpoint, visible_job
+from corral.service.views import (
+    ACTIVE,
+    cluster_view,
+    newest_checkpoint,
+    tracking_url,
+    visible_job,
+)
 from corral.train.progress import format_metrics
 
 #: Lines of the log shown on a job's page.
@@ -330,6 +336,7 @@ def _job_context(request: Request, user: User, job_id: str) -> dict[str, Any] | 
         "attempts": attempts_of(events),
         "panels": chart(store.metrics(job.id)),
         "checkpoint": newest_checkpoint(request.app.state.job_folder, job),
+        "tracking": tracking_url(request.app.state.job_folder, job),
         "log": store.tail(job.id, LOG_TAIL),
     }
 

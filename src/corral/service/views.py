@@ -10,6 +10,7 @@ imports neither.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from fastapi import HTTPException, status
 from corral.runtime import checkpoint as ckpt
 from corral.runtime.resources import Resources
 from corral.service.cluster import cluster_state
-from corral.service.job import CHECKPOINTS
+from corral.service.job import CHECKPOINTS, TRACKING
 from corral.service.models import Cluster, Demand, QueueEntry, QuotaBody, TeamUsage
 from corral.service.resources import Quota
 from corral.service.scheduler import Launch, Policy, explain
@@ -47,6 +48,17 @@ def newest_checkpoint(job_folder: JobFolder | None, job: Job) -> Path | None:
     """The job's newest checkpoint (its last, once it has ended); None before its first,
     or on a server that keeps no job files (`job_folder` None: an API without a runner)."""
     return None if job_folder is None else ckpt.latest(job_folder(job.id) / CHECKPOINTS)
+
+
+def tracking_url(job_folder: JobFolder | None, job: Job) -> str | None:
+    """The address of the job's MLflow run page, once its first attempt made the run
+    (None without an MLflow server, or before)."""
+    if job_folder is None:
+        return None
+    try:
+        return json.loads((job_folder(job.id) / TRACKING).read_text()).get("url")
+    except (OSError, ValueError):
+        return None
 
 
 def demand_body(resources: Resources) -> Demand:

@@ -61,7 +61,7 @@ def params_of(settings: TrainSettings) -> dict[str, str]:
     return {key: text[:6000] for key, text in _flatten(dumped)}
 
 
-def _client(spec: MLflow) -> MlflowClient:
+def client_for(spec: MLflow) -> MlflowClient:
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
@@ -73,7 +73,7 @@ def _client(spec: MLflow) -> MlflowClient:
 
 def open_run(spec: MLflow, *, tags: dict[str, str] | None = None) -> str:
     """The id of the run `spec` names, or of a new one in its experiment (created too)."""
-    client = _client(spec)
+    client = client_for(spec)
     if spec.run_id is not None:
         client.get_run(spec.run_id)  # an unknown id fails here, with MLflow's message
         return spec.run_id
@@ -87,13 +87,20 @@ def open_run(spec: MLflow, *, tags: dict[str, str] | None = None) -> str:
     return str(run.info.run_id)
 
 
+def run_url(uri: str | None, experiment_id: str, run_id: str) -> str | None:
+    """The run's page on an MLflow server (None for a store with no web UI of its own)."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 class Tracker:
     """One job's MLflow run, fed with the driver's reports (see the module docstring)."""
 
     def __init__(self, settings: TrainSettings, *, engine: str) -> None:
         assert settings.tracking is not None
         self.spec = settings.tracking
-        self.client = _client(self.spec)
+        self.client = client_for(self.spec)
         tags = {
             "corral.strategy": settings.strategy.kind,
             "corral.workers": str(settings.roles.worker.count),
