@@ -116,6 +116,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: Connections a PostgreSQL store keeps open: as many as threads may use it at once (the
+#: server's request threads, Starlette's 40, and its runner), and a few more for bursts. With
+#: SQLAlchemy's default of 5, every request beyond the fifth at once opened a connection
+#: (PostgreSQL forks a process for each) and closed it after: under 20 concurrent clients,
+#: about two per request, most of the server's time (docs/benchmarks.md).
+PG_POOL_SIZE = 40
+PG_MAX_OVERFLOW = 10
+
+
 def _engine(url: str, **options: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False}, **options)
@@ -123,6 +132,8 @@ def _engine(url: str, **options: Any) -> Engine:
         return engine
     if url.startswith("postgresql://"):  # psycopg 3, not the psycopg2 SQLAlchemy assumes
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if "poolclass" not in options:
+        options = {"pool_size": PG_POOL_SIZE, "max_overflow": PG_MAX_OVERFLOW, **options}
     return create_engine(url, pool_pre_ping=True, **options)
 
 
@@ -140,6 +151,15 @@ class Store:
     def __init__(self, url: str, **engine_options: Any) -> None:
         self.url = url
         self.engine = _engine(url, **engine_options)
+        #: Where statements that stand alone go: every read here. On PostgreSQL they run
+        #: outside a transaction (autocommit): one statement sees one snapshot either way,
+        #: and psycopg would otherwise spend a round trip on BEGIN and another on ROLLBACK
+        #: around each.
+        self._single = (
+            self.engine
+            if self.engine.dialect.name == "sqlite"
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         _upgrade(self.engine)
 
     def close(self) -> None:
@@ -155,7 +175,7 @@ class Store:
             raise StoreError(f"team '{name}' already exists") from None
 
     def teams(self) -> list[str]:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             return list(db.scalars(select(t.teams.c.name).order_by(t.teams.c.name)))
 
     def create_user(self, name: str, team: str, *, admin: bool = False) -> tuple[User, str]:
@@ -179,14 +199,14 @@ class Store:
         return User(name, team, admin), token
 
     def user_by_token(self, token: str) -> User | None:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             row = db.execute(
                 select(t.users).where(t.users.c.token_hash == hash_token(token))
             ).first()
         return User(row.name, row.team, bool(row.admin)) if row else None
 
     def users(self) -> list[User]:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             rows = db.execute(select(t.users).order_by(t.users.c.name)).all()
         return [User(r.name, r.team, bool(r.admin)) for r in rows]
 
@@ -200,7 +220,7 @@ class Store:
                 db.execute(insert(t.quotas).values(team=team, **values))
 
     def quotas(self) -> dict[str, Quota]:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             rows = db.execute(select(t.quotas)).all()
         return {r.team: Quota(cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus) for r in rows}
 
@@ -260,7 +280,7 @@ class Store:
         return job, True
 
     def job(self, job_id: str) -> Job | None:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             row = db.execute(select(t.jobs).where(t.jobs.c.id == job_id)).first()
         return _job(row) if row else None
 
@@ -285,11 +305,11 @@ class Store:
             query = query.where(t.jobs.c.user == user)
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             return [_job(r) for r in db.execute(query).all()]
 
     def count_jobs(self) -> int:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             return int(db.scalar(select(func.count()).select_from(t.jobs)) or 0)
 
     def transition(
@@ -342,14 +362,14 @@ class Store:
 
     def job_by_key(self, user: str, client_key: str) -> Job | None:
         """The job `user` submitted with `client_key`, if any."""
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             row = db.execute(
                 select(t.jobs).where(t.jobs.c.user == user, t.jobs.c.client_key == client_key)
             ).first()
         return _job(row) if row else None
 
     def events(self, job_id: str) -> list[Event]:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             rows = db.execute(
                 select(t.events).where(t.events.c.job == job_id).order_by(t.events.c.id)
             ).all()
@@ -357,7 +377,7 @@ class Store:
 
     def restarts_spent(self, job_id: str) -> int:
         """How many of its max_restarts the job has spent, summed from its events."""
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             total = db.scalar(
                 select(func.coalesce(func.sum(t.events.c.restarts), 0)).where(
                     t.events.c.job == job_id
@@ -391,7 +411,7 @@ class Store:
 
     def logs(self, job_id: str, after: int = 0, limit: int = 1000) -> Page:
         """Log lines after cursor `after` (0: from the start), at most `limit`."""
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             rows = db.execute(
                 select(t.logs.c.id, t.logs.c.line)
                 .where(t.logs.c.job == job_id, t.logs.c.id > after)
@@ -401,7 +421,7 @@ class Store:
         return Page([r.line for r in rows], rows[-1].id if rows else after)
 
     def tail(self, job_id: str, lines: int) -> list[str]:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             rows = db.execute(
                 select(t.logs.c.line)
                 .where(t.logs.c.job == job_id)
@@ -411,7 +431,7 @@ class Store:
         return [r.line for r in reversed(rows)]
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
-        with self.engine.connect() as db:
+        with self._single.connect() as db:
             rows = db.execute(
                 select(t.metrics.c.data).where(t.metrics.c.job == job_id).order_by(t.metrics.c.id)
             ).all()
