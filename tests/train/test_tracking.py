@@ -41,9 +41,11 @@ def trainer(tmp_path, tracking, **kw) -> corral.Trainer:
     )
 
 
-@pytest.fixture
-def store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store for the module (creating its tables takes seconds); each test
+    has an experiment of its own."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 def test_a_fit_is_one_run_with_params_tags_epochs_artifacts_and_model(tmp_path, store):
@@ -73,10 +75,12 @@ def test_a_fit_is_one_run_with_params_tags_epochs_artifacts_and_model(tmp_path, 
 
 
 def test_a_continued_run_goes_on_from_its_last_epoch_and_repeats_none(tmp_path, store):
-    first = trainer(tmp_path, corral.MLflow(uri=store, log_model=False), epochs=2)
+    first = trainer(
+        tmp_path, corral.MLflow(uri=store, experiment="continued", log_model=False), epochs=2
+    )
     first.fit(data())
     client = mlflow.tracking.MlflowClient(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("corral").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("continued").experiment_id])
     spec = corral.MLflow(uri=store, run_id=run.info.run_id, log_model=False)
     again = trainer(
         tmp_path, spec, epochs=4, resume_from=tmp_path / "checkpoints"
@@ -97,12 +101,12 @@ def test_a_failed_fit_ends_its_run_failed(tmp_path, store):
         model=lambda: torch.nn.Linear(4, 2),
         loss=Boom(),
         optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
-        tracking=corral.MLflow(uri=store),
+        tracking=corral.MLflow(uri=store, experiment="failed"),
     )
     with pytest.raises(WorkerError, match="no loss today"):
         bad.fit(data())
     client = mlflow.tracking.MlflowClient(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("corral").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("failed").experiment_id])
     assert run.info.status == "FAILED"
 
 
