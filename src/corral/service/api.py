@@ -40,7 +40,7 @@ from corral.service.models import (
 )
 from corral.service.resources import Quota
 from corral.service.scheduler import Policy, QueuedJob, check_admissible
-from corral.service.store import FINAL, Store, StoreError
+from corral.service.store import FINAL, Job, Store, StoreError, User
 from corral.service.ui import ui_router
 from corral.service.views import (
     ACTIVE,
@@ -72,6 +72,47 @@ class _BodyLimit(BaseHTTPMiddleware):
         return await call_next(request)
 
 
+def _submit(store: Store, pool: Resources, user: User, body: SubmitRequest) -> Job:
+    """The job a submission queued, or the job its `client_key` made before."""
+    try:
+        return _queue(store, pool, user, body)
+    except Exception:
+        # a retry: the job its key made, whatever changed since (a spec or quota that would
+        # refuse it now). Looked up only for a submission that cannot be queued: one that
+        # can is stored once on its key by `Store.add_job`, which answers that same job
+        made = None if body.client_key is None else store.job_by_key(user.name, body.client_key)
+        if made is None:
+            raise
+        return made
+
+
+def _queue(store: Store, pool: Resources, user: User, body: SubmitRequest) -> Job:
+    """Validate a submission, admit it and store it: the job it queued, or the job its
+    `client_key` made before (`Store.add_job`); 422 for a bad spec or a refusal."""
+    try:
+        spec = parse(JobSpec, body.spec, source="spec")
+        check_files(spec)  # missing data fails here, not after its restarts
+    except SpecError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    demand = demand_of(spec)
+    probe = QueuedJob(id="new", team=user.team, demand=demand, submitted=time.time())
+    refused = check_admissible(probe, pool, store.quota(user.team))
+    if refused:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"refused: {refused}")
+    job, _ = store.add_job(
+        user=user,
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        demand=demand,
+        priority=body.priority,
+        max_restarts=spec.max_restarts,
+        client_key=body.client_key,
+        preemptible=body.preemptible,
+        expected_runtime=body.expected_runtime_s,
+    )
+    return job
+
+
 def router() -> APIRouter:
     api = APIRouter(prefix="/api")
 
@@ -91,32 +132,7 @@ def router() -> APIRouter:
         responses={422: {"model": Problem, "description": "invalid spec, or refused"}},
     )
     def submit(body: SubmitRequest, user: CurrentUser, request: Request) -> JobOut:
-        store = store_of(request)
-        if body.client_key is not None:  # a retry: the job it made, whatever changed since
-            made = store.job_by_key(user.name, body.client_key)
-            if made is not None:
-                return JobOut.of(made, base_url(request))
-        try:
-            spec = parse(JobSpec, body.spec, source="spec")
-            check_files(spec)  # missing data fails here, not after its restarts
-        except SpecError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-        demand = demand_of(spec)
-        probe = QueuedJob(id="new", team=user.team, demand=demand, submitted=time.time())
-        refused = check_admissible(probe, request.app.state.pool, store.quotas().get(user.team))
-        if refused:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"refused: {refused}")
-        job, _ = store.add_job(
-            user=user,
-            name=spec.name,
-            spec=spec.model_dump(mode="json"),
-            demand=demand,
-            priority=body.priority,
-            max_restarts=spec.max_restarts,
-            client_key=body.client_key,
-            preemptible=body.preemptible,
-            expected_runtime=body.expected_runtime_s,
-        )
+        job = _submit(store_of(request), request.app.state.pool, user, body)
         return JobOut.of(job, base_url(request))
 
     @api.get("/jobs")
