@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
 
@@ -131,8 +132,11 @@ def router() -> APIRouter:
         status_code=status.HTTP_201_CREATED,
         responses={422: {"model": Problem, "description": "invalid spec, or refused"}},
     )
-    def submit(body: SubmitRequest, user: CurrentUser, request: Request) -> JobOut:
-        job = _submit(store_of(request), request.app.state.pool, user, body)
+    async def submit(body: SubmitRequest, user: CurrentUser, request: Request) -> JobOut:
+        # async, with the store's work in one worker thread: a sync route would take a
+        # second thread hop to serialise its answer
+        pool = request.app.state.pool
+        job = await run_in_threadpool(_submit, store_of(request), pool, user, body)
         return JobOut.of(job, base_url(request))
 
     @api.get("/jobs")

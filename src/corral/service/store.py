@@ -158,6 +158,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: How long a token found stays known without a read, and how many are. A user is never
+#: changed or removed once made (nothing here or in the API does), so what a token names
+#: cannot go stale; the expiry bounds what a hand-edited database could leave. Whatever
+#: comes to revoke tokens must forget them here (`Store._users`).
+USER_REMEMBERED_S = 60.0
+USERS_REMEMBERED = 10_000
+
 #: Connections a PostgreSQL store keeps open: as many as threads may use it at once (the
 #: server's request threads, Starlette's 40, and its runner), and a few more for bursts. With
 #: SQLAlchemy's default of 5, every request beyond the fifth at once opened a connection
@@ -202,6 +209,8 @@ class Store:
             if self.engine.dialect.name == "sqlite"
             else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         )
+        #: Users by their token's hash, with when to read them again (`user_by_token`).
+        self._users: dict[str, tuple[User, float]] = {}
         _upgrade(self.engine)
 
     def close(self) -> None:
@@ -241,9 +250,27 @@ class Store:
         return User(name, team, admin), token
 
     def user_by_token(self, token: str) -> User | None:
+        digest = hash_token(token)
+        user = self.known_user(token, digest)
+        if user is not None:
+            return user
         with self._single.connect() as db:
-            row = db.execute(_USER_BY_HASH, {"token_hash": hash_token(token)}).first()
-        return User(row.name, row.team, bool(row.admin)) if row else None
+            row = db.execute(_USER_BY_HASH, {"token_hash": digest}).first()
+        if row is None:  # unknown tokens are never remembered: a user made since is found
+            return None
+        user = User(row.name, row.team, bool(row.admin))
+        if len(self._users) >= USERS_REMEMBERED:
+            self._users.clear()
+        self._users[digest] = (user, time.monotonic() + USER_REMEMBERED_S)
+        return user
+
+    def known_user(self, token: str, digest: str | None = None) -> User | None:
+        """The user of `token` if `user_by_token` found it lately, without a read: what
+        the API's authentication asks first, on the event loop (no thread, no database)."""
+        known = self._users.get(digest or hash_token(token))
+        if known is None or known[1] < time.monotonic():
+            return None
+        return known[0]
 
     def users(self) -> list[User]:
         with self._single.connect() as db:
