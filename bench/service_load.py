@@ -11,7 +11,11 @@ key: half of them again after the reply (a client that lost it), half from a sec
 connection at the same moment (a client that timed out and resent while the first request
 was still in flight), so two inserts race on the store's unique key. The clients run in
 this process, on the same cores as the server: their time is part of the latency
-measured, as it is for any client on the server's machine.
+measured, as it is for any client on the server's machine. The clock starts once every
+client is ready, as for a server that has been running: its ``httpx.Client``s made, one
+``GET /api/me`` sent on each connection (the server then holds a database connection per
+concurrent request), and one submission made before, which the server refuses (its first
+imports what opening data and planning a job need).
 
 Nothing trains. The point is the submit path (auth, spec validation, admission, insert)
 and the storage, not job processes: a pool of 1 CPU / 1 GiB, and a job of the admin's team
@@ -33,7 +37,10 @@ In the same run, two floors. The storage layer's: the same inserts done directly
 same kind, after the server has stopped. And the HTTP stack's: the same requests from the
 same clients to a no-op ``POST /api/jobs`` (uvicorn as ``corral server`` runs it, the same
 middleware and body model, no token check, no store), which bounds what any store behind
-that stack could reach on this machine. It also times the scheduling pass of
+that stack could reach on this machine. For each, where the CPU went: milliseconds per
+request in the server process, in the clients, in PostgreSQL's processes (a local server),
+and the requests/s those allow (all of it on the machine's cores, or the server's share
+on the one core its GIL lets it use). It also times the scheduling pass of
 ``bench/schedule_pass.py`` (10,000 queued jobs of 100 teams; target < 100 ms), and the
 runner's pass on this store (``cluster_state()`` read from the database, then
 ``schedule()``), which ran every 0.5 s during the load.
@@ -284,6 +291,13 @@ def setup(url: str, admin: str, db: str) -> str:
         made.raise_for_status()
         api.post("/api/admin/users", json={"name": "holder", "team": "holder"}).raise_for_status()
         api.put("/api/admin/quotas/holder", json={"cpus": 0}).raise_for_status()
+        # The server's first submission imports what opening the data and planning the job
+        # need (pyarrow, the strategies): about 0.2 s, once per process, which all the
+        # clients' first requests would wait on. One that is refused (it could never fit
+        # the pool), so nothing is stored, pays it before the clock.
+        too_big = {**SPEC, "roles": {"worker": {"count": 2, "cpus": 1, "memory": "512m"}}}
+        refused = api.post("/api/jobs", json={"spec": too_big})
+        assert refused.status_code == 422, refused.text
     store = Store(db)
     try:
         job, _ = store.add_job(
@@ -309,10 +323,21 @@ def plan(clients: int, jobs: int, retry: float, seed: int) -> list[list[tuple[st
     return per
 
 
-def submit_all(url: str, token: str, work: list[list[tuple[str, str | None]]]) -> list[Sent]:
+def submit_all(
+    url: str, token: str, work: list[list[tuple[str, str | None]]], server: int
+) -> tuple[list[Sent], float, Cpu, list[float]]:
+    """Every client's submissions; returns them, the wall time and the CPU they took, from
+    the moment all clients are ready to the last answer, and the latencies of their warm-up.
+
+    Ready: its `httpx.Client`s made (milliseconds each) and one ``GET /api/me`` sent on
+    each, all clients at once, before the clock starts: their connections are open and
+    the server holds a database connection per concurrent request, as a server that has
+    been running does. Measured without it, the first request of each client (2% of them:
+    the p99) waits on the server opening those connections, which is a start-up cost."""
     sent: list[Sent] = []
+    warm: list[float] = []
     lock = threading.Lock()
-    start = threading.Barrier(len(work))
+    ready, start = threading.Barrier(len(work)), threading.Barrier(len(work) + 1)
 
     def post(api: httpx.Client, key: str, kind: str) -> Sent:
         body = {"spec": {**SPEC, "name": key}, "client_key": key}
@@ -332,6 +357,12 @@ def submit_all(url: str, token: str, work: list[list[tuple[str, str | None]]]) -
             httpx.Client(base_url=url, headers=headers, timeout=60) as second,
         ):
             done: list[Sent] = []
+            ready.wait()
+            for each in (api, second):
+                begin = time.perf_counter()
+                each.get("/api/me")
+                with lock:
+                    warm.append(1000 * (time.perf_counter() - begin))
             start.wait()
             for key, kind in mine:
                 if kind == "racing retry":
@@ -351,13 +382,16 @@ def submit_all(url: str, token: str, work: list[list[tuple[str, str | None]]]) -
     threads = [threading.Thread(target=client, args=(mine,)) for mine in work]
     for thread in threads:
         thread.start()
+    start.wait()
+    cpu, begin = Cpu.now(server), time.perf_counter()
     for thread in threads:
         thread.join()
-    return sent
+    return sent, time.perf_counter() - begin, Cpu.now(server) - cpu, warm
 
 
-def floor(db: str, clients: int, jobs: int) -> tuple[float, list[float]]:
-    """The same inserts through `Store.add_job` from `clients` threads: wall s, latencies."""
+def floor(db: str, clients: int, jobs: int) -> tuple[float, list[float], Cpu]:
+    """The same inserts through `Store.add_job` from `clients` threads: wall s, latencies,
+    CPU (taken before the store closes: PostgreSQL's backends end with their connections)."""
     store = Store(db)
     store.create_team("load")
     user, _ = store.create_user("loader", "load")
@@ -382,13 +416,14 @@ def floor(db: str, clients: int, jobs: int) -> tuple[float, list[float]]:
     for thread in threads:
         thread.start()
     start.wait()
-    begin = time.perf_counter()
+    cpu, begin = Cpu.now(None), time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - begin
+    cpu = Cpu.now(None) - cpu
     assert store.count_jobs() == jobs
     store.close()
-    return wall, times
+    return wall, times, cpu
 
 
 def verify_api(url: str, admin: str) -> list[dict[str, Any]]:
@@ -440,6 +475,45 @@ def runner_pass(db: str, passes: int) -> tuple[float, float, int]:
         store.close()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux; 0 where unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_s() -> float:
+    """CPU seconds of this machine's PostgreSQL processes that are alive (a local server:
+    its backends live as long as their connections; any other database's work counts too)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
+                total += _cpu_s(int(entry.name))
+    return total
+
+
+@dataclass
+class Cpu:
+    """CPU seconds spent during a timed part: by the server process, by this process (the
+    clients, or the floor's threads) and by PostgreSQL."""
+
+    server: float = 0.0
+    here: float = 0.0
+    postgres: float = 0.0
+
+    @classmethod
+    def now(cls, server: int | None) -> Cpu:
+        return cls(_cpu_s(server) if server else 0.0, time.process_time(), _postgres_s())
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(
+            self.server - other.server, self.here - other.here, self.postgres - other.postgres
+        )
+
+
 def pct(values: list[float]) -> tuple[float, float, float, float]:
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
     return float(p50), float(p95), float(p99), max(values)
@@ -481,26 +555,24 @@ def main() -> None:
         proc, url, admin = start_server(db, state_dir, Path(tmp, "server.log"))
         try:
             token = setup(url, admin, db)
-            begin = time.perf_counter()
-            sent = submit_all(url, token, work)
-            wall = time.perf_counter() - begin
+            load_before = os.getloadavg()[0]
+            sent, wall, cpu, warm = submit_all(url, token, work, proc.pid)
             listed = verify_api(url, admin)
         finally:
             started = stop_server(proc, db, state_dir)
         rows, keys, twice, events, left = verify_store(db)
         ours_pass = runner_pass(db, args.passes) if schedule_pass else None
-        floor_wall, floor_ms = floor(floor_db, args.clients, args.jobs)
+        floor_wall, floor_ms, floor_cpu = floor(floor_db, args.clients, args.jobs)
         noop, noop_url, _ = _serve(
             [sys.executable, __file__, "--serve-noop"],
             Path(tmp, "noop.log"),
             r"no-op server on (http://\S+)",
         )
         try:
-            begin = time.perf_counter()
-            noop_sent = submit_all(noop_url, "none", work)
-            noop_wall = time.perf_counter() - begin
+            noop_sent, noop_wall, noop_cpu, _ = submit_all(noop_url, "none", work, noop.pid)
         finally:
             _stop(noop)
+        load_after = os.getloadavg()[0]
 
     failed = [s for s in sent if s.status != 201]
     by_key: dict[str, set[str | None]] = {}
@@ -523,7 +595,8 @@ def main() -> None:
     print(
         f"\n{platform.node()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
         f"`corral server` on {kind}, {args.clients} client threads, {args.jobs} jobs "
-        f"+ {len(retries)} retries ({racing} racing the first request)\n"
+        f"+ {len(retries)} retries ({racing} racing the first request); load average "
+        f"{load_before:.1f} before the run, {load_after:.1f} after\n"
     )
     print(
         "| path | wall s | jobs/s | requests/s | p50 ms | p95 ms | p99 ms | max ms |\n"
@@ -563,6 +636,33 @@ def main() -> None:
         + " | ".join(f"{a / b:.1f}×" for a, b in zip(ours, base, strict=True))
         + " |"
     )
+
+    start_up = pct(warm)
+    print(
+        f"\nWarm-up before the clock, {len(warm)} `GET /api/me` at once (two connections per "
+        f"client): p50 {start_up[0]:.1f} ms, max {start_up[3]:.1f} ms"
+    )
+    cores = os.cpu_count() or 1
+    print(
+        "\nWhere the CPU went, in ms per request: the server process, the clients (this "
+        "process), PostgreSQL's processes; and the most requests/s that allows: the cores "
+        "shared by all, or the server's one core (one process, one GIL)\n"
+    )
+    print(
+        "| path | server | clients | PostgreSQL | all | bound by the cores, req/s | "
+        "bound by the server, req/s |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for label, used, requests in (
+        ("ours", cpu, len(sent)),
+        ("floor: `Store.add_job` (threads in the clients' place)", floor_cpu, n),
+        ("floor: HTTP alone (no-op)", noop_cpu, len(noop_sent)),
+    ):
+        each = [1000 * v / requests for v in (used.server, used.here, used.postgres)]
+        bound = f"{1000 / each[0]:.0f}" if each[0] else ""
+        print(
+            f"| {label} | {each[0]:.2f} | {each[1]:.2f} | {each[2]:.2f} | {sum(each):.2f} | "
+            f"{1000 * cores / sum(each):.0f} | {bound} |"
+        )
 
     yes = {True: "yes", False: "no"}
     print("\n| check | result |\n|---|---|")
