@@ -31,7 +31,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from corral.service.resources import Quota, Resources, total_demand
+from corral.runtime.resources import Resources, total_demand
+from corral.service.resources import Quota
 from corral.service.scheduler import (
     ClusterState,
     Launch,

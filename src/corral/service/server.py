@@ -49,6 +49,10 @@ class ServerOptions:
 def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # inherited by every accepted connection: uvicorn writes a response's headers and body
+    # apart, and without it the body waits for the client's delayed ACK, about 40 ms a
+    # request (measured: a no-op endpoint 448 -> 2,012 requests/s, docs/benchmarks.md)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
