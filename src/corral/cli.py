@@ -143,6 +143,17 @@ def server(
             "enforced limits; none: one-user mode; accounts: require it"
         ),
     ] = "auto",
+    api_processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="processes serving the API on the one port (the first also runs the "
+            "scheduler). 1 by default: a submit costs a few ms of CPU, so one process "
+            "serves hundreds a second; more help only where the API's CPU is the limit and "
+            "cores are free, and each holds its own database connections (up to 50 on "
+            "PostgreSQL) and memory",
+        ),
+    ] = 1,
 ) -> None:
     """Start the job service: REST API and web UI on one port, jobs on this machine (or on
     a Spark cluster, whose capacity is then the pool)."""
@@ -186,6 +197,7 @@ def server(
             isolation=_isolation_mode(isolation),
             spark_teams=teams,
             mlflow_uri=mlflow_uri,
+            api_processes=api_processes,
         )
         serve(opts)
 

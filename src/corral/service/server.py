@@ -8,13 +8,22 @@ that user's token once, to the terminal (never to a log).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
+
+from fastapi import FastAPI
 
 from corral.errors import CorralError
 from corral.runtime.resources import Resources
@@ -44,6 +53,8 @@ class ServerOptions:
     spark_teams: dict[str, dict[str, str]] = field(default_factory=dict)
     #: Track every job on this MLflow store (`Runner.mlflow_uri`).
     mlflow_uri: str | None = None
+    #: Processes serving the API on the one port (`serve`); only the first runs the runner.
+    api_processes: int = 1
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -77,9 +88,14 @@ def first_admin(store: Store) -> str | None:
 
 def serve(opts: ServerOptions) -> None:
     """Run until SIGINT/SIGTERM. Jobs keep running when the server stops; the next start
-    re-attaches to them."""
-    import uvicorn
+    re-attaches to them.
 
+    With ``api_processes`` N > 1, the port is bound once, here, and N - 1 processes forked
+    from this one serve the API on it beside this one, each with its own store (its own
+    connections) and app: the kernel hands each connection to one of them. Only this
+    process runs the runner, the one scheduler. They are forked before any thread starts
+    and after the schema and the first admin exist, with no database connection open;
+    each ends with this one (`_ApiProcesses`)."""
     isolation = Isolation.choose(opts.isolation)
     if isolation.warning is not None:
         print(f"corral server: {isolation.warning}", flush=True)
@@ -110,22 +126,186 @@ def serve(opts: ServerOptions) -> None:
         spark_teams=opts.spark_teams,
         mlflow_uri=opts.mlflow_uri,
     )
-    runner.start()
-    app = create_app(store, pool=opts.pool, policy=opts.policy, job_folder=runner.folder)
-    app.state.isolation_warning = isolation.warning
-    where = f"Spark at {opts.spark.master}" if opts.spark else "this machine"
-    how = "as their teams' accounts" if isolation.accounts else "as this server's user"
-    print(
-        f"corral server on {url} (pool: {opts.pool.cpus:g} CPUs, {opts.pool.memory_mib} MiB, "
-        f"{opts.pool.gpus} GPUs; jobs run on {where}, {how})",
-        flush=True,
-    )
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
     # uvicorn shuts down on SIGTERM and then raises it again for the handler it found:
     # make that an exit, so the runner and the store are closed below, not killed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    others = _ApiProcesses()
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        if opts.api_processes > 1:
+            store.close()  # no connection open at the fork: none is shared
+            others.fork(opts.api_processes - 1, lambda: _serve_api(sock, opts, isolation))
+        runner.start()
+        where = f"Spark at {opts.spark.master}" if opts.spark else "this machine"
+        how = "as their teams' accounts" if isolation.accounts else "as this server's user"
+        served = f"; {opts.api_processes} API processes" if opts.api_processes > 1 else ""
+        print(
+            f"corral server on {url} (pool: {opts.pool.cpus:g} CPUs, "
+            f"{opts.pool.memory_mib} MiB, {opts.pool.gpus} GPUs; jobs run on {where}, "
+            f"{how}{served})",
+            flush=True,
+        )
+        try:
+            _run_app(sock, store, opts, isolation, runner.folder)
+        finally:
+            runner.stop()
     finally:
-        runner.stop()
+        others.stop()
         store.close()
+
+
+def _run_app(
+    sock: socket.socket,
+    store: Store,
+    opts: ServerOptions,
+    isolation: Isolation,
+    job_folder: Callable[[str], Path],
+) -> None:
+    """Serve the API and the UI on `sock` until a signal stops uvicorn."""
+    import uvicorn
+
+    app = create_app(store, pool=opts.pool, policy=opts.policy, job_folder=job_folder)
+    app.state.isolation_warning = isolation.warning
+    _limit_threads(app)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _limit_threads(app: FastAPI) -> None:
+    """No change (anyio's 40 threads): a smaller limit measured no better."""
+
+
+def _serve_api(sock: socket.socket, opts: ServerOptions, isolation: Isolation) -> None:
+    """An API process's life, after the fork: its own store and app on the inherited
+    socket, no runner. Its jobs' folders are the runner's (`Runner.folder`, by path)."""
+    store = Store(opts.db)
+    try:
+        folders = Runner(store, pool=opts.pool, state_dir=opts.state_dir)
+        _run_app(sock, store, opts, isolation, folders.folder)
+    finally:
+        store.close()
+
+
+#: prctl(2)'s option: the signal this process gets when the thread that forked it ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Be sent SIGTERM when `parent` ends, however it ends (SIGKILL included: then nothing
+    of it could stop this one); Linux only, elsewhere the parent's `stop` is all there is.
+    The fork was made on the main thread, which lives as long as the parent."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            errno_ = ctypes.get_errno()
+            log.warning("corral server: prctl(PR_SET_PDEATHSIG) failed, errno %d", errno_)
+    if os.getppid() != parent:  # it ended before the line above: no signal will come
+        os._exit(0)
+
+
+class _ApiProcesses:
+    """The API processes forked beside the server's own: started before any thread, ended
+    and reaped with it (`stop`), and each ends by itself if it is killed (`_die_with`).
+
+    One that ends early is reported (one line) and not replaced: the others, this one's
+    included, go on serving the port. A new one would be forked from a process that then
+    runs threads (the runner's, uvicorn's workers), which a fork does not copy: whatever
+    lock one of them held would stay taken forever in the child."""
+
+    #: How long the processes have to finish the requests they hold, once told to stop.
+    GRACE_S = 10.0
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def fork(self, count: int, serve: Callable[[], None]) -> None:
+        alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        if alive:
+            raise CorralError(f"cannot fork the API processes while threads run: {alive}")
+        parent = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for _ in range(count):
+            pid = os.fork()
+            if pid == 0:
+                _child(parent, serve)
+            self.pids.add(pid)
+        self._watch = threading.Thread(target=self._watching, name="corral-api-procs", daemon=True)
+        self._watch.start()
+
+    def _watching(self) -> None:
+        while not self._stopping.wait(0.5):
+            for pid, status in self._reap():
+                log.warning(
+                    "corral server: API process %d ended (%s); %d processes serve on",
+                    pid,
+                    _how(status),
+                    len(self.pids) + 1,
+                )
+
+    def _reap(self) -> list[tuple[int, int]]:
+        """The processes that have ended since, with their wait status; forgotten here."""
+        ended = []
+        with self._lock:
+            for pid in sorted(self.pids):
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere: ended all the same
+                    done, status = pid, 0
+                if done:
+                    self.pids.discard(pid)
+                    ended.append((pid, status))
+        return ended
+
+    def stop(self) -> None:
+        """Tell every process to stop (SIGTERM: uvicorn finishes what it holds), wait for
+        them up to `GRACE_S`, kill what is left and reap it all: none outlives this one."""
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.join()
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.GRACE_S
+        while self.pids and time.monotonic() < deadline:
+            self._reap()
+            if self.pids:
+                time.sleep(0.02)
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self.pids.discard(pid)
+
+
+def _how(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _child(parent: int, serve: Callable[[], None]) -> NoReturn:
+    """A forked API process: `serve`, then leave without the parent's clean-up (its
+    `finally` blocks and atexit handlers are the parent's to run, once)."""
+    code = 1
+    try:
+        _die_with(parent)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        serve()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
