@@ -26,6 +26,7 @@ LAYERS = [
     ["corral.spec"],
     ["corral.train"],
     ["corral.entrypoints", "corral.jobs"],
+    ["corral.search"],  # search spaces and the driver of a search's trials
     ["corral.service"],
     ["corral.cli"],
     ["corral", "corral.__main__"],  # the facade, which re-exports from every layer

@@ -14,6 +14,7 @@ import typer
 
 from corral.console import err, guarded
 from corral.service.commands import register
+from corral.service.tune_command import tune
 
 if TYPE_CHECKING:
     from corral.service.isolation import Mode
@@ -205,6 +206,7 @@ def server(
 
 
 register(app)
+app.command()(tune)
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ that could never fit the pool or its team's quota is refused at submit, with the
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, status
@@ -21,9 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.errors import SpecError
 from corral.runtime.resources import Resources
+from corral.service import submission
 from corral.service.auth import AdminUser, CurrentUser
-from corral.service.cluster import demand_of
-from corral.service.job import check_files
 from corral.service.models import (
     Cluster,
     EventOut,
@@ -40,8 +38,9 @@ from corral.service.models import (
     UserBody,
 )
 from corral.service.resources import Quota
-from corral.service.scheduler import Policy, QueuedJob, check_admissible
-from corral.service.store import FINAL, Job, Store, StoreError, User
+from corral.service.scheduler import Policy
+from corral.service.search_api import search_router
+from corral.service.store import Job, Store, StoreError, User
 from corral.service.ui import ui_router
 from corral.service.views import (
     ACTIVE,
@@ -53,7 +52,6 @@ from corral.service.views import (
     used_by,
     visible_job,
 )
-from corral.spec import JobSpec, parse
 
 #: The largest request body accepted: a job spec is a few kilobytes.
 MAX_BODY = 1 << 20
@@ -115,30 +113,21 @@ def _submit(store: Store, pool: Resources, user: User, body: SubmitRequest) -> J
 
 
 def _queue(store: Store, pool: Resources, user: User, body: SubmitRequest) -> Job:
-    """Validate a submission, admit it and store it: the job it queued, or the job its
-    `client_key` made before (`Store.add_job`); 422 for a bad spec or a refusal."""
+    """Validate a submission, admit it and store it (`submission.queue`): the job it
+    queued, or the job its `client_key` made before; 422 for a bad spec or a refusal."""
     try:
-        spec = parse(JobSpec, body.spec, source="spec")
-        check_files(spec)  # missing data fails here, not after its restarts
+        return submission.queue(
+            store,
+            pool,
+            user,
+            body.spec,
+            priority=body.priority,
+            client_key=body.client_key,
+            preemptible=body.preemptible,
+            expected_runtime=body.expected_runtime_s,
+        )
     except SpecError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    demand = demand_of(spec)
-    probe = QueuedJob(id="new", team=user.team, demand=demand, submitted=time.time())
-    refused = check_admissible(probe, pool, store.quota(user.team))
-    if refused:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"refused: {refused}")
-    job, _ = store.add_job(
-        user=user,
-        name=spec.name,
-        spec=spec.model_dump(mode="json"),
-        demand=demand,
-        priority=body.priority,
-        max_restarts=spec.max_restarts,
-        client_key=body.client_key,
-        preemptible=body.preemptible,
-        expected_runtime=body.expected_runtime_s,
-    )
-    return job
 
 
 def router() -> APIRouter:
@@ -233,11 +222,7 @@ def router() -> APIRouter:
     def cancel(job_id: str, user: CurrentUser, request: Request) -> JobOut:
         store = store_of(request)
         found = visible_job(store, user, job_id)
-        if found.state not in FINAL:
-            reason = f"cancelled by {user.name}"
-            store.request_cancel(job_id, reason)
-            # a queued job never started: cancel it here; the runner stops running ones
-            store.transition(job_id, ["queued"], "cancelled", reason)
+        submission.cancel(store, found, f"cancelled by {user.name}")
         return JobOut.of(store.job(job_id) or found, base_url(request))
 
     @api.get("/quota")
@@ -310,5 +295,6 @@ def create_app(
     app.state.job_folder = job_folder
     app.add_middleware(_BodyLimit)
     app.include_router(router())
+    app.include_router(search_router())
     app.include_router(ui_router())
     return app

@@ -34,7 +34,16 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 
 from corral.errors import CorralError
-from corral.service.models import JobDetail, JobOut, LogPage, Me, NewUser, QuotaOut
+from corral.service.models import (
+    JobDetail,
+    JobOut,
+    LogPage,
+    Me,
+    NewUser,
+    QuotaOut,
+    SearchDetail,
+    SearchOut,
+)
 
 if TYPE_CHECKING:
     from corral.spec import JobSpec
@@ -316,6 +325,24 @@ class Client:
 
     def quota(self) -> QuotaOut:
         return self._call(QuotaOut, "GET", "/quota")
+
+    def start_search(self, request: dict[str, Any]) -> SearchDetail:
+        """Start a search (``{"spec", "space", "settings"}``); the same one again (name
+        and request) answers the search it started, so a retry starts it once."""
+        try:
+            return self._call(SearchDetail, "POST", "/searches", json=request)
+        except _Unreachable:
+            time.sleep(RETRY_PAUSE_S)
+            return self._call(SearchDetail, "POST", "/searches", json=request)
+
+    def searches(self) -> list[SearchOut]:
+        return self._call(list[SearchOut], "GET", "/searches")
+
+    def search(self, search_id: str) -> SearchDetail:
+        return self._call(SearchDetail, "GET", f"/searches/{_segment(search_id)}")
+
+    def cancel_search(self, search_id: str) -> SearchOut:
+        return self._call(SearchOut, "POST", f"/searches/{_segment(search_id)}/cancel")
 
     def teams(self) -> list[str]:
         return self._call(list[str], "GET", "/admin/teams")

@@ -161,3 +161,44 @@ class Cluster(BaseModel):
     used: Demand
     teams: list[TeamUsage]
     queue: list[QueueEntry]
+
+
+class TrialOut(BaseModel):
+    """One trial of a search."""
+
+    number: int
+    state: str = Field(
+        description="queued or restarting (its job waits), running, complete, pruned or fail"
+    )
+    params: dict[str, Any]
+    value: float | None = Field(description="its last reported value of the metric")
+    epochs: int = Field(description="epochs it reported")
+    history: list[float] = Field(description="the metric at each epoch it reported")
+    job: str | None = Field(description="its job's id")
+    reason: str = Field(description="why it failed or was pruned")
+
+
+class SearchOut(BaseModel):
+    id: str
+    name: str
+    user: str
+    team: str
+    state: str = Field(description="running, succeeded, failed or cancelled")
+    reason: str
+    created: float
+    ended: float | None
+    metric: str
+    mode: str
+    trials: int = Field(description="trials the search runs in all")
+
+
+class SearchDetail(SearchOut):
+    request: dict[str, Any] = Field(description="the search as submitted: spec, space, settings")
+    trial_list: list[TrialOut]
+    best: TrialOut | None = Field(description="the best completed trial so far")
+    best_spec: dict[str, Any] | None = Field(
+        description="the best trial's job spec, ready for corral train or submit"
+    )
+    importance: dict[str, float] = Field(
+        description="each parameter's importance to the metric (fANOVA), once trials completed"
+    )

@@ -124,3 +124,30 @@ metrics = Table(
     Column("at", Float, nullable=False),
     Column("data", JSON, nullable=False),
 )
+
+searches = Table(
+    "searches",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("user", String(64), ForeignKey("users.name"), nullable=False),
+    Column("team", String(64), ForeignKey("teams.name"), nullable=False),
+    Column("state", String(16), nullable=False),
+    # the search as submitted: {"spec": job, "space": …, "settings": …}, validated
+    Column("request", JSON, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("ended", Float, nullable=True),
+    Column("reason", Text, nullable=False, default=""),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    UniqueConstraint("user", "name", name="searches_user_name"),
+    Index("searches_state", "state"),
+)
+
+# a search's Optuna study, as Optuna's journal: its log of operations, in order
+search_journal = Table(
+    "search_journal",
+    metadata,
+    Column("search", String(16), ForeignKey("searches.id"), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("data", JSON, nullable=False),
+)
