@@ -118,6 +118,9 @@ class MLflow(_Model):
     run_id: str | None = Field(
         None, description="continue this run (its epochs already logged are not repeated)"
     )
+    parent_run_id: str | None = Field(
+        None, description="a child of this run (a search's trial is a child of the search)"
+    )
     step_metrics: bool = Field(
         True, description="also log the progress reports (about two a second) per step"
     )

@@ -258,3 +258,31 @@ def test_tune_killed_mid_search_continues_where_it_was(tmp_path):
     assert len(done) == 3 and len(lrs) == 3, "the restarted sampler drew a value again"
     best = yaml.safe_load((tmp_path / "search-best.yaml").read_text())
     assert best["name"] == "search-best" and "lr" in best["optimizer"]
+
+
+def test_a_tracked_search_is_a_parent_run_with_a_child_per_trial(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts go beside its store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {**job_spec(tmp_path, epochs=2), "tracking": {"uri": uri, "experiment": "lr"}}
+    with service(tmp_path, f"sqlite:///{tmp_path / 'db'}") as (_, searches, user):
+        request = search_request(spec, SPACE, settings(trials=2, concurrency=2))
+        made, _ = searches.searches.create(user, searches_request(request))
+        wait_until(lambda: searches.searches.get(made.id).final, 240, "the search to end")
+        assert searches.searches.get(made.id).state == "succeeded"
+        detail = search_detail(searches.searches, searches.searches.get(made.id))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lr").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("corral.search") == made.id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["lr-t0", "lr-t1"]
+    assert parent.info.status == "FINISHED"
+    history = client.get_metric_history(parent.info.run_id, "trial_accuracy")
+    assert sorted(m.step for m in history) == [0, 1]  # each trial once
+    best = detail.best
+    assert parent.data.params["best.trial"] == str(best.number)
+    assert float(parent.data.params["best.optimizer.lr"]) == best.params["optimizer.lr"]
+    assert parent.data.metrics["best_accuracy"] == best.value
+    for child in children:  # the trial's own job run: its spec as params, its epochs
+        assert "optimizer.lr" in child.data.params and "accuracy" in child.data.metrics

@@ -34,6 +34,7 @@ from corral.search.driver import (
     REASON_ATTR,
     Driver,
     SearchRequest,
+    TrialHost,
     TrialStatus,
     best_trial,
     make_study,
@@ -42,6 +43,7 @@ from corral.search.driver import (
 from corral.service import schema as t
 from corral.service import submission
 from corral.service.models import SearchDetail, SearchOut, TrialOut
+from corral.service.search_tracking import ParentRun, TrackedTrials, tracking_of
 from corral.service.store import Store, User
 
 log = logging.getLogger("corral.service")
@@ -244,10 +246,21 @@ class Searches:
     """Drives every running search of the store, one pass every `interval` seconds, in
     a thread of the server (or of a local ``corral tune``)."""
 
-    def __init__(self, store: Store, *, pool: Resources, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        pool: Resources,
+        interval: float = 0.5,
+        mlflow_uri: str | None = None,
+    ) -> None:
         self.store, self.pool, self.interval = store, pool, interval
+        #: Every search is tracked on this MLflow store, in its team's experiment (else
+        #: where its job's own ``tracking`` says, if it says).
+        self.mlflow_uri = mlflow_uri
         self.searches = SearchStore(store)
         self._drivers: dict[str, Driver] = {}
+        self._parents: dict[str, ParentRun] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Passes completed: what a caller waits on to know a change was seen.
@@ -275,6 +288,9 @@ class Searches:
                 self._advance(search)
             except SpecError as exc:  # a trial the queue refuses: the search cannot go on
                 self._finish(search, "failed", str(exc))
+            except Exception:  # MLflow or the database away, say: retried next pass
+                log.exception("search %s: pass failed; retrying", search.id)
+                self._drivers.pop(search.id, None)
         self.passes += 1
 
     def driver(self, search: Search) -> Driver:
@@ -284,12 +300,29 @@ class Searches:
             if user is None:
                 raise CorralError(f"search {search.id}: no user '{search.user}'")
             request = search.request
+            study = self.searches.study(search)
+            host: TrialHost = StoreTrials(self.store, self.pool, user, search)
+            tracking = tracking_of(request.spec, uri=self.mlflow_uri, team=search.team)
+            if tracking is not None:
+                parent = ParentRun(
+                    tracking,
+                    study,
+                    name=search.name,
+                    search_id=search.id,
+                    metric=request.settings.metric,
+                )
+                parent.start(
+                    request.settings.model_dump(mode="json"),
+                    request.space.model_dump(mode="json", exclude_defaults=True),
+                )
+                self._parents[search.id] = parent
+                host = TrackedTrials(host, parent, request.settings.name)
             driver = Driver(
-                self.searches.study(search),
+                study,
                 spec=request.spec,
                 space=request.space,
                 settings=request.settings,
-                host=StoreTrials(self.store, self.pool, user, search),
+                host=host,
             )
             self._drivers[search.id] = driver
         return driver
@@ -301,6 +334,9 @@ class Searches:
             self._finish(search, "cancelled", "cancelled on request")
             return
         outcome = driver.step()
+        parent = self._parents.get(search.id)
+        if parent is not None:
+            parent.record()
         if outcome is not None:
             self._finish(search, outcome.state, outcome.reason)
 
@@ -310,6 +346,12 @@ class Searches:
                 self.driver(search).stop_all(f"the search ended: {reason}")
         self.searches.end(search.id, state, reason)
         self._drivers.pop(search.id, None)
+        parent = self._parents.pop(search.id, None)
+        if parent is not None:
+            try:
+                parent.end(state)
+            except Exception:  # the search's state is what matters; its run is a record
+                log.exception("search %s: its MLflow run could not be ended", search.id)
         log.info("search %s %s: %s", search.id, state, reason)
 
 

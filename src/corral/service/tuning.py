@@ -65,8 +65,15 @@ def search_request(
     else:
         spec = job if isinstance(job, JobSpec) else parse(JobSpec, dict(job), source="job")
         base = Path.cwd()
+    portable = portable_spec(spec, base)
+    if spec.tracking is not None and spec.tracking.uri is None:
+        # every trial runs in a folder of its own: MLflow's default store is where this
+        # command runs (or MLFLOW_TRACKING_URI), written out for all of them and the search
+        from mlflow import get_tracking_uri
+
+        portable["tracking"] = {**portable.get("tracking", {}), "uri": get_tracking_uri()}
     body = {
-        "spec": portable_spec(spec, base),
+        "spec": portable,
         "space": Space.of(space).model_dump(mode="json"),
         "settings": dict(settings),
     }

@@ -83,7 +83,10 @@ def open_run(spec: MLflow, *, tags: dict[str, str] | None = None) -> str:
         if experiment is not None
         else client.create_experiment(spec.experiment)
     )
-    run = client.create_run(experiment_id, tags=tags or {}, run_name=spec.run_name)
+    tags = dict(tags or {})
+    if spec.parent_run_id is not None:  # how MLflow's UI nests a child under its parent
+        tags["mlflow.parentRunId"] = spec.parent_run_id
+    run = client.create_run(experiment_id, tags=tags, run_name=spec.run_name)
     return str(run.info.run_id)
 
 
