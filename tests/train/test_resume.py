@@ -123,3 +123,19 @@ def test_a_powersgd_resume_restores_every_ranks_error_feedback(tmp_path):
     assert not torch.equal(*(r["errors"]["0.weight"] for r in ranks))  # each rank's own
     resumed, _, _ = fit(tmp_path / "more", strategy=powersgd, resume_from=first.checkpoint)
     assert_same_parameters(resumed.model, straight.model)
+
+
+def test_a_run_resumed_with_another_lr_trains_with_it(tmp_path):
+    """The checkpoint's optimizer state brings momentum and the old lr: the new run's own
+    lr wins (and the momentum buffers still come back, as the test above shows)."""
+    first, _, _ = fit(tmp_path / "first", epochs=2)
+    assert first.checkpoint is not None
+    saved = torch.load(first.checkpoint, weights_only=True)["optimizer"]
+    assert saved["param_groups"][0]["lr"] == 0.05
+    zero, _, steps = fit(
+        tmp_path / "zero",
+        resume_from=first.checkpoint,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.0, momentum=0.0),
+    )
+    assert steps == {0: 2 * STEPS}  # epochs 3 and 4 were trained, with lr 0: no change
+    assert_same_parameters(zero.model, first.model)

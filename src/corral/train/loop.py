@@ -231,7 +231,16 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
         if state is not None:
             model.load_state_dict(state["model"])
             if optimizer is not None:
+                # the saved state brings its momentum buffers and its hyperparameters; the
+                # optimizer this job asked for keeps its own (a run resumed with another
+                # lr, a search's trial exploiting another's checkpoint, trains with it)
+                asked = [
+                    {k: v for k, v in group.items() if k != "params"}
+                    for group in optimizer.param_groups
+                ]
                 optimizer.load_state_dict(state["optimizer"])
+                for group, own in zip(optimizer.param_groups, asked, strict=True):
+                    group.update(own)
             start_epoch, history, last = (
                 state["data_position"]["epoch"],
                 state["history"],
