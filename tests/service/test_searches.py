@@ -286,3 +286,38 @@ def test_a_tracked_search_is_a_parent_run_with_a_child_per_trial(tmp_path, monke
     assert parent.data.metrics["best_accuracy"] == best.value
     for child in children:  # the trial's own job run: its spec as params, its epochs
         assert "optimizer.lr" in child.data.params and "accuracy" in child.data.metrics
+
+
+def test_pbt_trials_go_on_from_each_others_checkpoints(tmp_path):
+    """A population of two, judged every epoch: the laggard's successor is a job that
+    starts from the leader's checkpoint, its first epochs the leader's own."""
+    spec = job_spec(tmp_path, epochs=3)
+    model = Path(spec["entrypoint"].rsplit(":", 1)[0])
+    model.write_text(  # about half a second an epoch, so the driver sees each one
+        model.read_text().replace(
+            "return self.net(x)", "time.sleep(0.07)\n        return self.net(x)"
+        )
+    )
+    pbt = {"population": 2, "interval": 1, "quantile": 0.5}
+    with service(tmp_path, f"sqlite:///{tmp_path / 'db'}") as (store, searches, user):
+        searches.job_folder = lambda job: tmp_path / "state" / "jobs" / job
+        searches.kept = tmp_path / "state" / "searches"
+        request = search_request(spec, SPACE, settings(trials=4, pbt=pbt))
+        made, _ = searches.searches.create(user, searches_request(request))
+        wait_until(lambda: searches.searches.get(made.id).final, 240, "the search to end")
+        search = searches.searches.get(made.id)
+        assert search.state == "succeeded", search.reason
+        detail = search_detail(searches.searches, search)
+        assert 2 < len(detail.trial_list) <= 4  # the budget caps the exploits
+        successors = [t for t in detail.trial_list if store.job(t.job).spec.get("resume_from")]
+        assert successors, [(t.state, t.reason) for t in detail.trial_list]
+        for trial in successors:
+            kept = Path(store.job(trial.job).spec["resume_from"])
+            assert kept.parent == tmp_path / "state" / "searches" / made.id
+            source = next(t for t in detail.trial_list if kept.name.startswith(t.job))
+            epochs = [m for m in store.metrics(trial.job) if m.get("kind") == "epoch"]
+            restored = [m for m in epochs if m.get("restored")]
+            assert restored, "the successor did not start from the checkpoint"
+            assert [m["accuracy"] for m in restored] == source.history[: len(restored)]
+        exploited = [t for t in detail.trial_list if t.state == "pruned"]
+        assert len(exploited) == len(successors)

@@ -37,6 +37,8 @@ log = logging.getLogger("corral.tune")
 JOB_ATTR = "corral.job"
 #: The trial's user attribute that holds why it failed or was pruned.
 REASON_ATTR = "reason"
+#: The trial's system attribute that holds the checkpoint its job starts from (PBT).
+RESUME_ATTR = "corral.resume_from"
 
 
 class Pruner(_Model):
@@ -55,6 +57,20 @@ class Pruner(_Model):
     startup_trials: int = Field(4, ge=0, description="median: trials that are never pruned")
 
 
+class Pbt(_Model):
+    """Population based training: ``population`` trials train at once; each time one
+    reaches a multiple of ``interval`` epochs in the bottom ``quantile`` of the
+    population, it stops, and a new trial goes on from the committed checkpoint of one
+    in the top ``quantile``, with that one's values perturbed (× 1 ± ``perturb``) or, with
+    probability ``resample``, drawn afresh."""
+
+    population: int = Field(4, ge=2, description="trials training at once")
+    interval: int = Field(2, ge=1, description="epochs between two exploit decisions")
+    quantile: float = Field(0.25, gt=0, le=0.5, description="the bottom and top fraction")
+    perturb: float = Field(0.2, gt=0, lt=1, description="a value moves by × (1 ± this)")
+    resample: float = Field(0.25, ge=0, le=1, description="chance a value is drawn afresh")
+
+
 class SearchSettings(_Model):
     """How to search: the metric, the budget, the sampler and the pruner."""
 
@@ -69,6 +85,9 @@ class SearchSettings(_Model):
         3, ge=1, description="stop the search after this many failed trials in a row"
     )
     seed: int = 0
+    pbt: Pbt | None = Field(
+        None, description="population based training instead of pruning (`corral.search.pbt`)"
+    )
 
     @field_validator("pruner", mode="before")
     @classmethod
@@ -120,6 +139,10 @@ class TrialHost(Protocol):
     def stop(self, job: str, reason: str) -> None:
         """Stop the job now, freeing its resources."""
 
+    def checkpoint(self, job: str) -> str | None:
+        """A copy of the job's newest committed checkpoint, kept for the search, that
+        another trial's job may start from (PBT); ``None`` before its first."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -142,7 +165,7 @@ def make_study(settings: SearchSettings, space: Space, storage: Any) -> optuna.S
         storage=storage,
         direction="maximize" if settings.mode == "max" else "minimize",
         sampler=_sampler(settings, space, 0),
-        pruner=_pruner(settings.pruner),
+        pruner=_pruner(settings.pruner) if settings.pbt is None else _pruner(Pruner(kind="none")),
         load_if_exists=True,
     )
     held = len(study.get_trials(deepcopy=False))
@@ -160,6 +183,8 @@ def check(settings: SearchSettings, space: Space, spec: Mapping[str, Any]) -> No
     """
     job = parse(JobSpec, dict(spec), source="job")
     space.check(spec)
+    if settings.pbt is not None:
+        _check_pbt(settings, settings.pbt, job)
     if settings.sampler == "grid":
         size = math.prod(len(v) for v in space.grid().values())
         if settings.trials > size:
@@ -168,10 +193,33 @@ def check(settings: SearchSettings, space: Space, spec: Mapping[str, Any]) -> No
                 f"ask for at most {size}"
             )
     pruner = settings.pruner
-    if pruner.kind in ("asha", "hyperband") and pruner.min_epochs >= job.epochs:
+    if (
+        settings.pbt is None
+        and pruner.kind in ("asha", "hyperband")
+        and pruner.min_epochs >= job.epochs
+    ):
         raise SpecError(
             f"pruner.min_epochs: {pruner.min_epochs} leaves nothing to prune in "
             f"{job.epochs} epochs; lower it or raise epochs"
+        )
+
+
+def _check_pbt(settings: SearchSettings, pbt: Pbt, job: JobSpec) -> None:
+    if "pruner" in settings.model_fields_set and settings.pruner.kind != "none":
+        raise SpecError("pruner: PBT replaces the trials that lag itself; set pruner: none")
+    if settings.sampler == "grid":
+        raise SpecError("sampler: PBT draws its first population; use random, tpe or cmaes")
+    if pbt.interval >= job.epochs:
+        raise SpecError(
+            f"pbt.interval: {pbt.interval} epochs leaves no exploit step in {job.epochs} "
+            "epochs; lower it or raise epochs"
+        )
+    if settings.trials < pbt.population:
+        raise SpecError(f"trials: {settings.trials} cannot hold a population of {pbt.population}")
+    if job.checkpoint.every > pbt.interval or pbt.interval % job.checkpoint.every:
+        raise SpecError(
+            f"checkpoint.every: {job.checkpoint.every} must divide pbt.interval "
+            f"({pbt.interval}): a trial exploits only committed checkpoints"
         )
 
 
@@ -285,7 +333,11 @@ class Driver:
         self._submit(trial.number, trial._trial_id, params)
 
     def _submit(self, number: int, trial_id: int, params: Mapping[str, Any]) -> str:
-        job = self.host.submit(number, trial_spec(self.spec, self.settings, number, params))
+        spec = trial_spec(self.spec, self.settings, number, params)
+        resume = self.study._storage.get_trial(trial_id).system_attrs.get(RESUME_ATTR)
+        if resume is not None:
+            spec["resume_from"] = resume
+        job = self.host.submit(number, spec)
         self.study._storage.set_trial_system_attr(trial_id, JOB_ATTR, job)
         return job
 

@@ -131,3 +131,6 @@ class TrackedTrials:
 
     def stop(self, job: str, reason: str) -> None:
         self.host.stop(job, reason)
+
+    def checkpoint(self, job: str) -> str | None:
+        return self.host.checkpoint(job)

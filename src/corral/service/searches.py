@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
+import shutil
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from optuna.storages import JournalStorage
@@ -28,6 +31,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from corral.errors import CorralError, SpecError
+from corral.runtime import checkpoint as ckpt
 from corral.runtime.resources import Resources
 from corral.search.driver import (
     JOB_ATTR,
@@ -40,8 +44,10 @@ from corral.search.driver import (
     make_study,
     trial_spec,
 )
+from corral.search.pbt import make_driver
 from corral.service import schema as t
 from corral.service import submission
+from corral.service.job import CHECKPOINTS
 from corral.service.models import SearchDetail, SearchOut, TrialOut
 from corral.service.search_tracking import ParentRun, TrackedTrials, tracking_of
 from corral.service.store import Store, User
@@ -217,10 +223,22 @@ class Journal(BaseJournalBackend):
 
 
 class StoreTrials:
-    """A search's trials as jobs of its user in the store's queue."""
+    """A search's trials as jobs of its user in the store's queue. A checkpoint another
+    trial starts from (PBT) is copied into `kept`, beside the job folders, owned as the
+    job's own folder is (the team's account, where jobs run as one)."""
 
-    def __init__(self, store: Store, pool: Resources, user: User, search: Search) -> None:
+    def __init__(
+        self,
+        store: Store,
+        pool: Resources,
+        user: User,
+        search: Search,
+        *,
+        job_folder: Callable[[str], Path] | None = None,
+        kept: Path | None = None,
+    ) -> None:
         self.store, self.pool, self.user, self.search = store, pool, user, search
+        self.job_folder, self.kept = job_folder, kept
 
     def submit(self, number: int, spec: dict[str, Any]) -> str:
         key = f"search-{self.search.id}-{number}"
@@ -241,6 +259,30 @@ class StoreTrials:
         if found is not None:
             submission.cancel(self.store, found, reason)
 
+    def checkpoint(self, job: str) -> str | None:
+        if self.job_folder is None or self.kept is None:
+            return None
+        source = self.job_folder(job) / CHECKPOINTS
+        for _ in range(3):  # the job's retention may delete its newest as a newer comes
+            newest = ckpt.latest(source)
+            if newest is None:
+                return None
+            folder = self.kept / self.search.id
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target = folder / f"{job}-{newest.name}"
+            partial = target.with_name(f".{target.name}.partial")
+            try:
+                shutil.copyfile(newest, partial)
+            except FileNotFoundError:
+                continue
+            owner = source.stat()
+            with contextlib.suppress(PermissionError):  # a one-user server: its own
+                os.chown(folder, owner.st_uid, owner.st_gid)
+                os.chown(partial, owner.st_uid, owner.st_gid)
+            os.replace(partial, target)
+            return str(target)
+        return None
+
 
 class Searches:
     """Drives every running search of the store, one pass every `interval` seconds, in
@@ -253,8 +295,13 @@ class Searches:
         pool: Resources,
         interval: float = 0.5,
         mlflow_uri: str | None = None,
+        job_folder: Callable[[str], Path] | None = None,
+        kept: Path | None = None,
     ) -> None:
         self.store, self.pool, self.interval = store, pool, interval
+        #: Where the runner keeps a job's files, and where checkpoints a trial starts
+        #: from are kept (PBT); without them, PBT never exploits.
+        self.job_folder, self.kept = job_folder, kept
         #: Every search is tracked on this MLflow store, in its team's experiment (else
         #: where its job's own ``tracking`` says, if it says).
         self.mlflow_uri = mlflow_uri
@@ -301,7 +348,14 @@ class Searches:
                 raise CorralError(f"search {search.id}: no user '{search.user}'")
             request = search.request
             study = self.searches.study(search)
-            host: TrialHost = StoreTrials(self.store, self.pool, user, search)
+            host: TrialHost = StoreTrials(
+                self.store,
+                self.pool,
+                user,
+                search,
+                job_folder=self.job_folder,
+                kept=self.kept,
+            )
             tracking = tracking_of(request.spec, uri=self.mlflow_uri, team=search.team)
             if tracking is not None:
                 parent = ParentRun(
@@ -317,7 +371,7 @@ class Searches:
                 )
                 self._parents[search.id] = parent
                 host = TrackedTrials(host, parent, request.settings.name)
-            driver = Driver(
+            driver = make_driver(
                 study,
                 spec=request.spec,
                 space=request.space,

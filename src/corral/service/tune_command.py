@@ -73,6 +73,11 @@ def tune(
     concurrency: Annotated[int, typer.Option(help="trials at once, at most")] = 2,
     sampler: Annotated[str, typer.Option(help="tpe, random, grid or cmaes")] = "tpe",
     pruner: Annotated[str, typer.Option(help="asha, hyperband, median or none")] = "asha",
+    pbt: Annotated[
+        bool, typer.Option(help="population based training instead of a pruner")
+    ] = False,
+    population: Annotated[int, typer.Option(help="PBT: trials training at once")] = 4,
+    interval: Annotated[int, typer.Option(help="PBT: epochs between exploit steps")] = 2,
     min_epochs: Annotated[int, typer.Option(help="epochs before ASHA/Hyperband prune")] = 1,
     max_failures: Annotated[
         int, typer.Option(help="stop after this many failed trials in a row")
@@ -103,10 +108,13 @@ def tune(
             "trials": trials,
             "concurrency": concurrency,
             "sampler": sampler,
-            "pruner": {"kind": pruner, "min_epochs": min_epochs},
             "max_failures": max_failures,
             "seed": seed,
         }
+        if pbt:
+            settings["pbt"] = {"population": population, "interval": interval}
+        else:
+            settings["pruner"] = {"kind": pruner, "min_epochs": min_epochs}
         request = search_request(job, _space(space), settings)
         show = _Lines()
         if server:

@@ -105,7 +105,9 @@ def local_service(folder: Path, pool: Resources | None = None) -> Iterator[Any]:
         interval=0.2,
         start_attempt=ProcessStarter(Isolation(accounts=False)),
     )
-    searches = Searches(store, pool=pool, interval=0.2)
+    searches = Searches(
+        store, pool=pool, interval=0.2, job_folder=runner.folder, kept=folder / "searches"
+    )
     runner.start()
     searches.start()
     try:
@@ -160,7 +162,8 @@ def tune(
     trials: int = 16,
     concurrency: int = 2,
     sampler: str = "tpe",
-    pruner: str | Mapping[str, Any] = "asha",
+    pruner: str | Mapping[str, Any] | None = None,
+    pbt: Mapping[str, Any] | None = None,
     name: str = "search",
     max_failures: int = 3,
     seed: int = 0,
@@ -179,7 +182,10 @@ def tune(
         mode: ``max`` or ``min``.
         trials: Trials in all; concurrency: trials at once (also bounded by the pool).
         sampler: ``tpe``, ``random``, ``grid`` or ``cmaes``.
-        pruner: ``asha``, ``hyperband``, ``median``, ``none``, or a mapping of its settings.
+        pruner: ``asha`` (the default without `pbt`), ``hyperband``, ``median``,
+            ``none``, or a mapping of its settings.
+        pbt: Population based training instead (`corral.search.driver.Pbt`'s
+            settings, ``{}`` for its defaults).
         name: The search's name in `folder`.
 
     Returns:
@@ -202,10 +208,13 @@ def tune(
         "trials": trials,
         "concurrency": concurrency,
         "sampler": sampler,
-        "pruner": pruner,
         "max_failures": max_failures,
         "seed": seed,
     }
+    if pruner is not None:
+        settings["pruner"] = pruner
+    if pbt is not None:
+        settings["pbt"] = dict(pbt)
     request = search_request(job, space, settings)
     detail = run_local(request, folder=Path(folder).resolve(), pool=pool, on_update=on_update)
     if detail.state != "succeeded":
