@@ -29,6 +29,7 @@ _EXPORTS = {
     "OptimizerSpec": "corral.spec",
     "ParameterServer": "corral.strategies",
     "Result": "corral.train.trainer",
+    "SearchFailed": "corral.service.tuning",
     "SparkEngine": "corral.engines.spark",
     "SpecError": "corral.errors",
     "Strategy": "corral.strategies",
@@ -39,6 +40,7 @@ _EXPORTS = {
     "context": "corral.runtime.context",
     "load_spec": "corral.spec",
     "run": "corral.train.launcher",
+    "tune": "corral.service.tuning",
 }
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "OptimizerSpec",
     "ParameterServer",
     "Result",
+    "SearchFailed",
     "SparkEngine",
     "SpecError",
     "Strategy",
@@ -65,6 +68,7 @@ __all__ = [
     "context",
     "load_spec",
     "run",
+    "tune",
 ]
 
 
@@ -98,6 +102,7 @@ if TYPE_CHECKING:
         WorkerError,
     )
     from corral.runtime.context import Context, context
+    from corral.service.tuning import SearchFailed, tune
     from corral.spec import JobSpec, MLflow, OptimizerSpec, TrainSettings, load_spec
     from corral.strategies import AllReduce, Averaging, Gossip, ParameterServer, Strategy
     from corral.train.launcher import run
