@@ -37,6 +37,13 @@ def run(
     cpus_per_worker: Annotated[int, typer.Option(help="CPU threads per worker")] = 1,
     max_restarts: Annotated[int, typer.Option(help="restarts of the group on failure")] = 0,
     master_port: Annotated[int | None, typer.Option(help="fixed rendezvous port")] = None,
+    mlflow_experiment: Annotated[
+        str | None,
+        typer.Option(help="track the run in this MLflow experiment (rank 0's reports)"),
+    ] = None,
+    mlflow_uri: Annotated[
+        str | None, typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI, ./mlflow.db)")
+    ] = None,
 ) -> None:
     """Run a script (or function) on N workers with torch.distributed's variables set.
 
@@ -47,6 +54,11 @@ def run(
 
     def action() -> None:
         fn, args = script_or_callable(target, list(ctx.args))
+        tracking = None
+        if mlflow_experiment is not None or mlflow_uri is not None:
+            from corral.spec import MLflow
+
+            tracking = MLflow(uri=mlflow_uri, experiment=mlflow_experiment or "corral")
         value = run_workers(
             fn,
             *args,
@@ -54,6 +66,7 @@ def run(
             cpus_per_worker=cpus_per_worker,
             max_restarts=max_restarts,
             master_port=master_port,
+            tracking=tracking,
         )
         if value is not None:
             print(value)

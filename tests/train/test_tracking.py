@@ -118,3 +118,35 @@ def test_a_bad_tracking_spec_names_the_field():
             optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
             tracking={"kind": "mlflow", "experimnt": "x"},
         )
+
+
+def reporting(epochs: int) -> int:
+    """A `corral.run` function: every rank reports; rank 0's reports are the run's."""
+    ctx = corral.context()
+    for epoch in range(1, epochs + 1):
+        ctx.report(epoch=epoch, loss=1.0 / epoch + ctx.rank)
+    ctx.report(score=0.5 + ctx.rank)  # no step named: the next one
+    return ctx.rank
+
+
+def test_corral_run_with_tracking_logs_rank_0s_reports(store):
+    spec = corral.MLflow(uri=store, experiment="run", log_model=False)
+    assert corral.run(reporting, 3, workers=2, tracking=spec) == 0
+    client = mlflow.tracking.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["function"] == "reporting" and run.data.params["workers"] == "2"
+    assert run.data.tags["corral.engine"] == "local"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in losses) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    (score,) = client.get_metric_history(run.info.run_id, "score")
+    assert (score.step, score.value) == (4, 0.5)
+
+
+def test_a_failed_corral_run_ends_its_run_failed(store):
+    spec = corral.MLflow(uri=store, experiment="run-fails")
+    with pytest.raises(WorkerError):
+        corral.run(reporting, "three", workers=1, tracking=spec)
+    client = mlflow.tracking.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("run-fails").experiment_id])
+    assert run.info.status == "FAILED"

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import torch.distributed as dist
@@ -56,6 +56,9 @@ from corral.runtime.meetings import ADDRESS_KEY, MembershipHost
 from corral.runtime.resources import ONE_CPU, Resources
 from corral.runtime.roles import Role
 from corral.train import restarts
+
+if TYPE_CHECKING:
+    from corral.spec import MLflow
 
 log = logging.getLogger("corral")
 
@@ -522,8 +525,14 @@ def run(
     master_port: int | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     engine: Engine | str | None = None,
+    tracking: MLflow | str | None = None,
 ) -> Any:
     """Run your own torch.distributed function on `workers` processes; return rank 0's value.
+
+    With `tracking` (``"mlflow"`` or `corral.MLflow`), the call is one MLflow run: the
+    function and these options as params, and what rank 0 reports with
+    ``corral.context().report(...)`` as metrics, at the ``step`` (or ``epoch``) a report
+    names, else at the next step.
 
     Every worker gets ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``LOCAL_RANK`` and
     ``WORLD_SIZE``, so code written for torchrun runs unchanged. Pass keyword arguments for
@@ -550,4 +559,29 @@ def run(
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
         engine=resolve(engine),
     )
-    return launch(fn, args, opts)
+    if tracking is None:
+        return launch(fn, args, opts)
+    from corral.spec import TrainSettings
+    from corral.train.tracking import Tracker, tracked
+
+    spec = TrainSettings(tracking=tracking).tracking  # "mlflow" stands for its defaults
+    assert spec is not None
+    params = {
+        "function": getattr(fn, "__qualname__", type(fn).__name__),
+        "args": repr(args)[:6000],
+        "workers": str(workers),
+        "cpus_per_worker": str(cpus_per_worker),
+        "gpus_per_worker": str(gpus_per_worker),
+        "max_restarts": str(max_restarts),
+    }
+    engine_name = type(opts.engine).__name__.removesuffix("Engine").lower()
+    tags = {"corral.workers": str(workers), "corral.engine": engine_name}
+    tracker = Tracker(spec, params=params, tags=tags)
+    opts = dataclasses.replace(opts, on_report=tracked(tracker, opts.on_report))
+    ok = False
+    try:
+        value = launch(fn, args, opts)
+        ok = True
+        return value
+    finally:
+        tracker.finish(ok=ok)

@@ -100,22 +100,15 @@ def run_url(uri: str | None, experiment_id: str, run_id: str) -> str | None:
 class Tracker:
     """One job's MLflow run, fed with the driver's reports (see the module docstring)."""
 
-    def __init__(self, settings: TrainSettings, *, engine: str) -> None:
-        assert settings.tracking is not None
-        self.spec = settings.tracking
+    def __init__(self, spec: MLflow, *, params: dict[str, str], tags: dict[str, str]) -> None:
+        self.spec = spec
         self.client = client_for(self.spec)
-        tags = {
-            "corral.strategy": settings.strategy.kind,
-            "corral.workers": str(settings.roles.worker.count),
-            "corral.engine": engine,
-            "corral.version": importlib.metadata.version("corral"),
-        }
+        tags = {**tags, "corral.version": importlib.metadata.version("corral")}
         self.run_id = open_run(self.spec, tags=tags)
         self.client.set_terminated(self.run_id, "RUNNING")
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
         self._logged = self._epochs_logged()
-        params = params_of(settings)
         if not self._logged:  # a continued run has them, and MLflow refuses a change
             from mlflow.entities import Param
 
@@ -124,8 +117,21 @@ class Tracker:
                 self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS])
         self._queue: queue.Queue[Any] = queue.Queue()
         self._restarts = 0
+        #: Reports of a `corral.run` function that name no step: the next step.
+        self._reports = 0
         self._thread = threading.Thread(target=self._send, name="mlflow", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def of_settings(cls, settings: TrainSettings, *, engine: str) -> Tracker:
+        """A `Trainer` fit's run: its settings as params, its strategy and workers as tags."""
+        assert settings.tracking is not None
+        tags = {
+            "corral.strategy": settings.strategy.kind,
+            "corral.workers": str(settings.roles.worker.count),
+            "corral.engine": engine,
+        }
+        return cls(settings.tracking, params=params_of(settings), tags=tags)
 
     def _epochs_logged(self) -> set[int]:
         """The epochs this run holds already (it is continued)."""
@@ -155,6 +161,14 @@ class Tracker:
             self._restarts = int(metrics["restarts"])
             tag = f"{self._restarts} of {metrics['max_restarts']}: {metrics['cause']}"
             self._queue.put(("tag", "corral.restarts", tag))
+        elif kind is None and msg.rank == 0 and msg.role == "worker":
+            # `corral.context().report(...)` from a `corral.run` function: rank 0's, at
+            # the step it names (``step``, else ``epoch``), else at the next one
+            named = metrics.get("step", metrics.get("epoch"))
+            step = int(named) if isinstance(named, int | float) else self._reports
+            self._reports = step + 1
+            row = {k: v for k, v in metrics.items() if k not in ("step", "epoch")}
+            self._queue.put(("metrics", step, now, row))
 
     def _send(self) -> None:
         """The sending thread: batches what is queued, at most one request a second."""

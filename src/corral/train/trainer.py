@@ -259,7 +259,7 @@ class Trainer:
         tracker = None
         if s.tracking is not None:
             engine = type(self.engine).__name__.removesuffix("Engine").lower()
-            tracker = Tracker(s, engine=engine)
+            tracker = Tracker.of_settings(s, engine=engine)
             on_report = tracked(tracker, on_report)
         losses = _Losses(plan.strategy.supervisor, on_report)
         opts = LaunchOptions(
