@@ -10,11 +10,16 @@ which the same command restarts from their checkpoints).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
 
 from corral.errors import CorralError, SpecError
 
@@ -98,10 +103,21 @@ def tune(
     from corral.service.commands import _client, _note, _out, _run
     from corral.service.tuning import follow, run_local, search_request, summary, trial_table
 
+    def searched(request: dict[str, Any], show: Callable[[SearchDetail], None]) -> SearchDetail:
+        if not server:
+            _note(f"searching locally; its state is in {folder.resolve()}")
+            return run_local(request, folder=folder.resolve(), on_update=show)
+        with _client(ctx) as client:
+            made = client.start_search(request)
+            _note(f"search {made.name} is {made.id} on the server")
+            if detach:
+                return made
+            return follow(lambda: client.search(made.id), show)
+
     def action() -> None:
         if detach and not server:
             raise SpecError("--detach: only a search on a server (--server) goes on alone")
-        settings = {
+        settings: dict[str, Any] = {
             "name": name,
             "metric": metric,
             "mode": mode,
@@ -116,17 +132,13 @@ def tune(
         else:
             settings["pruner"] = {"kind": pruner, "min_epochs": min_epochs}
         request = search_request(job, _space(space), settings)
-        show = _Lines()
-        if server:
-            with _client(ctx) as client:
-                made = client.start_search(request)
-                _note(f"search {made.name} is {made.id} on the server")
-                if detach:
-                    return
-                detail = follow(lambda: client.search(made.id), show)
-        else:
-            _note(f"searching locally; its state is in {folder.resolve()}")
-            detail = run_local(request, folder=folder.resolve(), on_update=show)
+        if sys.stdout.isatty():  # a live table, redrawn at each look
+            with Live(console=_out(), auto_refresh=False, transient=True) as live:
+                detail = searched(request, lambda d: live.update(_view(d), refresh=True))
+        else:  # a line per change, for logs and pipes
+            detail = searched(request, _Lines())
+        if detach:
+            return
         _out().print(summary(detail), markup=False)
         _out().print(trial_table(detail))
         if detail.best_spec is not None:
@@ -142,3 +154,9 @@ def tune(
             raise CorralError(f"the search {detail.state}: {detail.reason}")
 
     _run(action)
+
+
+def _view(detail: SearchDetail) -> Group:
+    from corral.service.tuning import summary, trial_table
+
+    return Group(Text(summary(detail)), trial_table(detail))
