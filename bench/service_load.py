@@ -1,9 +1,10 @@
 """Claim: the job service takes 1,000 submissions from 20 concurrent clients and stores each
 job exactly once, retries included.
 
-Starts a real ``corral server`` (a subprocess, ``--port 0``) on a fresh database: a SQLite
-file by default, or, with ``--db postgresql://user@host/db``, a database created for the
-run on that PostgreSQL server (and dropped after). Through its REST API, as the admin it
+Starts a real ``corral server`` (a subprocess, ``--port 0``, ``--api-processes``: 2 unless
+told, the best measured on 2 cores) on a fresh database: a SQLite file by default, or,
+with ``--db postgresql://user@host/db``, a database created for the run on that
+PostgreSQL server (and dropped after). Through its REST API, as the admin it
 creates on first start, it makes a team ``load`` with a user ``loader``. Then ``--clients``
 threads, each with its own ``httpx.Client``, submit ``--jobs`` jobs in all, each with a
 unique ``client_key``. About ``--retry`` of the submissions are sent twice with the same
@@ -35,15 +36,17 @@ every retry answered with the job its key made.
 In the same run, two floors. The storage layer's: the same inserts done directly through
 ``Store.add_job`` from ``--clients`` threads, no HTTP, on a second fresh database of the
 same kind, after the server has stopped. And the HTTP stack's: the same requests from the
-same clients to a no-op ``POST /api/jobs`` (uvicorn as ``corral server`` runs it, the same
-middleware and body model, no token check, no store), which bounds what any store behind
-that stack could reach on this machine. For each, where the CPU went: milliseconds per
-request in the server process, in the clients, in PostgreSQL's processes (a local server),
-and the requests/s those allow (all of it on the machine's cores, or the server's share
-on the one core its GIL lets it use). It also times the scheduling pass of
-``bench/schedule_pass.py`` (10,000 queued jobs of 100 teams; target < 100 ms), and the
-runner's pass on this store (``cluster_state()`` read from the database, then
-``schedule()``), which ran every 0.5 s during the load.
+same clients to a no-op ``POST /api/jobs`` (uvicorn as ``corral server`` runs it, from as
+many processes, the same middleware and body model, no token check, no store), which
+bounds what any store behind that stack could reach on this machine. For each, where the
+CPU went: milliseconds per request in the server's processes, in the clients, in
+PostgreSQL's processes (a local server), and the requests/s those allow (all of it on the
+machine's cores, or the server's share on the cores its processes can use: one each, for
+its GIL, at most the machine's), and how many cores were busy meanwhile (with these
+processes, and with anything: what else ran on the machine shows there). It also times
+the scheduling pass of ``bench/schedule_pass.py`` (10,000 queued jobs of 100 teams;
+target < 100 ms), and the runner's pass on this store (``cluster_state()`` read from the
+database, then ``schedule()``), which ran every 0.5 s during the load.
 
 Run: ``.venv/bin/python bench/service_load.py`` (SQLite), or
 ``.venv/bin/python bench/service_load.py --db postgresql://postgres@127.0.0.1:5432/test``
@@ -98,6 +101,9 @@ SPEC: dict[str, Any] = {
     "roles": {"worker": {"count": 1, "cpus": 1, "memory": "512m"}},
 }
 DEMAND = Resources(cpus=1, memory_mib=512, gpus=0)
+#: The server's ``--api-processes`` unless told (``--api-processes``): the best measured
+#: on the 2-core machine of docs/benchmarks.md.
+API_PROCESSES = 2
 
 
 @dataclass
@@ -203,10 +209,14 @@ def _serve(argv: list[str], log: Path, ready: str) -> tuple[subprocess.Popen[str
     raise SystemExit(f"{argv} did not start; its output is in {log}:\n{log.read_text()}")
 
 
-def start_server(db: str, state_dir: Path, log: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """`corral server` on a free port; returns it, its URL and the admin token it printed."""
+def start_server(
+    db: str, state_dir: Path, log: Path, processes: int
+) -> tuple[subprocess.Popen[str], str, str]:
+    """`corral server` on a free port, serving the API from `processes` processes; returns
+    it, its URL and the admin token it printed."""
     argv = [sys.executable, "-m", "corral", "server", "--port", "0", "--db", db]
     argv += ["--state-dir", str(state_dir), "--cpus", f"{POOL.cpus:g}"]
+    argv += ["--api-processes", str(processes)]
     argv += ["--memory", f"{POOL.memory_mib}m", "--gpus", str(POOL.gpus)]
     proc, url, token = _serve(argv, log, r"corral server on (http://\S+)")
     if token is None:
@@ -215,16 +225,17 @@ def start_server(db: str, state_dir: Path, log: Path) -> tuple[subprocess.Popen[
     return proc, url, token
 
 
-def serve_noop() -> None:
-    """The HTTP stack alone (``--serve-noop``): uvicorn as `corral server` runs it, the
-    app's body-size middleware, and a sync ``POST /api/jobs`` that validates the same
-    `SubmitRequest` and answers 201 with a `JobOut`, touching no store and asking no token."""
+def serve_noop(processes: int) -> None:
+    """The HTTP stack alone (``--serve-noop``): uvicorn as `corral server` runs it (from
+    as many processes, forked as it forks them), the app's body-size middleware, and a
+    sync ``POST /api/jobs`` that validates the same `SubmitRequest` and answers 201 with a
+    `JobOut`, touching no store and asking no token."""
     import uvicorn
     from fastapi import FastAPI, status
 
     from corral.service.api import _BodyLimit
     from corral.service.models import Demand, JobOut, SubmitRequest
-    from corral.service.server import bind
+    from corral.service.server import _ApiProcesses, bind
 
     app = FastAPI()
     app.add_middleware(_BodyLimit)
@@ -244,7 +255,12 @@ def serve_noop() -> None:
     print(f"no-op server on http://{host}:{port}", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.Server(config).run(sockets=[sock])
+    others = _ApiProcesses()
+    try:
+        others.fork(processes - 1, lambda: uvicorn.Server(config).run(sockets=[sock]))
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        others.stop()
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -323,6 +339,16 @@ def plan(clients: int, jobs: int, retry: float, seed: int) -> list[list[tuple[st
     return per
 
 
+def _family(pid: int) -> list[int]:
+    """`pid` and its child processes (Linux's /proc/<pid>/task/*/children): the server and
+    its API processes (it starts no job here)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
 def submit_all(
     url: str, token: str, work: list[list[tuple[str, str | None]]], server: int
 ) -> tuple[list[Sent], float, Cpu, list[float]]:
@@ -383,10 +409,11 @@ def submit_all(
     for thread in threads:
         thread.start()
     start.wait()
-    cpu, begin = Cpu.now(server), time.perf_counter()
+    pids = _family(server)  # the API processes are forked before the server says it is up
+    cpu, begin = Cpu.now(pids), time.perf_counter()
     for thread in threads:
         thread.join()
-    return sent, time.perf_counter() - begin, Cpu.now(server) - cpu, warm
+    return sent, time.perf_counter() - begin, Cpu.now(pids) - cpu, warm
 
 
 def floor(db: str, clients: int, jobs: int) -> tuple[float, list[float], Cpu]:
@@ -416,11 +443,11 @@ def floor(db: str, clients: int, jobs: int) -> tuple[float, list[float], Cpu]:
     for thread in threads:
         thread.start()
     start.wait()
-    cpu, begin = Cpu.now(None), time.perf_counter()
+    cpu, begin = Cpu.now([]), time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - begin
-    cpu = Cpu.now(None) - cpu
+    cpu = Cpu.now([]) - cpu
     assert store.count_jobs() == jobs
     store.close()
     return wall, times, cpu
@@ -495,22 +522,39 @@ def _postgres_s() -> float:
     return total
 
 
+def _machine_s() -> float:
+    """CPU seconds this machine's cores spent busy so far, all processes (/proc/stat: all
+    but idle and iowait; 0 where unreadable)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    ticks = [int(v) for v in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Cpu:
-    """CPU seconds spent during a timed part: by the server process, by this process (the
-    clients, or the floor's threads) and by PostgreSQL."""
+    """CPU seconds spent during a timed part: by the server's processes, by this process
+    (the clients, or the floor's threads), by PostgreSQL, and by the whole machine (theirs
+    and anything else that ran)."""
 
     server: float = 0.0
     here: float = 0.0
     postgres: float = 0.0
+    machine: float = 0.0
 
     @classmethod
-    def now(cls, server: int | None) -> Cpu:
-        return cls(_cpu_s(server) if server else 0.0, time.process_time(), _postgres_s())
+    def now(cls, server: list[int]) -> Cpu:
+        """`server`: its processes (none for the store's floor)."""
+        return cls(sum(map(_cpu_s, server)), time.process_time(), _postgres_s(), _machine_s())
 
     def __sub__(self, other: Cpu) -> Cpu:
         return Cpu(
-            self.server - other.server, self.here - other.here, self.postgres - other.postgres
+            self.server - other.server,
+            self.here - other.here,
+            self.postgres - other.postgres,
+            self.machine - other.machine,
         )
 
 
@@ -540,10 +584,17 @@ def main() -> None:
     parser.add_argument("--retry", type=float, default=0.05, help="share of submissions resent")
     parser.add_argument("--passes", type=int, default=10, help="timed scheduling passes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--api-processes",
+        type=int,
+        default=API_PROCESSES,
+        help="the server's --api-processes, and the no-op's (default: %(default)s, the "
+        "best measured on a 2-core machine, docs/benchmarks.md)",
+    )
     parser.add_argument("--serve-noop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:
-        serve_noop()
+        serve_noop(args.api_processes)
         return
     work = plan(args.clients, args.jobs, args.retry, args.seed)
     with (
@@ -552,7 +603,7 @@ def main() -> None:
     ):
         kind, state_dir = kind_of(db), Path(tmp, "state")
         write_data(Path(tmp))
-        proc, url, admin = start_server(db, state_dir, Path(tmp, "server.log"))
+        proc, url, admin = start_server(db, state_dir, Path(tmp, "server.log"), args.api_processes)
         try:
             token = setup(url, admin, db)
             load_before = os.getloadavg()[0]
@@ -564,7 +615,7 @@ def main() -> None:
         ours_pass = runner_pass(db, args.passes) if schedule_pass else None
         floor_wall, floor_ms, floor_cpu = floor(floor_db, args.clients, args.jobs)
         noop, noop_url, _ = _serve(
-            [sys.executable, __file__, "--serve-noop"],
+            [sys.executable, __file__, "--serve-noop", "--api-processes", str(args.api_processes)],
             Path(tmp, "noop.log"),
             r"no-op server on (http://\S+)",
         )
@@ -594,7 +645,8 @@ def main() -> None:
 
     print(
         f"\n{platform.node()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
-        f"`corral server` on {kind}, {args.clients} client threads, {args.jobs} jobs "
+        f"`corral server --api-processes {args.api_processes}` on {kind}, "
+        f"{args.clients} client threads, {args.jobs} jobs "
         f"+ {len(retries)} retries ({racing} racing the first request); load average "
         f"{load_before:.1f} before the run, {load_after:.1f} after\n"
     )
@@ -643,25 +695,31 @@ def main() -> None:
         f"client): p50 {start_up[0]:.1f} ms, max {start_up[3]:.1f} ms"
     )
     cores = os.cpu_count() or 1
+    usable = min(args.api_processes, cores)
     print(
-        "\nWhere the CPU went, in ms per request: the server process, the clients (this "
-        "process), PostgreSQL's processes; and the most requests/s that allows: the cores "
-        "shared by all, or the server's one core (one process, one GIL)\n"
+        f"\nWhere the CPU went, in ms per request: the server's {args.api_processes} "
+        "process(es), the clients (this process), PostgreSQL's processes; and the most "
+        "requests/s that allows: the cores shared by all, or the server's alone on the "
+        f"{usable} core(s) its processes can use (one GIL each, at most one core each); "
+        f"and the cores busy during it, of {cores}: with these processes, and with "
+        "anything (the rest is other work on the machine, or idle)\n"
     )
     print(
         "| path | server | clients | PostgreSQL | all | bound by the cores, req/s | "
-        "bound by the server, req/s |\n|---|---:|---:|---:|---:|---:|---:|"
+        "bound by the server, req/s | cores busy: these, anything |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|"
     )
-    for label, used, requests in (
-        ("ours", cpu, len(sent)),
-        ("floor: `Store.add_job` (threads in the clients' place)", floor_cpu, n),
-        ("floor: HTTP alone (no-op)", noop_cpu, len(noop_sent)),
+    for label, used, requests, took in (
+        ("ours", cpu, len(sent), wall),
+        ("floor: `Store.add_job` (threads in the clients' place)", floor_cpu, n, floor_wall),
+        ("floor: HTTP alone (no-op)", noop_cpu, len(noop_sent), noop_wall),
     ):
         each = [1000 * v / requests for v in (used.server, used.here, used.postgres)]
-        bound = f"{1000 / each[0]:.0f}" if each[0] else ""
+        bound = f"{1000 * usable / each[0]:.0f}" if each[0] else ""
         print(
             f"| {label} | {each[0]:.2f} | {each[1]:.2f} | {each[2]:.2f} | {sum(each):.2f} | "
-            f"{1000 * cores / sum(each):.0f} | {bound} |"
+            f"{1000 * cores / sum(each):.0f} | {bound} | "
+            f"{(used.server + used.here + used.postgres) / took:.2f}, {used.machine / took:.2f} |"
         )
 
     yes = {True: "yes", False: "no"}

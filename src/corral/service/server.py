@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from fastapi import FastAPI
-
 from corral.errors import CorralError
 from corral.runtime.resources import Resources
 from corral.service.api import create_app
@@ -132,6 +130,10 @@ def serve(opts: ServerOptions) -> None:
     others = _ApiProcesses()
     try:
         if opts.api_processes > 1:
+            # what a submit imports on its first call (opening a job's data: pyarrow, about
+            # 0.15 s), once here for all: each process would pay it on its own first submit
+            import corral.data.parquet  # noqa: F401
+
             store.close()  # no connection open at the fork: none is shared
             others.fork(opts.api_processes - 1, lambda: _serve_api(sock, opts, isolation))
         runner.start()
@@ -165,13 +167,34 @@ def _run_app(
 
     app = create_app(store, pool=opts.pool, policy=opts.policy, job_folder=job_folder)
     app.state.isolation_warning = isolation.warning
-    _limit_threads(app)
+    # anyio's 40 worker threads are kept: 4 or 8 per process measured no better (docs)
     config = uvicorn.Config(app, log_level="warning", access_log=False)
+    if opts.api_processes > 1:  # one connection per wake-up: shared among the processes
+        config.backlog = 1
+        shared = _Shared.of(sock)
+        sock.close()  # the copy uvicorn serves is the one it closes when it stops
+        sock = shared
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _limit_threads(app: FastAPI) -> None:
-    """No change (anyio's 40 threads): a smaller limit measured no better."""
+class _Shared(socket.socket):
+    """The listening socket as one of several processes serves it. asyncio accepts as many
+    connections as its ``backlog`` at each wake-up (uvicorn: 2,048), so the process that
+    wakes first took a burst of new connections, up to all of them, and held them for good
+    (HTTP keep-alive): measured, 35 of 46 at once went to one of two processes. With a
+    backlog of 1 each takes one and goes back to its loop, and a busy process, whose loop
+    wakes late, takes fewer. asyncio also passes its backlog to ``listen``: here the
+    kernel's queue stays as uvicorn's default makes it."""
+
+    #: The kernel's queue of connections not yet accepted (uvicorn's default backlog).
+    QUEUE = 2048
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> _Shared:
+        return cls(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+
+    def listen(self, backlog: int = QUEUE) -> None:
+        super().listen(self.QUEUE)
 
 
 def _serve_api(sock: socket.socket, opts: ServerOptions, isolation: Isolation) -> None:
@@ -218,6 +241,8 @@ class _ApiProcesses:
 
     def __init__(self) -> None:
         self.pids: set[int] = set()
+        #: How many were forked, beside this process.
+        self.started = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None
@@ -234,6 +259,7 @@ class _ApiProcesses:
             if pid == 0:
                 _child(parent, serve)
             self.pids.add(pid)
+            self.started += 1
         self._watch = threading.Thread(target=self._watching, name="corral-api-procs", daemon=True)
         self._watch.start()
 
@@ -241,10 +267,11 @@ class _ApiProcesses:
         while not self._stopping.wait(0.5):
             for pid, status in self._reap():
                 log.warning(
-                    "corral server: API process %d ended (%s); %d processes serve on",
+                    "corral server: API process %d ended (%s); %d of %d serve the API on",
                     pid,
                     _how(status),
                     len(self.pids) + 1,
+                    self.started + 1,
                 )
 
     def _reap(self) -> list[tuple[int, int]]:
