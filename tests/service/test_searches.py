@@ -16,9 +16,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
-from conftest import alive, job_spec, wait_until
+from conftest import alive, job_spec, start_server, wait_until
 from fastapi.testclient import TestClient
 
 from corral.runtime.resources import Resources
@@ -321,3 +322,32 @@ def test_pbt_trials_go_on_from_each_others_checkpoints(tmp_path):
             assert [m["accuracy"] for m in restored] == source.history[: len(restored)]
         exploited = [t for t in detail.trial_list if t.state == "pruned"]
         assert len(exploited) == len(successors)
+
+
+def test_a_search_on_a_real_server_through_the_cli(tmp_path):
+    """``corral tune --server``: trials are jobs of the logged-in user on the server."""
+    proc, url, token = start_server(tmp_path)
+    env = {**os.environ, "CORRAL_CONFIG": str(tmp_path / "credentials.json")}
+    try:
+        login = [sys.executable, "-m", "corral", "login", url, "--token", token]
+        subprocess.run(login, env=env, check=True, capture_output=True, text=True)
+        job, space = tmp_path / "job.yaml", tmp_path / "space.yaml"
+        job.write_text(yaml.safe_dump(job_spec(tmp_path, epochs=2)))
+        space.write_text(yaml.safe_dump(SPACE))
+        command = [sys.executable, "-m", "corral", "tune", str(job), "--space", str(space)]
+        command += ["--server", "--trials", "2", "--metric", "accuracy", "--pruner", "none"]
+        done = subprocess.run(
+            command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "2 of 2 trials" in done.stdout
+        listed = httpx.get(
+            f"{url}/api/jobs",
+            params={"all_states": True},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()
+        assert sorted(j["name"] for j in listed) == ["search-t0", "search-t1"]
+        assert {j["user"] for j in listed} == {"admin"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

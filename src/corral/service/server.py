@@ -1,4 +1,4 @@
-"""``corral server``: the store, the runner and the app, on one port.
+"""``corral server``: the store, the runner, the searches' driver and the app, on one port.
 
 The port is bound here, before anything starts, so a port in use is one clear error and
 a free port chosen by the OS (``--port 0``) is known before the URL is printed. The first
@@ -29,6 +29,7 @@ from corral.service.api import create_app
 from corral.service.isolation import Isolation, Mode
 from corral.service.runner import ProcessStarter, Runner
 from corral.service.scheduler import Policy
+from corral.service.searches import Searches
 from corral.service.store import Store
 from corral.spec import SparkSpec
 
@@ -137,6 +138,15 @@ def serve(opts: ServerOptions) -> None:
             store.close()  # no connection open at the fork: none is shared
             others.fork(opts.api_processes - 1, lambda: _serve_api(sock, opts, isolation))
         runner.start()
+        # the searches' driver, beside the runner: one per service, as the scheduler is
+        searches = Searches(
+            store,
+            pool=opts.pool,
+            mlflow_uri=opts.mlflow_uri,
+            job_folder=runner.folder,
+            kept=opts.state_dir / "searches",
+        )
+        searches.start()
         where = f"Spark at {opts.spark.master}" if opts.spark else "this machine"
         how = "as their teams' accounts" if isolation.accounts else "as this server's user"
         served = f"; {opts.api_processes} API processes" if opts.api_processes > 1 else ""
@@ -149,6 +159,7 @@ def serve(opts: ServerOptions) -> None:
         try:
             _run_app(sock, store, opts, isolation, runner.folder)
         finally:
+            searches.stop()
             runner.stop()
     finally:
         others.stop()
