@@ -44,8 +44,20 @@ def children_of(pid: int) -> list[int]:
 class Server:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
+        self.children: list[int] = []
         options = ("--cpus", "1", "--memory", "1g", "--gpus", "0", "--api-processes", "2")
         self.proc, self.url, admin = start_server(tmp_path, *options)
+        try:
+            self._setup(admin)
+        except BaseException:  # a setup that fails leaves no server behind
+            self.stop()
+            for pid in self.children:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            raise
+
+    def _setup(self, admin: str | None) -> None:
+        tmp_path = self.tmp_path
         assert admin is not None
         self.db = f"sqlite:///{tmp_path / 'db.sqlite'}"
         # the API processes are forked before the server says it is up
