@@ -294,9 +294,17 @@ def test_pbt_trials_go_on_from_each_others_checkpoints(tmp_path):
     starts from the leader's checkpoint, its first epochs the leader's own."""
     spec = job_spec(tmp_path, epochs=3)
     model = Path(spec["entrypoint"].rsplit(":", 1)[0])
-    model.write_text(  # about half a second an epoch, so the driver sees each one
+    go = tmp_path / "go"
+    # the founders wait for each other (a trial that ends before the other reports is
+    # never judged), then take about half a second an epoch, so the driver sees each one
+    model.write_text(
         model.read_text().replace(
-            "return self.net(x)", "time.sleep(0.07)\n        return self.net(x)"
+            "return self.net(x)",
+            f"open(os.path.join({str(tmp_path)!r}, f'arrived-{{os.getpid()}}'), 'w').close()\n"
+            f"        while not os.path.exists({str(go)!r}):\n"
+            "            time.sleep(0.02)\n"
+            "        time.sleep(0.07)\n"
+            "        return self.net(x)",
         )
     )
     pbt = {"population": 2, "interval": 1, "quantile": 0.5}
@@ -305,6 +313,9 @@ def test_pbt_trials_go_on_from_each_others_checkpoints(tmp_path):
         searches.kept = tmp_path / "state" / "searches"
         request = search_request(spec, SPACE, settings(trials=4, pbt=pbt))
         made, _ = searches.searches.create(user, searches_request(request))
+        arrived = lambda: len(list(tmp_path.glob("arrived-*")))  # noqa: E731
+        wait_until(lambda: arrived() >= 2, 120, "both founders to train")
+        go.touch()
         wait_until(lambda: searches.searches.get(made.id).final, 240, "the search to end")
         search = searches.searches.get(made.id)
         assert search.state == "succeeded", search.reason

@@ -1,8 +1,9 @@
 """Population based training over jobs (Jaderberg et al., 2017), asynchronous.
 
-A population of trials trains at once, each a job. When one reports an epoch that is a
-multiple of ``interval`` and stands in the bottom ``quantile`` of the population's
-latest values, it is *exploited*: a new trial, of the same member, starts from the
+A population of trials trains at once, each a job. When one has reported an epoch that
+is a multiple of ``interval`` and stands in the bottom ``quantile`` of the population's
+values at that epoch (the judgement waits for the members still short of it), it is
+*exploited*: a new trial, of the same member, starts from the
 newest committed checkpoint of a trial in the top ``quantile`` (a copy the host keeps,
 so the winner's own retention cannot delete it), with the winner's values *explored*:
 each moved by × (1 ± ``perturb``) within its range, or drawn afresh with probability
@@ -123,22 +124,18 @@ class PbtDriver(Driver):
         epoch = max(trial.intermediate_values) // self.pbt.interval * self.pbt.interval
         if epoch == 0 or epoch >= self.settings_epochs or epoch <= trial.user_attrs.get(JUDGED, 0):
             return
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        # judged against the members' values at the same epoch: while another member is
+        # still short of it, the judgement waits (its latest value, an epoch earlier,
+        # would be an unfair comparison)
+        peers = [t for t in running if epoch in t.intermediate_values]
+        if len(peers) < 2 and any(max(t.intermediate_values, default=0) < epoch for t in running):
+            return
         storage.set_trial_user_attr(trial._trial_id, JUDGED, epoch)
-        population = [
-            t
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.intermediate_values
-        ]
-        if len(population) < 2 or len(self.study.get_trials(deepcopy=False)) >= (
-            self.settings.trials
-        ):
+        if len(peers) < 2 or len(self.study.get_trials(deepcopy=False)) >= self.settings.trials:
             return
         sign = 1 if self.settings.mode == "max" else -1
-        ranked = sorted(
-            population,
-            key=lambda t: sign * t.intermediate_values[max(t.intermediate_values)],
-            reverse=True,
-        )
+        ranked = sorted(peers, key=lambda t: sign * t.intermediate_values[epoch], reverse=True)
         cut = max(1, math.floor(len(ranked) * self.pbt.quantile))
         if trial.number not in {t.number for t in ranked[-cut:]}:
             return

@@ -144,7 +144,7 @@ class SearchStore:
                     "exists: give this one another name (settings.name, or --name)"
                 ) from None
             return found, False
-        made = self.get(row["id"])
+        made = self.get(str(row["id"]))
         assert made is not None
         return made, True
 
