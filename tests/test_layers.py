@@ -25,7 +25,7 @@ LAYERS = [
     ["corral.strategies"],
     ["corral.spec"],
     ["corral.train"],
-    ["corral.entrypoints", "corral.jobs"],
+    ["corral.entrypoints", "corral.jobs", "corral.ml"],  # corral.ml: a Spark ML Estimator
     ["corral.search"],  # search spaces and the driver of a search's trials
     ["corral.service"],
     ["corral.cli"],
