@@ -356,8 +356,8 @@ def parse(model: type[M], data: Any, *, source: str = "spec") -> M:
         raise SpecError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read and validate a YAML job file."""
+def read_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (of `what`), or a one-line `SpecError`."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -366,5 +366,10 @@ def load_spec(path: str | Path) -> JobSpec:
     except yaml.YAMLError as exc:
         raise SpecError(f"{p} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{p} must hold a mapping of job fields, not {type(data).__name__}")
-    return parse(JobSpec, data, source=str(p))
+        raise SpecError(f"{p} must hold a mapping of {what}, not {type(data).__name__}")
+    return data
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML job file."""
+    return parse(JobSpec, read_mapping(path, "job fields"), source=str(path))

@@ -27,18 +27,6 @@ if TYPE_CHECKING:
     from corral.service.models import SearchDetail
 
 
-def _space(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise SpecError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path} must map spec fields to ranges or choices")
-    return data
-
-
 class _Lines:
     """A line for each trial whose state or epochs changed: for logs and pipes."""
 
@@ -101,7 +89,15 @@ def tune(
 ) -> None:
     """Search a job's hyperparameters: each trial a job, pruned early when it lags."""
     from corral.service.commands import _client, _note, _out, _run
-    from corral.service.tuning import follow, run_local, search_request, summary, trial_table
+    from corral.service.tuning import (
+        follow,
+        run_local,
+        search_request,
+        search_settings,
+        summary,
+        trial_table,
+    )
+    from corral.spec import read_mapping
 
     def searched(request: dict[str, Any], show: Callable[[SearchDetail], None]) -> SearchDetail:
         if not server:
@@ -117,21 +113,20 @@ def tune(
     def action() -> None:
         if detach and not server:
             raise SpecError("--detach: only a search on a server (--server) goes on alone")
-        settings: dict[str, Any] = {
-            "name": name,
-            "metric": metric,
-            "mode": mode,
-            "trials": trials,
-            "concurrency": concurrency,
-            "sampler": sampler,
-            "max_failures": max_failures,
-            "seed": seed,
-        }
-        if pbt:
-            settings["pbt"] = {"population": population, "interval": interval}
-        else:
-            settings["pruner"] = {"kind": pruner, "min_epochs": min_epochs}
-        request = search_request(job, _space(space), settings)
+        settings = search_settings(
+            name=name,
+            metric=metric,
+            mode=mode,
+            trials=trials,
+            concurrency=concurrency,
+            sampler=sampler,
+            pruner=None if pbt else {"kind": pruner, "min_epochs": min_epochs},
+            pbt={"population": population, "interval": interval} if pbt else None,
+            max_failures=max_failures,
+            seed=seed,
+        )
+        space_map = read_mapping(space, "spec fields to ranges or choices")
+        request = search_request(job, space_map, settings)
         if sys.stdout.isatty():  # a live table, redrawn at each look
             with Live(console=_out(), auto_refresh=False, transient=True) as live:
                 detail = searched(request, lambda d: live.update(_view(d), refresh=True))

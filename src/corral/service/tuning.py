@@ -153,6 +153,19 @@ def follow(
         time.sleep(FOLLOW_POLL_S)
 
 
+def search_settings(
+    *, pruner: Any = None, pbt: Mapping[str, Any] | None = None, **given: Any
+) -> dict[str, Any]:
+    """The settings of a search as `SearchSettings` reads them: a pruner only where one
+    was chosen (PBT refuses one), PBT's only where asked for."""
+    settings = dict(given)
+    if pruner is not None:
+        settings["pruner"] = pruner
+    if pbt is not None:
+        settings["pbt"] = dict(pbt)
+    return settings
+
+
 def tune(
     job: JobSpec | Mapping[str, Any] | str | Path,
     space: Space | Mapping[str, Any],
@@ -201,20 +214,18 @@ def tune(
         ...     "log": True}}, trials=8)
         >>> found.best.params
     """
-    settings = {
-        "name": name,
-        "metric": metric,
-        "mode": mode,
-        "trials": trials,
-        "concurrency": concurrency,
-        "sampler": sampler,
-        "max_failures": max_failures,
-        "seed": seed,
-    }
-    if pruner is not None:
-        settings["pruner"] = pruner
-    if pbt is not None:
-        settings["pbt"] = dict(pbt)
+    settings = search_settings(
+        name=name,
+        metric=metric,
+        mode=mode,
+        trials=trials,
+        concurrency=concurrency,
+        sampler=sampler,
+        pruner=pruner,
+        pbt=pbt,
+        max_failures=max_failures,
+        seed=seed,
+    )
     request = search_request(job, space, settings)
     detail = run_local(request, folder=Path(folder).resolve(), pool=pool, on_update=on_update)
     if detail.state != "succeeded":
