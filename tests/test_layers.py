@@ -25,7 +25,8 @@ LAYERS = [
     ["corral.strategies"],
     ["corral.spec"],
     ["corral.train"],
-    ["corral.entrypoints", "corral.jobs", "corral.ml"],  # corral.ml: a Spark ML Estimator
+    # corral.ml: a Spark ML Estimator; corral.classic: the xgboost, lightgbm, sklearn kinds
+    ["corral.entrypoints", "corral.jobs", "corral.ml", "corral.classic"],
     ["corral.search"],  # search spaces and the driver of a search's trials
     ["corral.service"],
     ["corral.cli"],

@@ -72,8 +72,9 @@ __all__ = [
 ]
 
 
-#: Submodules reachable as attributes without importing them first (``corral.spark.register``).
-_SUBMODULES = ("spark",)
+#: Submodules reachable as attributes without importing them first (``corral.spark.register``,
+#: ``corral.classic.fit``).
+_SUBMODULES = ("classic", "spark")
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,6 +18,7 @@ from corral.service.tune_command import tune
 
 if TYPE_CHECKING:
     from corral.service.isolation import Mode
+    from corral.spec import ClassicSpec
 
 app = typer.Typer(
     help="corral: distributed PyTorch training on local processes or Spark.",
@@ -80,13 +81,16 @@ def train(
     workers: Annotated[int | None, typer.Option(help="override roles.worker.count")] = None,
 ) -> None:
     """Train the model a YAML job spec describes, with a live progress bar."""
-    from corral.spec import load_spec
+    from corral.spec import JobSpec, load_spec
 
     def action() -> None:
         spec = load_spec(job)
         if workers is not None:
             spec.roles.worker.count = workers
             spec = type(spec).model_validate(spec.model_dump())
+        if not isinstance(spec, JobSpec):
+            _train_classic(spec, job.resolve().parent)
+            return
         # only a valid spec pays for torch, pandas and pyspark: a bad one fails in a second
         from corral.jobs import trainer_for
         from corral.train.progress import RichProgress
@@ -100,6 +104,23 @@ def train(
         err.print(f"last checkpoint: {result.checkpoint}", highlight=False)
 
     guarded(action)
+
+
+def _train_classic(spec: ClassicSpec, base: Path) -> None:
+    """``corral train`` of a classic kind: about 20 lines for a long boosting run, the
+    model saved under ./corral-runs/<name>-<time>/."""
+    from corral.classic import fit
+    from corral.train.progress import format_metrics
+
+    every = max(1, spec.epochs // 20)
+
+    def show(row: dict[str, Any]) -> None:
+        if row["epoch"] % every == 0 or row["epoch"] == row["epochs"]:
+            err.print(f"{spec.kind} {row['epoch']}/{row['epochs']} {format_metrics(row)}")
+
+    result = fit(spec, base=base, on_report=show)
+    err.print(f"done: {format_metrics(result.metrics)}", highlight=False)
+    err.print(f"model: {result.path}", highlight=False)
 
 
 def _isolation_mode(value: str) -> Mode:

@@ -8,7 +8,9 @@ the model travels once, as a Spark broadcast, and is unpickled once per executor
 worker.
 
 A classifier (a 2-D output with more than one column) predicts the arg-max class as a
-``long``; anything else predicts its output as a ``double``.
+``long``; anything else predicts its output as a ``double``. A model of a classic kind
+(`corral.classic`: XGBoost, LightGBM, scikit-learn) is scored the same way, through its
+own ``predict``.
 """
 
 from __future__ import annotations
@@ -29,24 +31,41 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
 #: Models unpickled in this (executor) process, by the key `predict_udf` gave them.
-_models: dict[str, torch.nn.Module] = {}
+_models: dict[str, Any] = {}
 
 _NUMERIC = ("byte", "short", "int", "bigint", "long", "float", "double", "decimal", "boolean")
 
 
-def _model_of(model: Any) -> torch.nn.Module:
-    """The module of a `corral.Result` or a module itself, as an eval-mode CPU copy."""
+class _TorchScorer:
+    """A PyTorch module scoring rows as a classic model does (`predict`)."""
+
+    def __init__(self, module: torch.nn.Module, classifier: bool) -> None:
+        self.module, self.classifier = module, classifier
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = self.module(torch.from_numpy(x))
+        values = out.argmax(dim=1) if self.classifier else out.reshape(len(x), -1)[:, 0]
+        return values.numpy()
+
+
+def _scorer(model: Any, width: int) -> Any:
+    """What the UDF scores with: a `corral.classic` model as it is (it has ``predict``
+    and knows whether it is a ``classifier``), or a `corral.Result`'s or a bare module,
+    as an eval-mode CPU copy that is a classifier if one forward pass on zeros gives a
+    2-D output of more than one column."""
+    if callable(getattr(model, "predict", None)) and hasattr(model, "classifier"):
+        return model
     module = getattr(model, "model", model)
     if not isinstance(module, torch.nn.Module):
-        raise SpecError(f"expected a corral Result or an nn.Module, got {type(model).__name__}")
-    return copy.deepcopy(module).cpu().eval()
-
-
-def _return_type(model: torch.nn.Module, width: int) -> str:
-    """``long`` for a classifier, ``double`` otherwise, from one forward pass on zeros."""
+        raise SpecError(
+            "expected a corral Result, a corral.classic model or an nn.Module, "
+            f"got {type(model).__name__}"
+        )
+    module = copy.deepcopy(module).cpu().eval()
     with torch.no_grad():
-        out = model(torch.zeros(1, width))
-    return "long" if out.ndim == 2 and out.shape[1] > 1 else "double"
+        out = module(torch.zeros(1, width))
+    return _TorchScorer(module, classifier=out.ndim == 2 and out.shape[1] > 1)
 
 
 def _matrix(columns: tuple[pd.Series, ...]) -> np.ndarray:
@@ -60,22 +79,18 @@ def _matrix(columns: tuple[pd.Series, ...]) -> np.ndarray:
 
 def predict_udf(spark: SparkSession, model: Any, width: int) -> Any:
     """A pandas UDF of numeric and array columns, `width` inputs in all, that returns
-    `model`'s predictions."""
+    `model`'s predictions: a classifier's class as a ``long``, else a ``double``."""
     from pyspark.sql.functions import pandas_udf
 
-    module = _model_of(model)
-    return_type = _return_type(module, width)
-    shared = spark.sparkContext.broadcast(cloudpickle.dumps(module))
+    scorer = _scorer(model, width)
+    return_type = "long" if scorer.classifier else "double"
+    shared = spark.sparkContext.broadcast(cloudpickle.dumps(scorer))
     key = uuid.uuid4().hex  # names this model in each executor's cache
 
     def predict(*columns: pd.Series) -> pd.Series:
         if key not in _models:
             _models[key] = cloudpickle.loads(shared.value)
-        x = _matrix(columns)
-        with torch.no_grad():
-            out = _models[key](torch.from_numpy(x))
-        values = out.argmax(dim=1) if return_type == "long" else out.reshape(len(x), -1)[:, 0]
-        return pd.Series(values.numpy())
+        return pd.Series(_models[key].predict(_matrix(columns)))
 
     return pandas_udf(predict, return_type)  # type: ignore[call-overload]
 

@@ -21,11 +21,12 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -127,6 +128,12 @@ class MLflow(_Model):
     log_model: bool = Field(True, description="log the trained model (mlflow.pytorch)")
 
 
+#: A job's tracking: ``"mlflow"`` stands for MLflow with its defaults.
+Tracking = Annotated[
+    MLflow | None, BeforeValidator(lambda v: {"kind": v} if isinstance(v, str) else v)
+]
+
+
 class CheckpointSpec(_Model):
     """When and where checkpoints are written."""
 
@@ -205,7 +212,7 @@ class TrainSettings(_Model):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resume_from: Path | None = None
     master_port: int | None = Field(None, ge=1, le=65535)
-    tracking: MLflow | None = Field(None, description="experiment tracking (MLflow)")
+    tracking: Tracking = Field(None, description="experiment tracking (MLflow)")
 
     @field_validator("strategy", mode="wrap")
     @classmethod
@@ -216,12 +223,6 @@ class TrainSettings(_Model):
         if isinstance(value, Strategy) and not isinstance(value, _UNION):
             return value
         return handler({"kind": value} if isinstance(value, str) else value)
-
-    @field_validator("tracking", mode="before")
-    @classmethod
-    def _tracking(cls, value: Any) -> Any:
-        """``"mlflow"`` stands for MLflow with its defaults."""
-        return {"kind": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _roles_match_the_plan(self) -> TrainSettings:
@@ -282,6 +283,7 @@ class JobSpec(TrainSettings):
         4
     """
 
+    kind: Literal["torch"] = Field("torch", description="the job kind: a PyTorch model")
     name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
     entrypoint: str = Field(description="model factory: 'package.module:fn' or 'file.py:fn'")
     engine: Literal["local", "spark"] = "local"
@@ -300,6 +302,147 @@ class JobSpec(TrainSettings):
             allowed = ", ".join(LOSSES) + ", or " if info.field_name == "loss" else ""
             raise ValueError(f"'{value}' is not {allowed}a 'module:attribute' reference")
         return value
+
+
+class ClassicRoles(_Model):
+    """A classic job's processes: its workers (XGBoost or LightGBM ranks, or the parallel
+    fits of a scikit-learn search)."""
+
+    worker: RoleSpec = Field(default_factory=RoleSpec)
+
+
+class _ClassicJob(_Model):
+    """What every classic-ML kind shares with the PyTorch one: a name, the data, where it
+    runs, its workers, restarts and tracking. `params` go to the library as they are;
+    `corral.classic` checks their names against the library's before anything starts."""
+
+    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
+    engine: Literal["local", "spark"] = "local"
+    spark: SparkSpec = Field(default_factory=SparkSpec)
+    data: DataSpec
+    validation: DataSpec | None = None
+    roles: ClassicRoles = Field(default_factory=ClassicRoles)
+    seed: int = 0
+    max_restarts: int = Field(0, ge=0)
+    tracking: Tracking = Field(None, description="experiment tracking (MLflow)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the library's own parameters, e.g. max_depth"
+    )
+
+    def plan(self) -> JobPlan:
+        """Its workers; no helpers (the libraries' trackers run in the driver)."""
+        workers = self.roles.worker
+        return JobPlan(
+            workers=Role(name="worker", count=workers.count, resources=workers.resources),
+            strategy=StrategyPlan(),
+        )
+
+    @property
+    def epochs(self) -> int:
+        """The reports the job makes, one per boosting round (or one, for a search): what
+        a pruner counts in."""
+        return 1
+
+
+class _Boosting(_ClassicJob):
+    task: Literal["classification", "regression"] = "classification"
+    rounds: int = Field(100, ge=1, description="boosting rounds (trees per class)")
+    early_stopping: int | None = Field(
+        None,
+        ge=1,
+        description="stop when the validation metric has not improved for this many rounds",
+    )
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_validation(self) -> _Boosting:
+        if self.early_stopping is not None and self.validation is None:
+            raise ValueError("early_stopping: needs a validation set to watch; add validation")
+        return self
+
+    @property
+    def epochs(self) -> int:
+        return self.rounds
+
+
+class XGBoostSpec(_Boosting):
+    """Gradient-boosted trees with XGBoost: on Spark, ``xgboost.spark`` in a barrier stage
+    of ``roles.worker.count`` tasks; locally, one process with that many threads."""
+
+    kind: Literal["xgboost"]
+
+
+class LightGBMSpec(_Boosting):
+    """Gradient-boosted trees with LightGBM's own distributed training, its workers as
+    corral runs torch workers (see `corral.classic.lightgbm`)."""
+
+    kind: Literal["lightgbm"]
+
+
+class Distribution(_Model):
+    """A range a randomized search draws from: uniform, log-uniform, or integers."""
+
+    low: float
+    high: float
+    log: bool = False
+    type: Literal["float", "int"] = "float"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Distribution:
+        if self.low >= self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class SklearnSearch(_Model):
+    """A cross-validated search over the estimator's parameters (GridSearchCV or
+    RandomizedSearchCV), its fits spread over the job's workers."""
+
+    kind: Literal["grid", "random"] = "grid"
+    space: dict[str, list[Any] | Distribution] = Field(min_length=1)
+    cv: int = Field(3, ge=2, description="folds")
+    scoring: str | None = Field(None, description="scikit-learn scorer; default the model's")
+    n_iter: int = Field(10, ge=1, description="candidates a random search draws")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _grid_takes_lists(self) -> SklearnSearch:
+        for name, values in self.space.items():
+            if isinstance(values, list) and not values:
+                raise ValueError(f"space.{name}: an empty list of values")
+            if self.kind == "grid" and isinstance(values, Distribution):
+                raise ValueError(f"space.{name}: a grid search takes a list of values")
+        return self
+
+
+class SklearnSpec(_ClassicJob):
+    """A scikit-learn estimator, optionally searched with cross-validation; on Spark the
+    fits are Spark tasks (joblib-spark), locally they are processes (joblib's loky)."""
+
+    kind: Literal["sklearn"]
+    estimator: str = Field(description="'sklearn.ensemble:RandomForestClassifier', or yours")
+    search: SklearnSearch | None = None
+
+    @field_validator("estimator")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        if not re.fullmatch(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*", value):
+            raise ValueError(f"'{value}' is not a 'module:attribute' reference")
+        return value
+
+
+#: Every job kind's spec by its ``kind``; a spec that names none is a PyTorch job.
+KINDS: dict[str, type[_Model]] = {
+    "torch": JobSpec,
+    "xgboost": XGBoostSpec,
+    "lightgbm": LightGBMSpec,
+    "sklearn": SklearnSpec,
+}
+#: A job of any kind, as `parse_job` and `load_spec` return it.
+AnyJobSpec = JobSpec | XGBoostSpec | LightGBMSpec | SklearnSpec
+#: The classic-ML kinds (`corral.classic` runs them).
+ClassicSpec = XGBoostSpec | LightGBMSpec | SklearnSpec
 
 
 def _describe(error: Any, model: type[BaseModel]) -> str:
@@ -370,6 +513,17 @@ def read_mapping(path: str | Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read and validate a YAML job file."""
-    return parse(JobSpec, read_mapping(path, "job fields"), source=str(path))
+def parse_job(data: Any, *, source: str = "spec") -> AnyJobSpec:
+    """Validate a job of any kind: its ``kind`` picks the model (default ``torch``)."""
+    kind = data.get("kind", "torch") if isinstance(data, dict) else "torch"
+    model = KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise SpecError(
+            f"invalid {source}:\n  kind: unknown job kind {kind!r}; allowed: {', '.join(KINDS)}"
+        )
+    return parse(model, data, source=source)  # type: ignore[return-value]
+
+
+def load_spec(path: str | Path) -> AnyJobSpec:
+    """Read and validate a YAML job file, of any kind."""
+    return parse_job(read_mapping(path, "job fields"), source=str(path))

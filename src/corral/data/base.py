@@ -62,6 +62,13 @@ class Source(ABC):
         Called only after the split was validated, so ``world_size <= num_samples``.
         """
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every sample as one ``(x, y)`` pair of arrays, in storage order, checked as
+        batches are: for libraries that take the whole data at once (scikit-learn)."""
+        shard = self._shard(rank=0, world_size=1, epoch=0, seed=0, shuffle=False)
+        x, y = shard.take(shard.order)
+        return x.numpy(), y.numpy()
+
     def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
         """Return the number of batches every rank yields per epoch (the same on all ranks).
 

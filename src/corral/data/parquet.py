@@ -75,6 +75,11 @@ class ParquetSource(Source):
             raise DataError(f"the Parquet data at {path} is empty (0 rows)")
 
     @property
+    def features(self) -> list[str]:
+        """The feature columns, in the order of the matrix's columns."""
+        return list(self._features)
+
+    @property
     def num_samples(self) -> int:
         """Total rows over all files, from their metadata."""
         return int(self._groups[:, 2].sum())

@@ -312,7 +312,7 @@ def _fed_task(
     return run
 
 
-def _task_slots(sc: SparkContext, profile: Any = None) -> int:
+def task_slots(sc: SparkContext, profile: Any = None) -> int:
     """Tasks the cluster can run at once with `profile` (default: the application's)."""
     jsc = sc._jsc.sc()  # type: ignore[union-attr]
     if profile is None:
@@ -386,15 +386,15 @@ def _check_slots(sc: SparkContext, stages: list[_Stage]) -> None:
     """Refuse a plan the cluster cannot run all at once, which a barrier stage would
     otherwise wait on for minutes before failing."""
     deadline = time.monotonic() + _SLOTS_WAIT_S
-    slots = _task_slots(sc)
+    slots = task_slots(sc)
     while slots == 0 and time.monotonic() < deadline:  # no executor has registered yet
         time.sleep(0.5)
-        slots = _task_slots(sc)
+        slots = task_slots(sc)
     default = _default_task(sc)
     for stage in stages:
         if stage.profile is None:
             continue
-        fit = _task_slots(sc, stage.profile)
+        fit = task_slots(sc, stage.profile)
         if fit < len(stage.specs):
             raise LaunchError(
                 f"{stage.describe()} tasks need {stage.resources.cpus:g} CPU(s) and "

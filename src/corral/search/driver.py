@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from corral.errors import SpecError
 from corral.search.space import Space, apply
-from corral.spec import JobSpec, _Model, parse
+from corral.spec import JobSpec, _Model, parse_job
 
 if TYPE_CHECKING:
     import optuna
@@ -181,9 +181,11 @@ def check(settings: SearchSettings, space: Space, spec: Mapping[str, Any]) -> No
     Raises:
         SpecError: in one line.
     """
-    job = parse(JobSpec, dict(spec), source="job")
+    job = parse_job(dict(spec), source="job")
     space.check(spec)
     if settings.pbt is not None:
+        if not isinstance(job, JobSpec):
+            raise SpecError(f"pbt: a {job.kind} job keeps no checkpoints to exploit; use a pruner")
         _check_pbt(settings, settings.pbt, job)
     if settings.sampler == "grid":
         size = math.prod(len(v) for v in space.grid().values())

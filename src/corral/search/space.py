@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, Field, RootModel, model_validator
 
+from corral.classic import check as check_kind
 from corral.errors import SpecError
-from corral.spec import JobSpec, _Model, parse
+from corral.spec import JobSpec, _Model, parse, parse_job
 
 if TYPE_CHECKING:
     import optuna
@@ -173,7 +175,9 @@ class Space(RootModel[dict[str, Param]]):
             for value in param.extremes:
                 values = {**param.when, path: value}
                 try:
-                    parse(JobSpec, apply(spec, values), source="job")
+                    job = parse_job(apply(spec, values), source="job")
+                    if not isinstance(job, JobSpec):  # its params, by the library's names
+                        check_kind(job, base=Path.cwd())
                 except SpecError as exc:
                     why = str(exc).split("\n", 1)[-1].strip()
                     raise SpecError(f"space.{path} = {value!r}: {why}") from None

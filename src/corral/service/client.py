@@ -46,7 +46,7 @@ from corral.service.models import (
 )
 
 if TYPE_CHECKING:
-    from corral.spec import JobSpec
+    from corral.spec import AnyJobSpec
 
 #: The environment variable that moves the credentials file (tests, several machines).
 CONFIG_ENV = "CORRAL_CONFIG"
@@ -162,12 +162,12 @@ def normalize_url(url: str) -> str:
     return url if "://" in url else f"http://{url}"
 
 
-def portable_spec(spec: JobSpec, base: Path) -> dict[str, Any]:
+def portable_spec(spec: AnyJobSpec, base: Path) -> dict[str, Any]:
     """`spec` as the server needs it: the paths a job file holds relative to its own folder
     (`base`) made absolute, because the server runs the job in a folder of its own.
 
-    Those are the file of a ``file.py:fn`` entrypoint or loss, the data, the validation
-    data and ``resume_from``. Module references (``pkg.mod:fn``) stay as they are: the
+    Those are the file of a ``file.py:fn`` entrypoint, loss or estimator, the data, the
+    validation data and ``resume_from``. Module references (``pkg.mod:fn``) stay as they are: the
     server must be able to import them. Fields the file left out stay out.
     """
 
@@ -178,15 +178,15 @@ def portable_spec(spec: JobSpec, base: Path) -> dict[str, Any]:
         target, sep, attr = ref.rpartition(":")
         return f"{absolute(target)}:{attr}" if sep and target.endswith(".py") else ref
 
-    data = spec.model_dump(mode="json", exclude_unset=True)
-    data["entrypoint"] = reference(spec.entrypoint)
-    if "loss" in data:
-        data["loss"] = reference(spec.loss)
+    data = spec.model_dump(mode="json", exclude_unset=True) | {"kind": spec.kind}
+    for name in ("entrypoint", "loss", "estimator"):
+        if name in data:
+            data[name] = reference(data[name])
     data["data"]["path"] = absolute(spec.data.path)
     if spec.validation is not None:
         data["validation"]["path"] = absolute(spec.validation.path)
-    if spec.resume_from is not None:
-        data["resume_from"] = absolute(str(spec.resume_from))
+    if getattr(spec, "resume_from", None) is not None:
+        data["resume_from"] = absolute(str(data["resume_from"]))
     return data
 
 

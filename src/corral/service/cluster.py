@@ -12,14 +12,14 @@ from corral.errors import CorralError
 from corral.runtime.resources import Resources, total_demand
 from corral.service.scheduler import ClusterState, QueuedJob, RunningJob
 from corral.service.store import Store
-from corral.spec import JobSpec, RoleSpec, parse
+from corral.spec import AnyJobSpec, RoleSpec, parse
 
 #: Memory counted for a process whose role names none: the scheduler must count something,
 #: or a pool's memory would never fill.
 DEFAULT_PROCESS_MIB = 1024
 
 
-def demand_of(spec: JobSpec) -> Resources:
+def demand_of(spec: AnyJobSpec) -> Resources:
     """The whole job's demand: every process of every role of its plan, all at once (gang),
     as `Trainer` will launch them."""
     return total_demand(
@@ -43,13 +43,13 @@ def spark_pool(master: str, conf: dict[str, str], wait_s: float = 60.0) -> Resou
     """The Spark cluster's capacity, read once by a short-lived application of its own:
     the cores its executors offer, and their memory. The application is stopped at once,
     so it holds nothing the jobs need."""
-    from corral.engines.spark import _default_task, _task_slots, session
+    from corral.engines.spark import _default_task, session, task_slots
 
     spark = session(master, {**conf, "spark.app.name": "corral-capacity"})
     try:
         sc = spark.sparkContext
         deadline = time.monotonic() + wait_s
-        while _task_slots(sc) == 0:  # executors register a moment after the application
+        while task_slots(sc) == 0:  # executors register a moment after the application
             if time.monotonic() > deadline:
                 raise CorralError(f"no executor of the Spark cluster at {master} registered")
             time.sleep(0.5)
@@ -60,7 +60,7 @@ def spark_pool(master: str, conf: dict[str, str], wait_s: float = 60.0) -> Resou
         per_executor = parse(RoleSpec, {"memory": conf_of.get("spark.executor.memory", "1g")})
         gpus = float(conf_of.get("spark.executor.resource.gpu.amount", "0") or 0)
         return Resources(
-            cpus=_task_slots(sc) * _default_task(sc).cpus,
+            cpus=task_slots(sc) * _default_task(sc).cpus,
             memory_mib=max(1, executors) * (per_executor.memory or 1024),
             gpus=int(max(1, executors) * gpus),
         )

@@ -29,7 +29,7 @@ from corral.comm.control import Message
 from corral.data import as_source
 from corral.errors import CheckpointError, CorralError, DataError, SpecError, WorkerError
 from corral.runtime import checkpoint as ckpt
-from corral.spec import JobSpec, MLflow, parse
+from corral.spec import AnyJobSpec, ClassicSpec, JobSpec, MLflow, parse_job
 from corral.train.progress import format_metrics
 
 SPEC, LOG, METRICS, EXIT = "spec.json", "log", "metrics.jsonl", "exit.json"
@@ -100,10 +100,11 @@ def _report_to(folder: Path, checkpoint_every: int) -> Any:
     return report
 
 
-def check_files(spec: JobSpec) -> None:
+def check_files(spec: AnyJobSpec) -> None:
     """Refuse at submit what would fail the job as it starts: data that is missing or
     lacks its columns (opened as `corral train` opens it), a ``resume_from`` that is not
-    there, and a ``checkpoint.dir`` (the service keeps each job's checkpoints itself).
+    there, a ``checkpoint.dir`` (the service keeps each job's checkpoints itself), and a
+    classic job's parameters its library does not know.
 
     Paths must be absolute, since the job runs in a folder of its own (``corral submit``
     makes them so).
@@ -111,12 +112,13 @@ def check_files(spec: JobSpec) -> None:
     Raises:
         SpecError: naming the field, in one line.
     """
-    if spec.checkpoint.dir is not None:
+    resume = spec.resume_from if isinstance(spec, JobSpec) else None
+    if isinstance(spec, JobSpec) and spec.checkpoint.dir is not None:
         raise SpecError("checkpoint.dir: the service keeps each job's checkpoints; leave it out")
     sources = {"data": spec.data, "validation": spec.validation}
     paths = {f"{name}.path": Path(d.path) for name, d in sources.items() if d is not None}
-    if spec.resume_from is not None:
-        paths["resume_from"] = spec.resume_from
+    if resume is not None:
+        paths["resume_from"] = resume
     for name, path in paths.items():
         if not path.is_absolute():
             raise SpecError(f"{name}: {path} is relative; give an absolute path")
@@ -126,27 +128,51 @@ def check_files(spec: JobSpec) -> None:
                 as_source(data.path, features=data.features, label=data.label)
             except DataError as exc:
                 raise SpecError(f"{name}.path: {exc}") from None
-    if spec.resume_from is not None:
+    if resume is not None:
         try:
-            ckpt.resolve(spec.resume_from)
+            ckpt.resolve(resume)
         except CheckpointError as exc:
             raise SpecError(str(exc)) from None
+    if not isinstance(spec, JobSpec):
+        from corral.classic import check
+
+        check(spec, base=Path.cwd())
 
 
 def run(folder: Path) -> int:
+    spec = parse_job(json.loads((folder / SPEC).read_text()), source="spec")
+    if spec.tracking is not None:
+        spec.tracking = _continued_run(folder, spec.tracking)
+    if not isinstance(spec, JobSpec):
+        return _run_classic(spec, folder)
     from corral.jobs import trainer_for
 
-    spec = parse(JobSpec, json.loads((folder / SPEC).read_text()), source="spec")
     checkpoints = folder / CHECKPOINTS
     spec.checkpoint.dir = checkpoints
     if spec.resume_from is None and ckpt.latest(checkpoints) is not None:
         spec.resume_from = checkpoints
         print(f"resuming from {ckpt.latest(checkpoints)}", flush=True)
-    if spec.tracking is not None:
-        spec.tracking = _continued_run(folder, spec.tracking)
     trainer, data, validation = trainer_for(spec, base=folder)
     report = _report_to(folder, spec.checkpoint.every)
     result = trainer.fit(data, validation=validation, on_report=report)
+    print(f"done: {json.dumps(result.metrics)}", flush=True)
+    return 0
+
+
+def _run_classic(spec: ClassicSpec, folder: Path) -> int:
+    """A classic job (`corral.classic`): its rounds reported as a torch job's epochs, its
+    model saved in the job's folder. It keeps no checkpoint, so a restarted attempt, or
+    one stopped for a preemption (at its next round), fits again from the start."""
+    from corral.classic import fit
+
+    report = _report_to(folder, checkpoint_every=1)
+    result = fit(
+        spec,
+        base=folder,
+        out=folder,
+        on_report=lambda row: report(Message(role="driver", rank=0, body={"metrics": row})),
+    )
+    print(f"model: {result.path}", flush=True)
     print(f"done: {json.dumps(result.metrics)}", flush=True)
     return 0
 

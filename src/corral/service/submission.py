@@ -12,7 +12,7 @@ from corral.service.cluster import demand_of
 from corral.service.job import check_files
 from corral.service.scheduler import QueuedJob, check_admissible
 from corral.service.store import FINAL, Job, Store, User
-from corral.spec import JobSpec, parse
+from corral.spec import AnyJobSpec, parse_job
 
 
 class Refused(SpecError):
@@ -21,14 +21,14 @@ class Refused(SpecError):
 
 def admit(
     store: Store, pool: Resources, user: User, spec: dict[str, Any]
-) -> tuple[JobSpec, Resources]:
+) -> tuple[AnyJobSpec, Resources]:
     """The job a spec describes and its demand, if it could ever run for `user`.
 
     Raises:
         SpecError: a bad spec, or missing data.
         Refused: a job larger than the pool or the team's quota.
     """
-    job = parse(JobSpec, spec, source="spec")
+    job = parse_job(spec, source="spec")
     check_files(job)  # missing data fails here, not after its restarts
     demand = demand_of(job)
     probe = QueuedJob(id="new", team=user.team, demand=demand, submitted=time.time())

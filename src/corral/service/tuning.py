@@ -27,7 +27,7 @@ from corral.runtime.resources import Resources
 from corral.search.driver import SearchRequest
 from corral.search.space import Space
 from corral.service.models import SearchDetail
-from corral.spec import JobSpec, load_spec, parse
+from corral.spec import AnyJobSpec, load_spec, parse, parse_job
 
 
 class SearchFailed(CorralError):
@@ -45,7 +45,7 @@ FOLLOW_POLL_S = 1.0
 
 
 def search_request(
-    job: JobSpec | Mapping[str, Any] | str | Path,
+    job: AnyJobSpec | Mapping[str, Any] | str | Path,
     space: Space | Mapping[str, Any],
     settings: Mapping[str, Any],
 ) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def search_request(
     if isinstance(job, (str, Path)):
         spec, base = load_spec(job), Path(job).resolve().parent
     else:
-        spec = job if isinstance(job, JobSpec) else parse(JobSpec, dict(job), source="job")
+        spec = job if isinstance(job, AnyJobSpec) else parse_job(dict(job), source="job")
         base = Path.cwd()
     portable = portable_spec(spec, base)
     if spec.tracking is not None and spec.tracking.uri is None:
@@ -167,7 +167,7 @@ def search_settings(
 
 
 def tune(
-    job: JobSpec | Mapping[str, Any] | str | Path,
+    job: AnyJobSpec | Mapping[str, Any] | str | Path,
     space: Space | Mapping[str, Any],
     *,
     metric: str = "val_accuracy",

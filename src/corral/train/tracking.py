@@ -27,13 +27,13 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.comm.control import Message
 from corral.errors import SpecError
-from corral.spec import MLflow, TrainSettings
+from corral.spec import ClassicSpec, MLflow, TrainSettings
 
 if TYPE_CHECKING:
     import torch
@@ -55,8 +55,9 @@ def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
         yield prefix.rstrip("."), json.dumps(value) if not isinstance(value, str) else value
 
 
-def params_of(settings: TrainSettings) -> dict[str, str]:
-    """The settings as MLflow params: one per leaf, dotted (``checkpoint.every``)."""
+def params_of(settings: TrainSettings | ClassicSpec) -> dict[str, str]:
+    """The settings as MLflow params: one per leaf, dotted (``checkpoint.every``,
+    ``params.max_depth``)."""
     dumped = settings.model_dump(mode="json", exclude={"tracking"})
     return {key: text[:6000] for key, text in _flatten(dumped)}
 
@@ -132,6 +133,18 @@ class Tracker:
             "corral.engine": engine,
         }
         return cls(settings.tracking, params=params_of(settings), tags=tags)
+
+    @classmethod
+    def of_job(cls, spec: ClassicSpec) -> Tracker:
+        """A classic job's run (`corral.classic`): its spec as params, its kind, workers
+        and engine as tags; its rounds are its epochs."""
+        assert spec.tracking is not None
+        tags = {
+            "corral.kind": spec.kind,
+            "corral.workers": str(spec.roles.worker.count),
+            "corral.engine": spec.engine,
+        }
+        return cls(spec.tracking, params=params_of(spec), tags=tags)
 
     def _epochs_logged(self) -> set[int]:
         """The epochs this run holds already (it is continued)."""
@@ -209,8 +222,9 @@ class Tracker:
         model: torch.nn.Module | None = None,
         example: Any = None,
         checkpoint: Path | None = None,
-        settings: TrainSettings | None = None,
+        settings: TrainSettings | ClassicSpec | None = None,
         lost_workers: list[dict[str, Any]] | None = None,
+        artifacts: Sequence[Path] = (),
     ) -> None:
         """Flush, log the artifacts, and end the run as FINISHED or FAILED."""
         self._queue.put(None)
@@ -225,6 +239,8 @@ class Tracker:
                     self.client.log_artifact(self.run_id, str(path))
             if checkpoint is not None and checkpoint.exists():
                 self.client.log_artifact(self.run_id, str(checkpoint), "checkpoints")
+            for path in artifacts:  # a classic job's pickled model
+                self.client.log_artifact(self.run_id, str(path))
             if model is not None and self.spec.log_model:
                 self._log_model(model, example)
         finally:
