@@ -34,11 +34,22 @@ def load_file_module(path: Path) -> ModuleType:
 
 
 def load_callable(ref: str, *, base: Path | None = None, what: str = "entrypoint") -> Any:
-    """Load ``module:attr`` or ``path/to/file.py:attr``; paths are relative to `base`, and
-    modules are found there (default: the current folder) before anywhere else."""
+    """Load ``module:attr``, ``path/to/file.py:attr``, or ``path/to/parts.pkl:key`` (a
+    cloudpickled mapping: the Python objects of a `Trainer` that `corral.tune` searches);
+    paths are relative to `base`, and modules are found there (default: the current
+    folder) before anywhere else."""
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:
         raise SpecError(f"{what}: '{ref}' is not a 'module:attribute' reference")
+    if target.endswith(".pkl"):
+        path = Path(target) if base is None else base / target
+        try:
+            parts = cloudpickle.loads(path.read_bytes())
+        except OSError as exc:
+            raise SpecError(f"{what}: cannot read {path}: {exc.strerror}") from None
+        if attr not in parts:
+            raise SpecError(f"{what}: {path} holds no '{attr}'")
+        return parts[attr]
     if target.endswith(".py"):
         path = Path(target) if base is None else base / target
         if not path.is_file():

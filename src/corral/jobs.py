@@ -1,7 +1,12 @@
-"""From a validated `JobSpec` (YAML) to the objects `Trainer.fit` takes.
+"""From a validated `JobSpec` (YAML) to the objects `Trainer.fit` takes, and back.
 
 Paths in a job file (the entrypoint file, the data) are relative to the file's folder, so
 a job directory can be moved or checked out anywhere and still run.
+
+`job_of_trainer` goes the other way, for `corral.tune` given a `Trainer`: a trial is a
+job process that rebuilds its trainer from a spec, so the trainer's Python objects (its
+model factory, loss and optimizer) are cloudpickled into a file the spec refers to, and
+in-memory data is written as Parquet beside it.
 """
 
 from __future__ import annotations
@@ -9,9 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
+import numpy as np
+import pandas as pd
+
 from corral.data import Source, as_source
+from corral.engines.local import LocalEngine
 from corral.entrypoints import load_callable
-from corral.spec import LOSSES, DataSpec, JobSpec
+from corral.errors import SpecError
+from corral.spec import LOSSES, DataSpec, JobSpec, OptimizerSpec
 from corral.train.trainer import Trainer
 
 
@@ -32,8 +43,11 @@ def _loss(name: str, base: Path) -> Any:
 def trainer_for(spec: JobSpec, *, base: Path) -> tuple[Trainer, Source, Source | None]:
     """The trainer, training data and validation data a job spec describes."""
     model = load_callable(spec.entrypoint, base=base, what="entrypoint")
+    optimizer = spec.optimizer
+    if isinstance(optimizer, str):
+        optimizer = load_callable(optimizer, base=base, what="optimizer")
     trainer = Trainer.from_settings(
-        spec, model=model, loss=_loss(spec.loss, base), optimizer=spec.optimizer
+        spec, model=model, loss=_loss(spec.loss, base), optimizer=optimizer
     )
     if spec.engine == "spark":
         from corral.engines.spark import SparkEngine, session
@@ -43,3 +57,72 @@ def trainer_for(spec: JobSpec, *, base: Path) -> tuple[Trainer, Source, Source |
         )
     validation = _source(spec.validation, base) if spec.validation else None
     return trainer, _source(spec.data, base), validation
+
+
+def _data_spec(
+    data: Any, features: list[str] | None, label: str | None, path: Path
+) -> dict[str, Any]:
+    """`data` as a job's `DataSpec`: a Parquet path as it is, ``(X, y)`` arrays or a
+    pandas DataFrame written to `path`."""
+    if isinstance(data, str | Path):
+        if label is None:
+            raise SpecError("label: name the label column of the Parquet data")
+        return {"path": str(Path(data).resolve()), "features": features, "label": label}
+    if isinstance(data, pd.DataFrame):
+        if label is None:
+            raise SpecError("label: name the label column of the DataFrame")
+        columns = [*(features or [c for c in data.columns if c != label]), label]
+        data[columns].to_parquet(path)
+        return {"path": str(path), "features": columns[:-1], "label": label}
+    if isinstance(data, tuple) and len(data) == 2:
+        x, y = (np.asarray(a) for a in data)
+        frame = pd.DataFrame(x.reshape(len(x), -1), columns=None)
+        frame.columns = [f"x{i}" for i in range(frame.shape[1])]
+        frame["label"] = y
+        frame.to_parquet(path)
+        return {"path": str(path), "features": list(frame.columns[:-1]), "label": "label"}
+    raise SpecError(
+        "data: a search of a Trainer takes (X, y) arrays, a pandas DataFrame or a Parquet "
+        f"path, not {type(data).__name__}"
+    )
+
+
+def job_of_trainer(
+    trainer: Trainer,
+    data: Any,
+    *,
+    folder: Path,
+    features: list[str] | None = None,
+    label: str | None = None,
+    validation: Any = None,
+) -> dict[str, Any]:
+    """The job spec (a mapping) that trains as `trainer.fit(data, ...)` does, its Python
+    parts pickled in ``folder/trainer.pkl`` and its arrays written in `folder`.
+
+    An optimizer given as a `corral.OptimizerSpec` stays a spec, so a space can vary
+    ``optimizer.lr``; any other callable travels pickled, its settings out of reach.
+
+    Raises:
+        SpecError: a trainer on an engine other than the local one, or data of a kind a
+            job cannot hold.
+    """
+    if not isinstance(trainer.engine, LocalEngine):
+        raise SpecError("engine: a search of a Trainer runs its trials on the local engine")
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: dict[str, Any] = {"model": trainer.model, "loss": trainer.loss}
+    pickled = folder.resolve() / "trainer.pkl"
+    spec = trainer.settings.model_dump(mode="json", exclude_unset=True)
+    spec.pop("master_port", None)  # trials run side by side: each takes a free one
+    spec.get("checkpoint", {}).pop("dir", None)  # each trial's job keeps its own
+    spec |= {"entrypoint": f"{pickled}:model", "loss": f"{pickled}:loss"}
+    if isinstance(trainer.optimizer, OptimizerSpec):
+        spec["optimizer"] = trainer.optimizer.model_dump(mode="json")
+    elif trainer.optimizer is not None:
+        parts["optimizer"] = trainer.optimizer
+        spec["optimizer"] = f"{pickled}:optimizer"
+    pickled.write_bytes(cloudpickle.dumps(parts))
+    spec["data"] = _data_spec(data, features, label, folder.resolve() / "train.parquet")
+    if validation is not None:
+        path = folder.resolve() / "validation.parquet"
+        spec["validation"] = _data_spec(validation, features, label, path)
+    return spec

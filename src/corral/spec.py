@@ -291,12 +291,16 @@ class JobSpec(TrainSettings):
     data: DataSpec
     validation: DataSpec | None = None
     loss: str = "cross_entropy"
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    optimizer: OptimizerSpec | str = Field(
+        default_factory=OptimizerSpec,
+        description="by name with its settings, or a 'module:attribute' reference to a "
+        "function of the parameters",
+    )
 
-    @field_validator("entrypoint", "loss")
+    @field_validator("entrypoint", "loss", "optimizer")
     @classmethod
-    def _reference(cls, value: str, info: Any) -> str:
-        if info.field_name == "loss" and value in LOSSES:
+    def _reference(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str) or (info.field_name == "loss" and value in LOSSES):
             return value
         if not re.fullmatch(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*", value):
             allowed = ", ".join(LOSSES) + ", or " if info.field_name == "loss" else ""

@@ -18,16 +18,19 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from corral.errors import CorralError
+from corral.errors import CorralError, SpecError
 from corral.runtime.resources import Resources
 from corral.search.driver import SearchRequest
 from corral.search.space import Space
 from corral.service.models import SearchDetail
 from corral.spec import AnyJobSpec, load_spec, parse, parse_job
+
+if TYPE_CHECKING:
+    from corral.train.trainer import Trainer
 
 
 class SearchFailed(CorralError):
@@ -167,9 +170,13 @@ def search_settings(
 
 
 def tune(
-    job: AnyJobSpec | Mapping[str, Any] | str | Path,
+    job: Trainer | AnyJobSpec | Mapping[str, Any] | str | Path,
     space: Space | Mapping[str, Any],
     *,
+    data: Any = None,
+    features: list[str] | None = None,
+    label: str | None = None,
+    validation: Any = None,
     metric: str = "val_accuracy",
     mode: str = "max",
     trials: int = 16,
@@ -189,7 +196,12 @@ def tune(
     continues the same search (or returns it, if it has ended).
 
     Args:
-        job: A YAML job file, a `JobSpec` or a mapping of one.
+        job: A YAML job file, a `JobSpec` or a mapping of one, or a `Trainer` (with
+            `data`; its parts are pickled into `folder` for the trials' jobs, see
+            `corral.jobs.job_of_trainer`; give it a `corral.OptimizerSpec` to search
+            ``optimizer.lr``).
+        data, features, label, validation: What a `Trainer` fits on, as for its
+            ``fit``: ``(X, y)`` arrays, a pandas DataFrame or a Parquet path.
         space: Spec paths to ranges or choices (`corral.search.space`).
         metric: An epoch metric the job reports (``val_*`` needs validation data).
         mode: ``max`` or ``min``.
@@ -226,6 +238,19 @@ def tune(
         max_failures=max_failures,
         seed=seed,
     )
+    if not isinstance(job, AnyJobSpec | Mapping | str | Path):
+        from corral.jobs import job_of_trainer
+
+        if data is None:
+            raise SpecError("data: a search of a Trainer needs the data it fits on")
+        job = job_of_trainer(
+            job,
+            data,
+            folder=Path(folder, "trainers", name),
+            features=features,
+            label=label,
+            validation=validation,
+        )
     request = search_request(job, space, settings)
     detail = run_local(request, folder=Path(folder).resolve(), pool=pool, on_update=on_update)
     if detail.state != "succeeded":
