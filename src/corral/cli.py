@@ -18,6 +18,7 @@ from corral.service.tune_command import tune
 
 if TYPE_CHECKING:
     from corral.service.isolation import Mode
+    from corral.service.mlflow_auth import Admin
     from corral.spec import ClassicSpec
 
 app = typer.Typer(
@@ -131,6 +132,20 @@ def _isolation_mode(value: str) -> Mode:
     return value  # type: ignore[return-value]
 
 
+def _mlflow_admin(uri: str | None) -> Admin | None:
+    """The admin of an MLflow server with users, as MLflow's own client takes it: from
+    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``."""
+    import os
+
+    from corral.service.mlflow_auth import Admin
+
+    username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if uri is None or not uri.startswith(("http://", "https://")) or not username:
+        return None
+    return Admin(username, password or "")
+
+
 @app.command()
 def server(
     db: Annotated[
@@ -169,7 +184,24 @@ def server(
     ] = None,
     mlflow_uri: Annotated[
         str | None,
-        typer.Option(help="track every job on this MLflow store, in its team's experiment"),
+        typer.Option(
+            help="track every job on this MLflow store, in its team's experiment; with "
+            "MLFLOW_TRACKING_USERNAME/PASSWORD of an admin of its basic-auth app, each team "
+            "reads only its own"
+        ),
+    ] = None,
+    mlflow_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="start an MLflow server on 127.0.0.1:PORT (its files in --state-dir) and "
+            "track every job there; each team reads only its own runs",
+        ),
+    ] = None,
+    mlflow_command: Annotated[
+        str | None,
+        typer.Option(help="the mlflow program --mlflow-port runs (default: ./.venv-mlflow's)"),
     ] = None,
     isolation: Annotated[
         str,
@@ -200,6 +232,10 @@ def server(
     from corral.spec import RoleSpec, SparkSpec, parse
 
     def action() -> None:
+        if mlflow_port is not None and mlflow_uri is not None:
+            raise SpecError("--mlflow-port starts an MLflow server: leave out --mlflow-uri")
+        if mlflow_command is not None and mlflow_port is None:
+            raise SpecError("--mlflow-command: give --mlflow-port too")
         spark = None
         if spark_master is not None:
             pairs = [item.partition("=") for item in spark_conf or []]
@@ -232,6 +268,9 @@ def server(
             isolation=_isolation_mode(isolation),
             spark_teams=teams,
             mlflow_uri=mlflow_uri,
+            mlflow_admin=_mlflow_admin(mlflow_uri),
+            mlflow_port=mlflow_port,
+            mlflow_command=mlflow_command,
             api_processes=api_processes,
         )
         serve(opts)

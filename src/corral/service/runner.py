@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from corral.errors import CorralError
 from corral.runtime import checkpoint as ckpt
 from corral.runtime.resources import Resources
 from corral.service import accounts, cgroups, isolation
@@ -61,6 +62,7 @@ from corral.service.job import (
     SPEC,
     restarts_spent,
 )
+from corral.service.mlflow_auth import TeamAccess
 from corral.service.scheduler import Launch, Policy, Preempt, schedule
 from corral.service.store import Job, Store
 from corral.spec import SparkSpec
@@ -208,18 +210,28 @@ class ProcessStarter:
     own (it outlives a server restart and is stopped as a group), its output to the
     job's log. With team accounts (`Isolation.accounts`) it goes through
     `corral.service.sandbox`: inside the attempt's cgroup limits, as the team's account,
-    in a clean environment, in a folder only that account may enter."""
+    in a clean environment, in a folder only that account may enter.
 
-    def __init__(self, isolation: Isolation) -> None:
+    With `mlflow` (an MLflow server with per-team permissions) the job gets its team's
+    MLflow login, and no other: in its environment, or with team accounts in
+    ``~/.mlflow/credentials`` of its HOME (its folder), which MLflow's client reads too.
+    Not in the sandbox's environment: that travels on its command line, which every local
+    user may read (``/proc/PID/cmdline``). Never in the spec or the log."""
+
+    def __init__(self, isolation: Isolation, *, mlflow: TeamAccess | None = None) -> None:
         self.isolation = isolation
+        self.mlflow = mlflow
 
     def __call__(self, job: Job, folder: Path) -> Attempt:
         offsets = {LOG: job.log_offset, METRICS: job.metrics_offset}
         argv = [sys.executable, "-m", "corral.service.job", str(folder)]
         cgroup, env = None, None
+        login = self._mlflow_login(job.team)
         with (folder / LOG).open("ab") as out:
             if self.isolation.accounts:
                 account = accounts.ensure(job.team)
+                if login is not None:
+                    _write_mlflow_credentials(folder, login)
                 isolation.give(folder, account.uid, account.gid)
                 memory = job.demand.memory_mib
                 cgroup = cgroups.create(
@@ -236,6 +248,8 @@ class ProcessStarter:
                 }
                 argv = [sys.executable, "-m", "corral.service.sandbox", json.dumps(spec), "--"]
                 argv += [sys.executable, "-m", "corral.service.job", str(folder)]
+            elif login is not None:  # in place of the server's own (its admin's, say)
+                env = {k: v for k, v in os.environ.items() if k not in login} | login
             popen = subprocess.Popen(
                 argv,
                 cwd=folder,
@@ -246,6 +260,26 @@ class ProcessStarter:
                 start_new_session=True,
             )
         return _Attempt(job.id, popen.pid, folder, popen, offsets, cgroup)
+
+    def _mlflow_login(self, team: str) -> dict[str, str] | None:
+        """The team's MLflow login, as variables; an `OSError` (the job cannot start) when
+        MLflow refuses or does not answer."""
+        if self.mlflow is None:
+            return None
+        try:
+            return self.mlflow.team_login(team)
+        except CorralError as exc:
+            raise OSError(str(exc)) from None
+
+
+def _write_mlflow_credentials(home: Path, login: dict[str, str]) -> None:
+    """`login` as MLflow's client reads it from ``~/.mlflow/credentials``, 0600."""
+    folder = home / ".mlflow"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    lines = ["[mlflow]", *(f"{name.lower()} = {value}" for name, value in login.items())]
+    fd = os.open(folder / "credentials", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
 
 
 class Runner:

@@ -25,8 +25,11 @@ from typing import NoReturn
 
 from corral.errors import CorralError
 from corral.runtime.resources import Resources
+from corral.service import mlflow_server
 from corral.service.api import create_app
 from corral.service.isolation import Isolation, Mode
+from corral.service.mlflow_auth import Admin, TeamAccess
+from corral.service.orphans import die_with
 from corral.service.runner import ProcessStarter, Runner
 from corral.service.scheduler import Policy
 from corral.service.searches import Searches
@@ -52,6 +55,14 @@ class ServerOptions:
     spark_teams: dict[str, dict[str, str]] = field(default_factory=dict)
     #: Track every job on this MLflow store (`Runner.mlflow_uri`).
     mlflow_uri: str | None = None
+    #: An admin of `mlflow_uri`'s basic-auth app: each team then gets its own MLflow user
+    #: and permissions (`corral.service.mlflow_auth`).
+    mlflow_admin: Admin | None = None
+    #: Start an MLflow server with per-team permissions on this port, and track there
+    #: (`corral.service.mlflow_server`); exclusive with `mlflow_uri`.
+    mlflow_port: int | None = None
+    #: The ``mlflow`` program it runs (default: `mlflow_server.default_command`).
+    mlflow_command: str | None = None
     #: Processes serving the API on the one port (`serve`); only the first runs the runner.
     api_processes: int = 1
 
@@ -106,6 +117,63 @@ def serve(opts: ServerOptions) -> None:
         sock.close()
         raise CorralError(f"cannot open the database: {type(exc).__name__}: {exc}") from None
     token = first_admin(store)
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mlflow_uri, access, started = _mlflow(opts)
+    except BaseException:
+        sock.close()
+        store.close()
+        raise
+    try:
+        _serve(opts, sock, store, isolation, token, mlflow_uri, access)
+    finally:
+        if started is not None:
+            started.stop()
+
+
+def _mlflow(
+    opts: ServerOptions,
+) -> tuple[str | None, TeamAccess | None, mlflow_server.MlflowServer | None]:
+    """Where jobs are tracked, who gives teams their MLflow logins (None: no users there),
+    and the MLflow server started for it (None: it runs elsewhere, or there is none).
+
+    The admin's login goes into this process's environment, MLflow's client's only way to
+    take one: the searches' driver makes the parent runs in the teams' experiments. The
+    runner hands each job its team's login instead (`ProcessStarter`)."""
+    started = None
+    if opts.mlflow_port is not None:
+        started = mlflow_server.start(opts.mlflow_port, opts.state_dir, opts.mlflow_command)
+        uri, admin = started.uri, started.admin
+        print(
+            f"corral server: MLflow on {uri}, each team's runs readable by the team only "
+            f"(its files and log: {started.log.parent})",
+            flush=True,
+        )
+    elif opts.mlflow_uri is not None and opts.mlflow_admin is not None:
+        uri, admin = opts.mlflow_uri, opts.mlflow_admin
+    else:
+        return opts.mlflow_uri, None, None
+    access = TeamAccess(uri, admin, kept=opts.state_dir / "mlflow" / "teams.json")
+    try:
+        access.check()
+    except BaseException:
+        if started is not None:
+            started.stop()
+        raise
+    os.environ["MLFLOW_TRACKING_USERNAME"] = admin.username
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = admin.password
+    return uri, access, started
+
+
+def _serve(
+    opts: ServerOptions,
+    sock: socket.socket,
+    store: Store,
+    isolation: Isolation,
+    token: str | None,
+    mlflow_uri: str | None,
+    access: TeamAccess | None,
+) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     if token is not None:
@@ -114,21 +182,21 @@ def serve(opts: ServerOptions) -> None:
             f"  {token}\nlog in with: corral login {url}",
             flush=True,
         )
-    opts.state_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(
         store,
         pool=opts.pool,
         state_dir=opts.state_dir,
         policy=opts.policy,
         spark=opts.spark,
-        start_attempt=ProcessStarter(isolation),
+        start_attempt=ProcessStarter(isolation, mlflow=access),
         spark_teams=opts.spark_teams,
-        mlflow_uri=opts.mlflow_uri,
+        mlflow_uri=mlflow_uri,
     )
     # uvicorn shuts down on SIGTERM and then raises it again for the handler it found:
     # make that an exit, so the runner and the store are closed below, not killed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     others = _ApiProcesses()
+    app_mlflow = _AppMlflow(mlflow_uri, access)
     try:
         if opts.api_processes > 1:
             # what a submit imports on its first call (opening a job's data: pyarrow, about
@@ -136,13 +204,15 @@ def serve(opts: ServerOptions) -> None:
             import corral.data.parquet  # noqa: F401
 
             store.close()  # no connection open at the fork: none is shared
-            others.fork(opts.api_processes - 1, lambda: _serve_api(sock, opts, isolation))
+            others.fork(
+                opts.api_processes - 1, lambda: _serve_api(sock, opts, isolation, app_mlflow)
+            )
         runner.start()
         # the searches' driver, beside the runner: one per service, as the scheduler is
         searches = Searches(
             store,
             pool=opts.pool,
-            mlflow_uri=opts.mlflow_uri,
+            mlflow_uri=mlflow_uri,
             job_folder=runner.folder,
             kept=opts.state_dir / "searches",
         )
@@ -157,7 +227,7 @@ def serve(opts: ServerOptions) -> None:
             flush=True,
         )
         try:
-            _run_app(sock, store, opts, isolation, runner.folder)
+            _run_app(sock, store, opts, isolation, runner.folder, app_mlflow)
         finally:
             searches.stop()
             runner.stop()
@@ -172,11 +242,19 @@ def _run_app(
     opts: ServerOptions,
     isolation: Isolation,
     job_folder: Callable[[str], Path],
+    mlflow: _AppMlflow,
 ) -> None:
     """Serve the API and the UI on `sock` until a signal stops uvicorn."""
     import uvicorn
 
-    app = create_app(store, pool=opts.pool, policy=opts.policy, job_folder=job_folder)
+    app = create_app(
+        store,
+        pool=opts.pool,
+        policy=opts.policy,
+        job_folder=job_folder,
+        mlflow_uri=mlflow.uri,
+        mlflow=mlflow.access,
+    )
     app.state.isolation_warning = isolation.warning
     # anyio's 40 worker threads are kept: 4 or 8 per process measured no better (docs)
     config = uvicorn.Config(app, log_level="warning", access_log=False)
@@ -208,39 +286,30 @@ class _Shared(socket.socket):
         super().listen(self.QUEUE)
 
 
-def _serve_api(sock: socket.socket, opts: ServerOptions, isolation: Isolation) -> None:
+@dataclass(frozen=True)
+class _AppMlflow:
+    """What the app says of MLflow (`corral mlflow-login`): where, and who gives logins."""
+
+    uri: str | None
+    access: TeamAccess | None
+
+
+def _serve_api(
+    sock: socket.socket, opts: ServerOptions, isolation: Isolation, mlflow: _AppMlflow
+) -> None:
     """An API process's life, after the fork: its own store and app on the inherited
     socket, no runner. Its jobs' folders are the runner's (`Runner.folder`, by path)."""
     store = Store(opts.db)
     try:
         folders = Runner(store, pool=opts.pool, state_dir=opts.state_dir)
-        _run_app(sock, store, opts, isolation, folders.folder)
+        _run_app(sock, store, opts, isolation, folders.folder, mlflow)
     finally:
         store.close()
 
 
-#: prctl(2)'s option: the signal this process gets when the thread that forked it ends.
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with(parent: int) -> None:
-    """Be sent SIGTERM when `parent` ends, however it ends (SIGKILL included: then nothing
-    of it could stop this one); Linux only, elsewhere the parent's `stop` is all there is.
-    The fork was made on the main thread, which lives as long as the parent."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            errno_ = ctypes.get_errno()
-            log.warning("corral server: prctl(PR_SET_PDEATHSIG) failed, errno %d", errno_)
-    if os.getppid() != parent:  # it ended before the line above: no signal will come
-        os._exit(0)
-
-
 class _ApiProcesses:
     """The API processes forked beside the server's own: started before any thread, ended
-    and reaped with it (`stop`), and each ends by itself if it is killed (`_die_with`).
+    and reaped with it (`stop`), and each ends by itself if it is killed (`orphans.die_with`).
 
     One that ends early is reported (one line) and not replaced: the others, this one's
     included, go on serving the port. A new one would be forked from a process that then
@@ -332,7 +401,7 @@ def _child(parent: int, serve: Callable[[], None]) -> NoReturn:
     `finally` blocks and atexit handlers are the parent's to run, once)."""
     code = 1
     try:
-        _die_with(parent)
+        die_with(parent)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         signal.signal(signal.SIGINT, signal.default_int_handler)
         serve()
