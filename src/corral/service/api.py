@@ -22,6 +22,7 @@ from corral.errors import SpecError
 from corral.runtime.resources import Resources
 from corral.service import submission
 from corral.service.auth import AdminUser, CurrentUser
+from corral.service.mlflow_auth import MlflowAuthError, MlflowLogin, TeamAccess
 from corral.service.models import (
     Cluster,
     EventOut,
@@ -142,6 +143,28 @@ def router() -> APIRouter:
     @api.get("/me")
     def me(user: CurrentUser) -> Me:
         return Me(name=user.name, team=user.team, admin=user.admin)
+
+    @api.post(
+        "/me/mlflow",
+        responses={
+            404: {"model": Problem, "description": "this server tracks no jobs in MLflow"},
+            503: {"model": Problem, "description": "MLflow refused, or did not answer"},
+        },
+    )
+    def mlflow_login(user: CurrentUser, request: Request) -> MlflowLogin:
+        """Where your team's runs are, and a login of your own that reads them: a new
+        password at each call (the one before stops working), which corral keeps nowhere.
+        A POST, for it changes that password. No login on an MLflow without users."""
+        uri: str | None = request.app.state.mlflow_uri
+        access: TeamAccess | None = request.app.state.mlflow
+        if uri is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "this server tracks no jobs in MLflow")
+        if access is None:
+            return MlflowLogin(uri=uri, experiment=user.team)
+        try:
+            return access.person_login(user.name, user.team)
+        except MlflowAuthError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
 
     @api.post(
         "/jobs",
@@ -283,9 +306,13 @@ def create_app(
     pool: Resources,
     policy: Policy | None = None,
     job_folder: JobFolder | None = None,
+    mlflow_uri: str | None = None,
+    mlflow: TeamAccess | None = None,
 ) -> FastAPI:
     """The service's app: the API here, the web UI mounted beside it. `job_folder` says
-    where the runner keeps a job's files (its checkpoints); without it, no job has any."""
+    where the runner keeps a job's files (its checkpoints); without it, no job has any.
+    `mlflow_uri` is where jobs are tracked, and `mlflow` gives people their logins there
+    (``POST /api/me/mlflow``)."""
     app = FastAPI(
         title="corral",
         description="Multi-user job service for distributed PyTorch training.",
@@ -293,6 +320,7 @@ def create_app(
     )
     app.state.store, app.state.pool, app.state.policy = store, pool, policy or Policy()
     app.state.job_folder = job_folder
+    app.state.mlflow_uri, app.state.mlflow = mlflow_uri, mlflow
     app.add_middleware(_BodyLimit)
     app.include_router(router())
     app.include_router(search_router())

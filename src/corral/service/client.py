@@ -34,6 +34,7 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 
 from corral.errors import CorralError
+from corral.service.mlflow_auth import MlflowLogin
 from corral.service.models import (
     JobDetail,
     JobOut,
@@ -251,6 +252,10 @@ class Client:
 
     def me(self) -> Me:
         return self._call(Me, "GET", "/me")
+
+    def mlflow_login(self) -> MlflowLogin:
+        """Where your team's runs are, and a new login of your own that reads them."""
+        return self._call(MlflowLogin, "POST", "/me/mlflow")
 
     def submit(
         self,

@@ -1,6 +1,6 @@
 """The job service's commands: ``corral login``, ``profiles``, ``submit``, ``jobs``,
-``status``, ``logs``, ``model``, ``cancel``, ``quota`` and ``corral admin …``, each one
-call of `corral.service.client`.
+``status``, ``logs``, ``model``, ``cancel``, ``quota``, ``mlflow-login`` and ``corral
+admin …``, each one call of `corral.service.client`.
 
 Each prints a table for people, or with ``--json`` the API's own JSON for scripts. Each
 failure is one red line and exit code 1, as for ``corral train``. Every command runs as
@@ -29,6 +29,7 @@ from corral.console import guarded
 
 if TYPE_CHECKING:
     from corral.service.client import Client
+    from corral.service.mlflow_auth import MlflowLogin
     from corral.service.models import Demand, JobDetail, JobOut, Me, NewUser, QuotaOut
 
 T = TypeVar("T")
@@ -68,6 +69,7 @@ def register(app: typer.Typer) -> None:
     app.callback()(choose_profile)
     for command in (login, profiles, submit, jobs, status, logs, model, cancel, quota):
         app.command()(command)
+    app.command("mlflow-login")(mlflow_login)
     app.add_typer(admin_app, name="admin")
 
 
@@ -513,6 +515,31 @@ def quota(ctx: typer.Context, as_json: JsonOption = False) -> None:
         _out().print(table)
 
     _answer(ctx, as_json, lambda client: client.quota(), render)
+
+
+def mlflow_login(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Print the shell lines that log MLflow in to your team's runs, as you, read-only:
+    eval "$(corral mlflow-login)". Each call makes a new password; the last one stops
+    working."""
+
+    def render(login: MlflowLogin) -> None:
+        import shlex
+
+        variables = {"MLFLOW_TRACKING_URI": login.uri}
+        if login.username is not None and login.password is not None:
+            variables["MLFLOW_TRACKING_USERNAME"] = login.username
+            variables["MLFLOW_TRACKING_PASSWORD"] = login.password
+        for name, value in variables.items():
+            print(f"export {name}={shlex.quote(value)}")
+        if login.username is None:
+            _note(f"# experiment '{login.experiment}': this MLflow has no users, anyone reads it")
+        else:
+            _note(
+                f"# {login.username} reads experiment '{login.experiment}', your team's runs; "
+                "the next mlflow-login replaces this password"
+            )
+
+    _answer(ctx, as_json, lambda client: client.mlflow_login(), render)
 
 
 # -- corral admin ---------------------------------------------------------------------
