@@ -20,10 +20,10 @@ import corral
 from corral.classic import ClassicModel
 from corral.errors import SpecError
 from corral.runtime.resources import Resources
-from corral.spec import parse_job
 from corral.service import submission
 from corral.service.runner import Runner
 from corral.service.store import FINAL, Store
+from corral.spec import parse_job
 
 POOL = Resources(cpus=4, memory_mib=8192)
 
