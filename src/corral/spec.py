@@ -456,9 +456,13 @@ def _describe(error: Any, model: type[BaseModel]) -> str:
     loc = list(error["loc"])
     if len(loc) > 2 and loc[0] == "strategy":
         del loc[1]  # pydantic puts the union's tag in the path: strategy.allreduce.x
+    if len(loc) > 2 and loc[0] == "optimizer" and loc[1] == "OptimizerSpec":
+        del loc[1]  # and the member's name: optimizer.OptimizerSpec.x
     where = ".".join(str(part) for part in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(str(loc[-1]), _fields_at(model, error["loc"][:-1]), 1)
+        # the strategy's tag picks its member in `_fields_at`; the optimizer's name does not
+        path = loc if loc[:1] == ["optimizer"] else error["loc"]
+        near = difflib.get_close_matches(str(loc[-1]), _fields_at(model, path[:-1]), 1)
         return f"{where}: unknown field" + (f"; did you mean '{near[0]}'?" if near else "")
     if error["type"] == "union_tag_invalid":
         tag = error["ctx"]["tag"]
@@ -499,7 +503,9 @@ def parse(model: type[M], data: Any, *, source: str = "spec") -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e, model) for e in exc.errors()]
+        # a mapping given for `optimizer` fails as a reference too: that is no news
+        errors = [e for e in exc.errors() if list(e["loc"][:2]) != ["optimizer", "str"]]
+        lines = [_describe(e, model) for e in errors or exc.errors()]
         raise SpecError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
