@@ -95,13 +95,15 @@ def tiny_job(folder: Path, epochs: int) -> dict[str, Any]:
 
 
 class WorkerStarts(threading.Thread):
-    """Notes, from /proc every 20 ms, when each trial job's worker process started: a
-    ``corral.train.worker`` process with a job's process of `folder` among its ancestors.
-    Its start time is the kernel's (10 ms ticks), made wall-clock with /proc/uptime."""
+    """Notes, from /proc every 20 ms, when each trial job's worker process started. A
+    worker runs in its job's folder; exec'd, its command line names
+    ``corral.train.worker``; forked by its job's fork server (the default), it leads a
+    session of its own and its parent, the fork server, runs in the same folder. Its start
+    time is the kernel's (10 ms ticks), made wall-clock with /proc/uptime."""
 
     def __init__(self, folder: Path) -> None:
         super().__init__(daemon=True)
-        self.marker = str(folder / "jobs").encode() + b"/"
+        self.jobs = str(folder / "jobs") + "/"
         self.starts: dict[str, float] = {}
         self.done = threading.Event()
         self.tick = os.sysconf("SC_CLK_TCK")
@@ -115,24 +117,25 @@ class WorkerStarts(threading.Thread):
                 if not entry.name.isdigit() or int(entry.name) in seen:
                     continue
                 try:
-                    if b"corral.train.worker" not in (entry / "cmdline").read_bytes():
-                        continue
+                    job = self._worker_of(entry)
                     stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                    job = self._job(int(stat[1]))
                 except OSError:
                     continue
                 seen.add(int(entry.name))
                 if job is not None:
                     self.starts.setdefault(job, self.boot + int(stat[19]) / self.tick)
 
-    def _job(self, pid: int) -> str | None:
-        """The job id in an ancestor's command line, looking up to 3 parents."""
-        for _ in range(3):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if self.marker in cmdline:
-                return cmdline.split(self.marker, 1)[1].split(b"\0")[0].decode()
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        return None
+    def _worker_of(self, entry: Path) -> str | None:
+        """The job id of the worker process `entry`, None if it is none."""
+        cwd = os.readlink(entry / "cwd")
+        if not cwd.startswith(self.jobs):
+            return None
+        job = cwd[len(self.jobs) :].split("/")[0]
+        if b"corral.train.worker" in (entry / "cmdline").read_bytes():
+            return job
+        stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        leads, parent = stat[3] == entry.name, stat[1]  # session id, parent pid
+        return job if leads and os.readlink(f"/proc/{parent}/cwd") == cwd else None
 
 
 def corral_trials(spec: dict[str, Any], trials: int, folder: Path) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@ the other serves on.
 
 Nothing trains: the pool is 1 CPU, held by a job written as running straight into the
 store (as the load bench does), so every job submitted here stays queued and the server
-starts no job process: its only children are its API processes."""
+starts no job process: its only children are its API processes (and the runner's fork
+server, which the API processes do not hold: it is spawned after they are forked)."""
 
 from __future__ import annotations
 
@@ -28,15 +29,17 @@ from corral.service.store import Store, User
 pytestmark = pytest.mark.slow
 
 
-def children_of(pid: int) -> list[int]:
-    """The processes whose parent is `pid`, zombies included (read from /proc)."""
+def children_of(pid: int, *, fork_server: bool = False) -> list[int]:
+    """The processes whose parent is `pid`, zombies included (read from /proc): its API
+    processes, or its runner's fork server (`corral.engines.forkserver`)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and (b"corral.engines.forkserver" in cmdline) == fork_server:
             found.append(int(stat.parent.name))
     return found
 
@@ -45,13 +48,14 @@ class Server:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.children: list[int] = []
+        self.fork_server: list[int] = []
         options = ("--cpus", "1", "--memory", "1g", "--gpus", "0", "--api-processes", "2")
         self.proc, self.url, admin = start_server(tmp_path, *options)
         try:
             self._setup(admin)
         except BaseException:  # a setup that fails leaves no server behind
             self.stop()
-            for pid in self.children:
+            for pid in self.children + self.fork_server:
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
             raise
@@ -62,6 +66,7 @@ class Server:
         self.db = f"sqlite:///{tmp_path / 'db.sqlite'}"
         # the API processes are forked before the server says it is up
         self.children = children_of(self.proc.pid)
+        self.fork_server = children_of(self.proc.pid, fork_server=True)
         self.admin = {"Authorization": f"Bearer {admin}"}
         pd.DataFrame({"a": [0.0, 1.0], "y": [0, 1]}).to_parquet(tmp_path / "train.parquet")
         with httpx.Client(base_url=self.url, headers=self.admin, timeout=30) as api:
@@ -111,7 +116,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         yield made
     finally:
         made.stop()
-        for pid in made.children:  # whatever a failed test left: not on the machine after
+        for pid in made.children + made.fork_server:  # not on the machine after a failure
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
@@ -188,16 +193,18 @@ def test_no_api_process_outlives_a_stopped_server(server: Server) -> None:
     assert len(server.children) == 1, server.children
     server.stop()
     assert server.proc.returncode == 0, server.proc.returncode
-    for pid in server.children:
-        wait_until(lambda pid=pid: not alive(pid), 30, f"API process {pid} to end")
+    assert len(server.fork_server) == 1, server.fork_server
+    for pid in server.children + server.fork_server:
+        wait_until(lambda pid=pid: not alive(pid), 30, f"process {pid} to end")
 
 
 def test_no_api_process_outlives_a_killed_server(server: Server) -> None:
     assert len(server.children) == 1, server.children
     server.proc.kill()  # no clean-up runs: the API process ends on its own (its parent died)
     server.proc.wait(30)
-    for pid in server.children:
-        wait_until(lambda pid=pid: not alive(pid), 30, f"API process {pid} to end")
+    assert len(server.fork_server) == 1, server.fork_server
+    for pid in server.children + server.fork_server:
+        wait_until(lambda pid=pid: not alive(pid), 30, f"process {pid} to end")
 
 
 def test_an_api_process_that_dies_is_reported_and_the_other_serves_on(server: Server) -> None:

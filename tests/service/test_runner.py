@@ -69,7 +69,7 @@ def states(store, job_id) -> list[str]:
 
 def dying_job(folder: Path, **extra) -> tuple[dict, Path]:
     """A job whose every worker dies of SIGKILL at its first step, the first one taking
-    the job's process (its parent) with it; and the file with a line per worker start.
+    the job's process with it; and the file with a line per worker start.
     Its file also has a model that `trains`, one `broken` and a `nan_loss`."""
     spec = job_spec(folder, **extra)
     model = Path(spec["entrypoint"].split(":")[0]).with_name("dies.py")
@@ -89,7 +89,18 @@ def dying_job(folder: Path, **extra) -> tuple[dict, Path]:
                     f.write(f"{{os.getpid()}}\\n")
                 with open({str(starts)!r}) as f:
                     first = len(f.readlines()) == 1
-                os.kill(os.getppid() if first else os.getpid(), signal.SIGKILL)
+                os.kill(job_process() if first else os.getpid(), signal.SIGKILL)
+
+        def job_process():
+            # the farthest ancestor in this folder (the worker's parent may be the
+            # job's fork server, a copy of it)
+            pid, here = os.getpid(), os.getcwd()
+            while True:
+                with open(f"/proc/{{pid}}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                if parent <= 1 or os.readlink(f"/proc/{{parent}}/cwd") != here:
+                    return pid
+                pid = parent
 
         def make():
             return Dies()

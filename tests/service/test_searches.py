@@ -230,6 +230,7 @@ def test_tune_killed_mid_search_continues_where_it_was(tmp_path):
             60,
             "trial 1 to run",
         )
+        wait_until(lambda: trial_jobs()[1][4] is not None, 30, "trial 1's pid")
         done_before = trial_jobs()[0]
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)

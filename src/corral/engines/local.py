@@ -10,7 +10,9 @@ Guarantees, each checked by tests with real processes:
   the child's watchdog kills its own process group (see `corral.engines.watchdog`);
 * every line a process prints is forwarded to the caller's stderr (or another sink: a
   Spark task sends them on to the driver) prefixed with ``[worker 3]``, and kept in
-  memory for `WorkerGroup.logs`.
+  memory for `WorkerGroup.logs`;
+* where a fork server is installed (`corral.engines.forkserver`: a service job installs
+  one), a worker starts as its fork, torch already imported, with the same guarantees.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO
 
+from corral.engines import forkserver
 from corral.engines.base import Engine, Exit, Plan, ProcessSpec, WorkerGroup
+from corral.engines.forkserver import ForkedProcess
 from corral.errors import LaunchError
 from corral.runtime import env as names
 from corral.runtime.resources import Resources
@@ -129,7 +133,9 @@ def device_sets(processes: list[ProcessSpec], gpus: list[list[str]]) -> list[lis
 class _LocalProcess:
     """One child process and the thread that forwards its output."""
 
-    def __init__(self, spec: ProcessSpec, popen: subprocess.Popen[bytes], sink: LogSink) -> None:
+    def __init__(
+        self, spec: ProcessSpec, popen: subprocess.Popen[bytes] | ForkedProcess, sink: LogSink
+    ) -> None:
         self.spec, self.sink = spec, sink
         self.popen = popen
         self.lines: deque[str] = deque(maxlen=LOG_LINES_KEPT)
@@ -180,6 +186,11 @@ class LocalWorkerGroup(WorkerGroup):
         seen = gpus if visible is None else visible
         env = {**os.environ, **_resource_env(spec.resources, gpus, seen), **spec.env}
         env[PARENT_FD_ENV] = str(self._parent_pipe_r)
+        popen = self._forked(spec, env)
+        if popen is not None:
+            self._procs.append(_LocalProcess(spec, popen, self._sink))
+            self._gpus.append(gpus)
+            return
         try:
             popen = subprocess.Popen(
                 spec.argv,
@@ -194,6 +205,24 @@ class LocalWorkerGroup(WorkerGroup):
             raise LaunchError(f"cannot start {spec.label}: {exc}") from exc
         self._procs.append(_LocalProcess(spec, popen, self._sink))
         self._gpus.append(gpus)
+
+    def _forked(self, spec: ProcessSpec, env: dict[str, str]) -> ForkedProcess | None:
+        """`spec` forked by the installed fork server (`corral.engines.forkserver`), its
+        output to a pipe as an exec'd one's; None if there is none or it cannot."""
+        server = forkserver.installed()
+        if server is None or not server.can_run(spec.argv, env):
+            return None
+        read, write = os.pipe()
+        pipe = os.fdopen(read, "rb")
+        try:
+            popen = forkserver.start(
+                spec.argv, env, stdout=write, pass_fds=(self._parent_pipe_r,), pipe=pipe
+            )
+        finally:
+            os.close(write)
+        if popen is None:
+            pipe.close()
+        return popen
 
     def add(self, spec: ProcessSpec) -> None:
         running = [p.spec for p in self._procs if p.popen.poll() is None]

@@ -6,7 +6,9 @@ session of its own, its output going to ``DIR/log``. It trains with the same cod
 and progress ticks for the live samples/s chart). Checkpoints go to
 ``DIR/checkpoints``, so an attempt after a failure, or after a server restart, resumes
 from the newest one. The exit status goes to ``DIR/exit.json``, because a server that
-restarted meanwhile is not this process's parent and cannot wait for it.
+restarted meanwhile is not this process's parent and cannot wait for it. Its workers
+start as forks of a copy of this process made at its start (`corral.engines.forkserver`),
+so they do not import torch again.
 
 The spec's ``max_restarts`` is the budget the job has left: the launcher in this process
 spends it on its workers' failures, with `corral.train.restarts.decide`. The exit status
@@ -27,6 +29,7 @@ from typing import Any
 
 from corral.comm.control import Message
 from corral.data import as_source
+from corral.engines import forkserver
 from corral.errors import CheckpointError, CorralError, DataError, SpecError, WorkerError
 from corral.runtime import checkpoint as ckpt
 from corral.spec import AnyJobSpec, ClassicSpec, JobSpec, MLflow, parse_job
@@ -42,6 +45,11 @@ CHECKPOINTS = "checkpoints"
 PREEMPT = "preempt"
 #: The exit code of a job that stopped so.
 PREEMPTED = 75
+#: What the job's fork server runs: a worker process's module.
+WORKER_MODULES = ("corral.train.worker",)
+#: What a worker imports later, imported once by the fork server: torch's compiler,
+#: which the first optimizer imports (1.5 s), and the process group's module.
+WORKER_PRELOAD = ("torch._dynamo", "torch.distributed.distributed_c10d")
 #: The job's MLflow run (``run_id``, ``experiment_id``, its page's ``url``), kept across
 #: its attempts.
 TRACKING = "mlflow.json"
@@ -218,6 +226,9 @@ def write_exit(folder: Path, status: dict[str, Any]) -> None:
 
 def main() -> None:
     folder = Path(sys.argv[1])
+    # Before any thread starts: the job's workers are forks of this, torch imported.
+    server = forkserver.ForkServer.fork(WORKER_MODULES, WORKER_PRELOAD)
+    forkserver.install(server)
     code, error, restarts, final = 1, None, 0, False
     try:
         code = run(folder)
@@ -240,6 +251,7 @@ def main() -> None:
         traceback.print_exc()
     restarts = max(restarts, restarts_spent(folder))  # also when it ended otherwise
     write_exit(folder, {"code": code, "error": error, "restarts": restarts, "final": final})
+    server.close()
     sys.exit(code)
 
 

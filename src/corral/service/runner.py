@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from corral.engines import forkserver
 from corral.errors import CorralError
 from corral.runtime import checkpoint as ckpt
 from corral.runtime.resources import Resources
@@ -60,6 +61,7 @@ from corral.service.job import (
     PREEMPTED,
     RESTARTS,
     SPEC,
+    WORKER_PRELOAD,
     restarts_spent,
 )
 from corral.service.mlflow_auth import TeamAccess
@@ -69,6 +71,9 @@ from corral.spec import SparkSpec
 from corral.train import restarts
 
 log = logging.getLogger("corral.service")
+
+#: What the runner's fork server imports: a job process's module (torch with it).
+JOB_MODULES = ("corral.service.job",)
 
 #: Seconds between SIGTERM and SIGKILL when a job is stopped.
 STOP_GRACE_S = 3.0
@@ -123,7 +128,7 @@ class _Attempt:
     job_id: str
     pid: int
     folder: Path
-    popen: subprocess.Popen[bytes] | None = None
+    popen: subprocess.Popen[bytes] | forkserver.ForkedProcess | None = None
     offsets: dict[str, int] = field(default_factory=lambda: {LOG: 0, METRICS: 0})
     #: Its enforced limits, with team accounts.
     cgroup: cgroups.Cgroup | None = None
@@ -195,14 +200,15 @@ def _resumes(folder: Path) -> str:
 
 
 def _is_job_process(pid: int, folder: Path) -> bool:
-    """Whether `pid` is still the job process started on `folder` (not a reused pid)."""
+    """Whether `pid` is still the job process started on `folder` (not a reused pid):
+    it runs in that folder (its command line may be a fork server's)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
     zombie = stat.rsplit(")", 1)[1].split()[0] == "Z"
-    return not zombie and str(folder).encode() in cmdline
+    return not zombie and cwd == str(folder.resolve())
 
 
 class ProcessStarter:
@@ -218,9 +224,17 @@ class ProcessStarter:
     Not in the sandbox's environment: that travels on its command line, which every local
     user may read (``/proc/PID/cmdline``). Never in the spec or the log."""
 
-    def __init__(self, isolation: Isolation, *, mlflow: TeamAccess | None = None) -> None:
+    def __init__(
+        self, isolation: Isolation, *, mlflow: TeamAccess | None = None, warm: bool = True
+    ) -> None:
         self.isolation = isolation
         self.mlflow = mlflow
+        #: In one-user mode, job processes are forks of a server that imported
+        #: `corral.service.job` (torch with it): a job starts in milliseconds, not seconds.
+        #: Spawned when the runner starts (`warm_up`), after the server forked its API
+        #: processes, which so do not hold it.
+        self.warm = warm and not isolation.accounts
+        self.forks: forkserver.ForkServer | None = None
 
     def __call__(self, job: Job, folder: Path) -> Attempt:
         offsets = {LOG: job.log_offset, METRICS: job.metrics_offset}
@@ -250,16 +264,40 @@ class ProcessStarter:
                 argv += [sys.executable, "-m", "corral.service.job", str(folder)]
             elif login is not None:  # in place of the server's own (its admin's, say)
                 env = {k: v for k, v in os.environ.items() if k not in login} | login
-            popen = subprocess.Popen(
-                argv,
-                cwd=folder,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            env = dict(os.environ) if env is None else env
+            popen: subprocess.Popen[bytes] | forkserver.ForkedProcess | None = None
+            if self.warm:
+                self.warm_up()
+                assert self.forks is not None
+                popen = forkserver.start(
+                    argv, env, stdout=out.fileno(), cwd=str(folder), server=self.forks
+                )
+                if popen is None:  # it is gone: exec from now on
+                    self.forks.close()
+                    self.warm, self.forks = False, None
+            if popen is None:
+                popen = subprocess.Popen(
+                    argv,
+                    cwd=folder,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
         return _Attempt(job.id, popen.pid, folder, popen, offsets, cgroup)
+
+    def warm_up(self) -> None:
+        """Spawn the fork server, if jobs are to be forks of one; it imports meanwhile
+        (2–3 s), and a launch before it is done waits for it."""
+        if self.warm and self.forks is None:
+            self.forks = forkserver.ForkServer.spawn(JOB_MODULES, WORKER_PRELOAD)
+
+    def close(self) -> None:
+        """Stop the fork server (the jobs go on)."""
+        if self.forks is not None:
+            self.forks.close()
+            self.forks = None
 
     def _mlflow_login(self, team: str) -> dict[str, str] | None:
         """The team's MLflow login, as variables; an `OSError` (the job cannot start) when
@@ -329,6 +367,8 @@ class Runner:
     # -- life cycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        if isinstance(self.start_attempt, ProcessStarter):
+            self.start_attempt.warm_up()
         self.recover()
         self._thread = threading.Thread(target=self._loop, name="corral-runner", daemon=True)
         self._thread.start()
@@ -341,6 +381,8 @@ class Runner:
         if stop_jobs:
             for attempt in self._attempts.values():
                 attempt.stop()
+        if isinstance(self.start_attempt, ProcessStarter):
+            self.start_attempt.close()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
