@@ -319,8 +319,8 @@ def _reap(children: dict[int, socket.socket]) -> None:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:  # none left to wait for
-            for conn in children.values():
-                conn.close()
+            for left in children.values():
+                left.close()
             children.clear()
             return
         if pid == 0:

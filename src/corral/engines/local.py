@@ -186,13 +186,9 @@ class LocalWorkerGroup(WorkerGroup):
         seen = gpus if visible is None else visible
         env = {**os.environ, **_resource_env(spec.resources, gpus, seen), **spec.env}
         env[PARENT_FD_ENV] = str(self._parent_pipe_r)
-        popen = self._forked(spec, env)
-        if popen is not None:
-            self._procs.append(_LocalProcess(spec, popen, self._sink))
-            self._gpus.append(gpus)
-            return
+        popen: subprocess.Popen[bytes] | ForkedProcess | None = self._forked(spec, env)
         try:
-            popen = subprocess.Popen(
+            popen = popen or subprocess.Popen(
                 spec.argv,
                 env=env,
                 stdin=subprocess.DEVNULL,
