@@ -8,8 +8,9 @@ learning_rate 0.1, seed 0, no per-round log) and 2 workers on ``local[2]``:
 - plain: ``spark.read.parquet`` and ``xgboost.spark.SparkXGBClassifier(features_col=[...],
   num_workers=2).fit(df)``;
 - corral: ``corral.classic.fit`` of the `corral.spec.parse_job` of a ``kind: xgboost``
-  spec, which on top checks the data (one Spark job: null and NaN counts), checks the
-  labels (one job: their distinct values), has XGBoost evaluate ``error`` each round (for
+  spec, which on top checks the data in one Spark job over the label column (its rows,
+  null and NaN labels, and distinct values, the classes; NaN features are XGBoost's
+  missing values, not looked for), has XGBoost evaluate ``error`` each round (for
   ``train_accuracy``), and pickles the model to ``model.pkl``.
 
 One untimed warm-up of each, then ``--repeats`` pairs, interleaved (plain first in even

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -28,7 +29,7 @@ from corral.data.arrow import feature_matrix, label_vector
 from corral.errors import DataError, SpecError
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, Row, SparkSession
 
 #: Models unpickled in this (executor) process, by the key `predict_udf` gave them.
 _models: dict[str, Any] = {}
@@ -173,18 +174,83 @@ def _array_sizes(kinds: dict[str, str]) -> list[Column]:
     return sizes
 
 
-def training_input(
-    df: DataFrame, features: str | list[str] | None, label: str | None, workers: int
-) -> tuple[DataFrame, list[str], int]:
-    """Check a Spark DataFrame to train on; returns it narrowed to its columns (ML vectors
-    as arrays), the feature names (default: every column but the label), and how many
-    inputs they give.
+@dataclass(frozen=True, kw_only=True)
+class TrainingInput:
+    """A Spark DataFrame to train on, narrowed to its columns and not yet read: `check`
+    runs the one Spark job that reads it.
 
-    One Spark job counts the rows, the null labels and the null or NaN features, and
-    measures array columns; nothing is collected.
+    Built by `prepare_input`; `training_input` is the two in a row. A caller with more to
+    learn of the rows (a classifier's classes) adds its aggregates to that same job.
     """
-    from pyspark.sql import functions as F
 
+    df: DataFrame
+    features: list[str]
+    label: str
+    kinds: dict[str, str]
+    missing_features: bool
+
+    def check(self, workers: int, *also: Column) -> tuple[int, Row]:
+        """Count the rows, the null or NaN labels and (unless missing features are
+        allowed) the null or NaN features, and measure array columns, in one Spark job
+        that also computes `also`; nothing is collected but one row.
+
+        Returns:
+            How many inputs the features give, and the job's row (`also` by alias).
+
+        Raises:
+            DataError: no rows, fewer than `workers`, null or NaN labels or features, or
+                array columns of different lengths.
+        """
+        from pyspark.sql import functions as F
+
+        types, label = dict(self.df.dtypes), self.label
+
+        def nan(c: str) -> Column:  # NaN, in a floating-point column
+            return F.isnan(c) if types[c] in ("float", "double") else F.lit(False)
+
+        def bad(c: str) -> Column:
+            return F.sum((F.col(c).isNull() | nan(c)).cast("int"))
+
+        scalars = [f for f in self.features if self.kinds[f] == "scalar"]
+        checked = {} if self.missing_features else {f"bad_{i}": f for i, f in enumerate(scalars)}
+        counts = self.df.agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.sum(F.col(label).isNull().cast("int")).alias("nulls"),
+            F.sum(nan(label).cast("int")).alias("nans"),
+            *[bad(f).alias(key) for key, f in checked.items()],
+            *_array_sizes(self.kinds),
+            *also,
+        ).first()
+        if counts is None or counts["rows"] == 0:
+            raise DataError("the DataFrame has no rows")
+        rows, nulls, nans = counts["rows"], counts["nulls"] or 0, counts["nans"] or 0
+        if nulls:
+            raise DataError(f"label column {label} has {nulls} null value(s) in {rows} rows")
+        if nans:
+            raise DataError(f"label column {label} has {nans} NaN value(s) in {rows} rows")
+        listed = ", ".join(f"{f} ({counts[key]})" for key, f in checked.items() if counts[key])
+        if listed:
+            raise DataError(f"feature column(s) with null or NaN values in {rows} rows: {listed}")
+        if rows < workers:
+            raise DataError(f"the DataFrame has {rows} rows, fewer than the {workers} workers")
+        return _width(counts, self.kinds), counts
+
+
+def prepare_input(
+    df: DataFrame,
+    features: str | list[str] | None,
+    label: str | None,
+    *,
+    missing_features: bool = False,
+) -> TrainingInput:
+    """Check a Spark DataFrame's columns to train on (no Spark job): the features
+    (default: every column but the label) numbers, arrays of numbers or ML vectors (read
+    as arrays), the label one number per row.
+
+    Args:
+        missing_features: let null and NaN features through (a model that takes them as
+            missing values, as XGBoost does); by default they are refused.
+    """
     if label is None:
         raise DataError("label= is required for a Spark DataFrame: name the column")
     names = [features] if isinstance(features, str) else features
@@ -193,34 +259,36 @@ def training_input(
     if _kind(dict(df.dtypes).get(label, "")) != "scalar":
         check_columns(df, [label])
         raise DataError(f"label column {label} must hold one number per row")
-    narrowed = df.select(*_inputs(kinds), label)
+    return TrainingInput(
+        df=df.select(*_inputs(kinds), label),
+        features=names,
+        label=label,
+        kinds=kinds,
+        missing_features=missing_features,
+    )
 
-    def bad(c: str) -> Column:  # null, or NaN in a floating-point column
-        isnan = F.isnan(c) if dict(df.dtypes)[c] in ("float", "double") else F.lit(False)
-        return F.sum((F.col(c).isNull() | isnan).cast("int"))
 
-    counts = narrowed.agg(
-        F.count(F.lit(1)).alias("rows"),
-        F.sum(F.col(label).isNull().cast("int")).alias("nulls"),
-        *[bad(f).alias(f"bad_{i}") for i, f in enumerate(names) if kinds[f] == "scalar"],
-        *_array_sizes(kinds),
-    ).first()
-    if counts is None or counts["rows"] == 0:
-        raise DataError("the DataFrame has no rows")
-    rows, nulls = counts["rows"], counts["nulls"] or 0
-    if nulls:
-        raise DataError(f"label column {label} has {nulls} null value(s) in {rows} rows")
-    bad_features = {
-        f: counts[f"bad_{i}"]
-        for i, f in enumerate(names)
-        if kinds[f] == "scalar" and counts[f"bad_{i}"]
-    }
-    if bad_features:
-        listed = ", ".join(f"{f} ({n})" for f, n in bad_features.items())
-        raise DataError(f"feature column(s) with null or NaN values in {rows} rows: {listed}")
-    if rows < workers:
-        raise DataError(f"the DataFrame has {rows} rows, fewer than the {workers} workers")
-    return narrowed, names, _width(counts, kinds)
+def training_input(
+    df: DataFrame,
+    features: str | list[str] | None,
+    label: str | None,
+    workers: int,
+    *,
+    missing_features: bool = False,
+) -> tuple[DataFrame, list[str], int]:
+    """Check a Spark DataFrame to train on; returns it narrowed to its columns (ML vectors
+    as arrays), the feature names (default: every column but the label), and how many
+    inputs they give.
+
+    One Spark job (`TrainingInput.check`) counts the rows, the null or NaN labels and
+    features, and measures array columns; nothing is collected.
+
+    Args:
+        missing_features: let null and NaN features through (see `prepare_input`).
+    """
+    prepared = prepare_input(df, features, label, missing_features=missing_features)
+    width, _ = prepared.check(workers)
+    return prepared.df, prepared.features, width
 
 
 def held_out(df: DataFrame, features: list[str], label: str) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import xgboost as xgb
 from conftest import blobs
@@ -148,15 +150,35 @@ def test_labels_must_be_classes_from_zero(tmp_path):
         fit(job(tmp_path, held_out=False, data=data), tmp_path)
 
 
-def nan_data(tmp_path: Path) -> dict[str, str]:
-    x, y = blobs(200)
-    x[17, 1] = np.nan
-    return {"path": parquet(tmp_path / "nan.parquet", x, y), "label": "y"}
+def nan_data(tmp_path: Path, rows: int = 600, label: np.ndarray | None = None) -> dict[str, str]:
+    """Blobs with missing features: a NaN (not a null: pandas would write one) in every
+    tenth row's b, a null in a's row 3; `label` in place of their classes, if given."""
+    x, y = blobs(rows)
+    x[::10, 1] = np.nan
+    columns = {
+        "a": pa.array(x[:, 0], mask=np.arange(rows) == 3),
+        "b": pa.array(x[:, 1], from_pandas=False),
+        "y": pa.array(y if label is None else label, from_pandas=False),
+    }
+    pq.write_table(pa.table(columns), tmp_path / "nan.parquet")
+    return {"path": str(tmp_path / "nan.parquet"), "label": "y"}
 
 
-def test_nan_in_a_feature_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match=r"\bb\b"):
-        fit(job(tmp_path, held_out=False, data=nan_data(tmp_path)), tmp_path)
+def test_nan_and_null_features_are_missing_values_that_xgboost_trains_on(tmp_path):
+    model, metrics, _ = fit(job(tmp_path, held_out=False, data=nan_data(tmp_path)), tmp_path)
+    assert metrics["train_accuracy"] > 0.9
+    x, y = blobs(400, seed=1)
+    x[:, 1] = np.nan  # with b missing, a alone still tells the blobs apart mostly
+    assert (model.predict(x) == y).mean() > 0.6
+
+
+def test_a_nan_label_is_a_data_error(tmp_path):
+    y = np.where(np.arange(200) == 17, np.nan, blobs(200)[1])
+    spec = job(tmp_path, held_out=False, data=nan_data(tmp_path, 200, label=y))
+    with pytest.raises(DataError) as caught:
+        fit(spec, tmp_path)
+    assert str(caught.value).startswith("label 'y' contains 1 NaN/inf values (first at row 17)")
+    assert "\n" not in str(caught.value)
 
 
 # -- on Spark: the session's local[2]
@@ -195,10 +217,61 @@ def test_spark_refuses_more_workers_than_slots_at_once(spark, tmp_path):
 
 
 @pytest.mark.spark
-def test_spark_nan_in_a_feature_is_a_data_error(spark, tmp_path):
-    spec = spark_job(tmp_path, held_out=False, data=nan_data(tmp_path))
-    with pytest.raises(DataError, match=r"^data: feature column\(s\) with null or NaN .*: b \(1\)"):
+def test_spark_trains_on_nan_and_null_features_as_missing_values(spark, tmp_path):
+    model, metrics, _ = fit(spark_job(tmp_path, held_out=False, data=nan_data(tmp_path)), tmp_path)
+    assert metrics["train_accuracy"] > 0.9 and accuracy(model, seed=1) > 0.9
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize(
+    ("labels", "task", "message"),
+    [
+        ("nan", "classification", "data: label column y has 1 NaN value(s) in 200 rows"),
+        ("nan", "regression", "data: label column y has 1 NaN value(s) in 200 rows"),
+        ("null", "classification", "data: label column y has 1 null value(s) in 200 rows"),
+        (
+            "shifted",
+            "classification",
+            "data.label: classification needs classes 0..k-1 (at least two); "
+            "its values are 1, 2, 3",
+        ),
+        (
+            "gap",
+            "classification",
+            "data.label: classification needs classes 0..k-1 (at least two); its values are 0, 2",
+        ),
+        (
+            "many",
+            "classification",
+            "data.label: y has over 1000 distinct values, which are not classes 0..k-1; "
+            "is it task: regression?",
+        ),
+    ],
+)
+def test_spark_labels_are_checked_in_one_line(spark, tmp_path, labels, task, message):
+    rows = 2000 if labels == "many" else 200
+    y, seventeenth = blobs(rows)[1], np.arange(rows) == 17
+    column = {
+        "nan": np.where(seventeenth, np.nan, y),
+        "null": pa.array(y, mask=seventeenth),
+        "shifted": y + 1,
+        "gap": np.where(y == 1, 2, y),
+        "many": np.arange(rows),
+    }[labels]
+    data = nan_data(tmp_path, rows, label=column)  # with missing features, which pass
+    spec = spark_job(tmp_path, held_out=False, data=data, task=task)
+    with pytest.raises(DataError) as caught:
         kind.fit(spec, base=tmp_path, report=lambda row: None)
+    assert str(caught.value) == message
+
+
+@pytest.mark.spark
+def test_spark_validation_labels_must_be_training_classes(spark, tmp_path):
+    x, y = blobs(200, seed=1)
+    held = {"path": parquet(tmp_path / "v.parquet", x, np.where(y == 2, 5, y)), "label": "y"}
+    with pytest.raises(DataError) as caught:
+        fit(spark_job(tmp_path, validation=held), tmp_path)
+    assert str(caught.value) == "validation.label: values 5 are not among the classes 0..2"
 
 
 @pytest.mark.spark

@@ -88,14 +88,20 @@ class ClassicResult:
     path: Path | None = None
 
 
-def read_arrays(data: DataSpec, base: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_arrays(
+    data: DataSpec, base: Path, *, missing_features: bool = False
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A Parquet dataset as whole ``(x, y)`` arrays and its feature names, checked as the
-    PyTorch trainer checks it (missing or non-numeric columns, NaN, nulls)."""
+    PyTorch trainer checks it (missing or non-numeric columns, NaN, nulls), but with
+    `missing_features` null and NaN features pass, as NaN (XGBoost's missing values)."""
     from corral.data.parquet import ParquetSource
 
     path = Path(data.path)
     source = ParquetSource(
-        path if path.is_absolute() else base / path, label=data.label, features=data.features
+        path if path.is_absolute() else base / path,
+        label=data.label,
+        features=data.features,
+        missing_features=missing_features,
     )
     x, y = source.arrays()
     return x, y, source.features

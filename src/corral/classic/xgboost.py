@@ -4,7 +4,9 @@ Scalable Tree Boosting System", KDD 2016).
 On Spark the job is ``xgboost.spark``: one barrier stage of ``roles.worker.count`` tasks,
 each training on its share of the rows and all-reducing histograms with the others. Each
 task uses ``spark.task.cpus`` threads (xgboost.spark's rule, not ``roles.worker.cpus``).
-Locally it is one process with ``count x cpus`` threads.
+Locally it is one process with ``count x cpus`` threads. On both, null and NaN features
+are XGBoost's missing values (trees learn which way they go), so they are neither refused
+nor, on Spark, even looked for; a null or NaN label is refused in one line.
 
 Every boosting round becomes an epoch row (`corral.classic.base.epoch_row`): ``loss`` is
 the training value of the metric XGBoost watches (the last of ``eval_metric``, else the
@@ -35,7 +37,7 @@ from corral.spec import DataSpec, XGBoostSpec
 
 if TYPE_CHECKING:
     from pyspark import SparkContext
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, Row, SparkSession
 
 #: Parameters corral sets from a field of the spec (or, for num_class, from the labels).
 _SET_BY_CORRAL = {
@@ -236,12 +238,12 @@ class _Reporter(xgb.callback.TrainingCallback):
 def _fit_local(
     spec: XGBoostSpec, base: Path, report: Report
 ) -> tuple[xgb.XGBModel, list[dict[str, Any]], list[str]]:
-    x, y, names = read_arrays(spec.data, base)
+    x, y, names = read_arrays(spec.data, base, missing_features=True)
     _one_per_column(x.shape[1], names, "data")
     evals = [(x, y)]
     if spec.validation is not None:
         held = spec.validation.model_copy(update={"features": spec.validation.features or names})
-        xv, yv, _ = read_arrays(held, base)
+        xv, yv, _ = read_arrays(held, base, missing_features=True)
         evals.append((xv, yv))
     classes = 0
     if spec.task == "classification":
@@ -294,12 +296,19 @@ def _fit_spark(
     spark = session(spec.spark.master, spec.spark.conf)
     workers = spec.roles.worker.count
     _check_slots(spark.sparkContext, workers)
-    label = spec.data.label
-    df, names = _read(spark, spec.data, base, spec.data.features, workers, "data")
+    label, classification = spec.data.label, spec.task == "classification"
+    df, names, found = _read(
+        spark, spec.data, base, spec.data.features, workers, "data", labels=classification
+    )
+    classes = _spark_classes(df, label, found) if classification else 0
     extra: dict[str, Any] = {}
     if spec.validation is not None:
         features = spec.validation.features or names
-        val, _ = _read(spark, spec.validation, base, features, 1, "validation")
+        val, _, found = _read(
+            spark, spec.validation, base, features, 1, "validation", labels=classification
+        )
+        if classification:
+            _spark_within(val, spec.validation.label, found, classes)
         val = val.withColumnRenamed(spec.validation.label, label)
         df = df.withColumn(_VALIDATION, F.lit(False)).unionByName(
             val.withColumn(_VALIDATION, F.lit(True))
@@ -311,8 +320,6 @@ def _fit_spark(
             # and a task given no validation rows breaks the stage
             "force_repartition": True,
         }
-    classification = spec.task == "classification"
-    classes = _spark_classes(df, label, spec.validation is not None) if classification else 0
     metrics = _eval_metrics(spec, classes)
     estimator = _spark_estimator(spec.task)(
         features_col=names,
@@ -366,37 +373,75 @@ def _read(
     features: list[str] | None,
     workers: int,
     where: str,
-) -> tuple[DataFrame, list[str]]:
+    *,
+    labels: bool,
+) -> tuple[DataFrame, list[str], Row]:
     """The Parquet data at `data.path` (relative to `base`, unless absolute or a URI),
-    checked and narrowed to its feature and label columns; and the feature names."""
+    narrowed to its feature and label columns and checked in one Spark job; the feature
+    names; and that job's row, with `_label_aggregates` if `labels`.
+
+    Null and NaN features are XGBoost's missing values, so they are not looked for (the
+    job then reads only the label column, and array ones); a null or NaN label is refused.
+    """
     from pyspark.errors import AnalysisException
 
-    from corral.spark import training_input
+    from corral.spark import prepare_input
 
     path = data.path if "://" in data.path else str(base / data.path)  # base / "/a" is "/a"
     try:
-        df = spark.read.parquet(path)
-        narrowed, names, width = training_input(df, features, data.label, workers)
+        prepared = prepare_input(
+            spark.read.parquet(path), features, data.label, missing_features=True
+        )
+        width, row = prepared.check(workers, *(_label_aggregates(data.label) if labels else []))
     except AnalysisException as exc:
         raise DataError(f"{where}.path: cannot read {path}: {str(exc).splitlines()[0]}") from None
     except DataError as exc:
         raise DataError(f"{where}: {exc}") from None
-    _one_per_column(width, names, where)
-    return narrowed, names
+    _one_per_column(width, prepared.features, where)
+    return prepared.df, prepared.features, row
 
 
-def _spark_classes(df: DataFrame, label: str, validation: bool) -> int:
-    """The classes of the labels, checked as `_classes` and `_within` check them, in one
-    Spark job that collects only the distinct (label, is-validation) pairs."""
-    columns = [label, _VALIDATION] if validation else [label]
-    found = df.select(*columns).distinct().limit(2 * _MAX_CLASSES + 1).collect()
-    train = sorted({r[0] for r in found if not validation or not r[1]})
-    if len(train) > _MAX_CLASSES:
+def _label_aggregates(label: str) -> list[Column]:
+    """What tells whether a label's values are classes 0..k-1 without collecting them:
+    ``_others``, the rows whose label is no integer from 0; ``_top``, the largest label;
+    ``_distinct``, how many labels there are. With no others, ``_distinct == _top + 1``
+    says the labels are 0.._top, each present. Plain aggregates, so Spark compiles the
+    whole job (a ``collect_set`` of the labels, interpreted, cost ~0.2 s more at 200k rows).
+    """
+    from pyspark.sql import functions as F
+
+    y = F.col(label).cast("double")
+    return [
+        F.sum((~((y >= 0) & (y == F.floor(y)))).cast("int")).alias("_others"),
+        F.max(y).alias("_top"),
+        F.countDistinct(label).alias("_distinct"),
+    ]
+
+
+def _spark_classes(df: DataFrame, label: str, found: Row) -> int:
+    """How many classes the training labels are, from `_label_aggregates` in `found`,
+    checked as `_classes` checks them; more than `_MAX_CLASSES` labels are no classes.
+    Labels that are not 0..k-1 take a second job, for the message to show them."""
+    distinct = found["_distinct"]
+    if distinct > _MAX_CLASSES:
         raise DataError(
             f"data.label: {label} has over {_MAX_CLASSES} distinct values, which are not "
             "classes 0..k-1; is it task: regression?"
         )
-    classes = _classes(np.array(train), "data.label")
-    if validation:
-        _within(np.array(sorted({r[0] for r in found if r[1]})), classes, "validation.label")
-    return classes
+    if not found["_others"] and distinct == found["_top"] + 1:
+        return _classes(np.arange(distinct), "data.label")  # refuses one class
+    return _classes(_distinct_labels(df, label), "data.label")
+
+
+def _spark_within(df: DataFrame, label: str, found: Row, classes: int) -> None:
+    """Refuse validation labels that are not among the training classes (`_within`),
+    from `_label_aggregates` in `found`; a second job collects them for the message."""
+    if found["_others"] or found["_top"] >= classes:
+        _within(_distinct_labels(df, label), classes, "validation.label")
+
+
+def _distinct_labels(df: DataFrame, label: str) -> np.ndarray:
+    """A label's distinct values, sorted, in a Spark job that collects at most
+    `_MAX_CLASSES` + 1 of them."""
+    found = df.select(label).distinct().limit(_MAX_CLASSES + 1).collect()
+    return np.array(sorted(r[0] for r in found))

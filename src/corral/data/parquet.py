@@ -37,11 +37,17 @@ class ParquetSource(Source):
     """A Parquet file, or a folder of them (searched recursively), as training data.
 
     Features are stacked into one ``float32`` matrix; an integer label becomes ``int64``,
-    any other numeric label ``float32``. Null values count as NaN and are refused.
+    any other numeric label ``float32``. Null values count as NaN and are refused (in
+    features, unless ``missing_features``).
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, label: str, features: Sequence[str] | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        label: str,
+        features: Sequence[str] | None = None,
+        missing_features: bool = False,
     ) -> None:
         """Read only the files' metadata: schemas to validate columns, row counts to split.
 
@@ -51,6 +57,8 @@ class ParquetSource(Source):
                 read in sorted order.
             label: The label column.
             features: Feature columns, in order; ``None`` means every column but ``label``.
+            missing_features: Let null and NaN features through, as NaN (for a model that
+                takes them as missing values, as XGBoost does); inf is still refused.
 
         Raises:
             DataError: If the path is missing or holds no Parquet data, or a file lacks a
@@ -59,7 +67,7 @@ class ParquetSource(Source):
         self._files = [str(f) for f in _parquet_files(Path(path))]
         metadata = [_read_metadata(f) for f in self._files]
         first_schema = metadata[0][0]
-        self._label = label
+        self._label, self._missing_features = label, missing_features
         self._features = (
             [c for c in first_schema.names if c != label] if features is None else list(features)
         )
@@ -114,11 +122,16 @@ class ParquetSource(Source):
     def _convert(
         self, table: pa.Table, x: np.ndarray, y: np.ndarray, file: int, first_row: int
     ) -> None:
-        """Fill ``x`` and ``y`` from ``table``, one column at a time; refuse NaN, inf, null."""
+        """Fill ``x`` and ``y`` from ``table``, one column at a time; refuse NaN, inf, null
+        (but NaN and null features, if missing features are allowed)."""
         where = self._files[file]
         for j, name in enumerate(self._features):
             x[:, j] = pc.cast(table.column(name), pa.float32(), safe=False).to_numpy()
-        check_finite(x, "features", self._features, first_row=first_row, file=where)
+        if not self._missing_features:
+            check_finite(x, "features", self._features, first_row=first_row, file=where)
+        elif np.isinf(x).any():  # the NaN are missing values: count only the inf
+            inf = np.where(np.isnan(x), 0, x)
+            check_finite(inf, "features", self._features, first_row=first_row, file=where)
         label = table.column(self._label)
         exact = y.dtype == np.int64 and label.null_count == 0
         values = pc.cast(label, pa.int64() if exact else pa.float32(), safe=False).to_numpy()
