@@ -22,9 +22,9 @@ command line, environment, folder and file descriptors, as `subprocess.Popen` wo
 A server never starts a thread (a fork copies only the calling thread, so a lock another
 thread held would stay held in the child forever); it waits on its sockets and on SIGCHLD
 through a wake-up pipe. A forked child differs from an exec'd one in a few ways, handled
-here: numpy's global random state is reseeded (Python's `random` reseeds itself), torch's
-thread count is set from ``OMP_NUM_THREADS`` (OpenMP read it when the server loaded it),
-and ``sys.path`` starts with the child's folder and its ``PYTHONPATH``. It keeps the
+here: torch's thread count is set from ``OMP_NUM_THREADS`` (OpenMP read it when the
+server loaded it; numpy's and Python's random states reseed themselves at a fork), and
+``sys.path`` starts with the child's folder and its ``PYTHONPATH``. It keeps the
 server's hash seed (``PYTHONHASHSEED``), so a command whose environment sets one is
 exec'd instead. It exits with `os._exit` after the exit handlers, as the worker does.
 """
@@ -408,9 +408,6 @@ def _fresh_state(cwd: str) -> None:
     """What a fresh interpreter would have had different from the server's copy."""
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [cwd, *extra, *(p for p in sys.path[1:] if p not in extra)]
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
     torch = sys.modules.get("torch")
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if torch is not None and threads.isdigit() and int(threads) > 0:
