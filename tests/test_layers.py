@@ -22,6 +22,7 @@ LAYERS = [
     ["corral.engines"],
     ["corral.data", "corral.spark"],  # corral.spark: DataFrames in (feeds) and out (UDFs)
     ["corral.ps"],
+    ["corral.federated"],  # partitions, aggregation, secure aggregation, DP accounting
     ["corral.strategies"],
     ["corral.spec"],
     ["corral.train"],
