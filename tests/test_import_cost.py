@@ -20,7 +20,9 @@ CHECK = textwrap.dedent("""
 
     for strategy in ({"kind": "allreduce", "compression": "powersgd"},
                      {"kind": "averaging", "every": 4}, {"kind": "gossip"},
-                     {"kind": "ps", "mode": "ssp", "staleness": 2, "servers": 2}):
+                     {"kind": "ps", "mode": "ssp", "staleness": 2, "servers": 2},
+                     {"kind": "fedadam", "clients": 10, "partition": {"kind": "shards"},
+                      "aggregate": {"kind": "median"}}):
         parse(JobSpec, {"entrypoint": "m:f", "data": {"path": "d", "label": "y"},
                         "loss": "mse", "strategy": strategy})
     print(" ".join(m for m in sys.modules if m.partition(".")[0] in sys.argv[1:]))

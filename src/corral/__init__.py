@@ -22,6 +22,11 @@ _EXPORTS = {
     "Context": "corral.runtime.context",
     "CorralError": "corral.errors",
     "DataError": "corral.errors",
+    "FedAdagrad": "corral.strategies",
+    "FedAdam": "corral.strategies",
+    "FedAvg": "corral.strategies",
+    "FedProx": "corral.strategies",
+    "FedYogi": "corral.strategies",
     "Gossip": "corral.strategies",
     "JobSpec": "corral.spec",
     "LaunchError": "corral.errors",
@@ -50,6 +55,11 @@ __all__ = [
     "Context",
     "CorralError",
     "DataError",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedProx",
+    "FedYogi",
     "Gossip",
     "JobSpec",
     "LaunchError",
@@ -74,7 +84,7 @@ __all__ = [
 
 #: Submodules reachable as attributes without importing them first (``corral.spark.register``,
 #: ``corral.classic.fit``).
-_SUBMODULES = ("classic", "spark")
+_SUBMODULES = ("classic", "federated", "spark")
 
 
 def __getattr__(name: str) -> Any:
@@ -105,6 +115,17 @@ if TYPE_CHECKING:
     from corral.runtime.context import Context, context
     from corral.service.tuning import SearchFailed, tune
     from corral.spec import JobSpec, MLflow, OptimizerSpec, TrainSettings, load_spec
-    from corral.strategies import AllReduce, Averaging, Gossip, ParameterServer, Strategy
+    from corral.strategies import (
+        AllReduce,
+        Averaging,
+        FedAdagrad,
+        FedAdam,
+        FedAvg,
+        FedProx,
+        FedYogi,
+        Gossip,
+        ParameterServer,
+        Strategy,
+    )
     from corral.train.launcher import run
     from corral.train.trainer import Result, Trainer

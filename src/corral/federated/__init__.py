@@ -5,3 +5,8 @@ differentially private.
 The strategies that run rounds (`corral.strategies.fedavg` and its variants) call these;
 nothing here knows about workers, process groups or the service.
 """
+
+from corral.federated.aggregation import Krum, Mean, Median, TrimmedMean
+from corral.federated.partition import IID, Dirichlet, LabelShards
+
+__all__ = ["IID", "Dirichlet", "Krum", "LabelShards", "Mean", "Median", "TrimmedMean"]

@@ -10,17 +10,31 @@ from corral.strategies.base import (
     Batch,
     DataParallel,
     Replica,
+    RoundReplica,
+    RoundTotals,
     StepResult,
     Strategy,
     StrategyPlan,
     Supervisor,
 )
+from corral.strategies.fedavg import FedAvg
+from corral.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
+from corral.strategies.fedprox import FedProx
 from corral.strategies.gossip import Gossip
 from corral.strategies.parameter_server import ParameterServer
 
 #: The tagged union the job spec uses; add each new strategy class here.
 AnyStrategy = Annotated[
-    AllReduce | Averaging | Gossip | ParameterServer, Field(discriminator="kind")
+    AllReduce
+    | Averaging
+    | Gossip
+    | ParameterServer
+    | FedAvg
+    | FedProx
+    | FedAdam
+    | FedYogi
+    | FedAdagrad,
+    Field(discriminator="kind"),
 ]
 
 __all__ = [
@@ -29,9 +43,16 @@ __all__ = [
     "Averaging",
     "Batch",
     "DataParallel",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedProx",
+    "FedYogi",
     "Gossip",
     "ParameterServer",
     "Replica",
+    "RoundReplica",
+    "RoundTotals",
     "StepResult",
     "Strategy",
     "StrategyPlan",

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import torch.distributed as dist
 
     from corral.comm.curve import JobKeys
+    from corral.data import Source
     from corral.runtime.context import Context
 
 LossFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
@@ -127,6 +128,23 @@ class StrategyPlan:
             raise TypeError("a plan whose driver hosts membership needs the job's keys")
 
 
+@dataclass(frozen=True)
+class RoundTotals:
+    """What a `RoundReplica` trained in one round, summed as the loop sums batches.
+
+    Attributes:
+        loss_sum: The local training loss summed over every sample of every local step.
+        correct: Correct predictions among them (classification).
+        count: Samples trained on, local epochs counted.
+        classification: Whether the outputs were class scores.
+    """
+
+    loss_sum: float
+    correct: int
+    count: int
+    classification: bool
+
+
 class Replica(ABC):
     """One worker's side of a strategy; see the module docstring for the call order."""
 
@@ -172,6 +190,24 @@ class Replica(ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release what the replica holds; called once after the last epoch."""
+
+
+class RoundReplica(Replica):
+    """A replica that trains whole rounds, not batches of this worker's share.
+
+    A federated round samples clients, trains each from the global model on its own
+    samples for several local epochs and aggregates their updates: which samples a worker
+    visits is the round's choice, so the loop hands it the data and the epoch and lets it
+    go (``train_round`` in place of ``begin_epoch`` and ``step``).
+    """
+
+    def step(self, batch: Batch) -> StepResult:
+        raise TypeError(f"{type(self).__name__} trains whole rounds (train_round), not batches")
+
+    @abstractmethod
+    def train_round(self, epoch: int, data: Source, *, batch_size: int, seed: int) -> RoundTotals:
+        """Train round `epoch` on `data`, leave the aggregated model in ``model``, and
+        return what was trained; every worker of the job calls it once per epoch."""
 
 
 def checked_loss(loss: torch.Tensor, batch: Batch, rank: int) -> float:
@@ -235,6 +271,11 @@ class Strategy(BaseModel, ABC):
     needs_optimizer: ClassVar[bool] = True
     #: Whether the loop opens a torch.distributed process group (collectives, DDP).
     uses_process_group: ClassVar[bool] = True
+
+    def check_data(self, train: Source, *, seed: int) -> None:
+        """Caller side, before any worker starts: refuse training data this strategy
+        cannot use, in one line (a federated partition that leaves a client empty);
+        `seed` is the job's."""
 
     def plan(self, *, workers: int, helpers: Resources) -> StrategyPlan:
         """Caller side, pure: what this strategy needs for one launch of `workers`

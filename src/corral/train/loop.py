@@ -29,7 +29,7 @@ from corral.errors import TrainingError
 from corral.runtime import checkpoint as ckpt
 from corral.runtime.context import Context, context
 from corral.spec import TrainSettings
-from corral.strategies import Batch, Replica, StrategyPlan
+from corral.strategies import Batch, Replica, RoundReplica, RoundTotals, StrategyPlan
 from corral.strategies.base import LossFn
 
 #: Seconds between two progress reports from rank 0.
@@ -90,6 +90,13 @@ class _EpochSums:
             self.classification = True
             self.correct += (out.argmax(dim=1) == y).sum()
 
+    def add_round(self, totals: RoundTotals) -> None:
+        """Add what a round replica trained (its clients' local steps)."""
+        self.loss_sum += totals.loss_sum
+        self.count += totals.count
+        self.correct += totals.correct
+        self.classification = self.classification or totals.classification
+
     @property
     def sums(self) -> torch.Tensor:
         """``[loss sum, correct, count]``, the vector workers add up at the epoch's end (on
@@ -128,6 +135,9 @@ def _train_epoch(
     """Train one epoch on this worker's share; returns its sums and communication rounds."""
     s = task.settings
     sums = _EpochSums(ctx.device)
+    if isinstance(replica, RoundReplica):  # the round picks its own samples (clients)
+        sums.add_round(replica.train_round(epoch, task.train, batch_size=s.batch_size, seed=s.seed))
+        return sums, 1
     workers = len(share.members)
     steps = task.train.steps_per_epoch(workers, s.batch_size)
     lo, hi = rank_range(task.train.num_samples, share.position, workers)

@@ -238,6 +238,7 @@ class Trainer:
             else:
                 valid = as_source(validation, features=features, label=label)
             valid.steps_per_epoch(workers, s.batch_size)
+        s.strategy.check_data(train, seed=s.seed)
         resume = ckpt.resolve(s.resume_from) if s.resume_from is not None else None
         if resume is not None:
             ckpt.load(resume)  # a bad file fails here, before any worker starts

@@ -1,0 +1,386 @@
+"""Federated averaging: clients train the shared model on their own data; the mean moves it.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data" (AISTATS 2017), Algorithm 1. Each round (an epoch of the job) samples
+``max(min_clients, fraction × clients)`` clients, seeded; each trains the global model for
+`local_epochs` epochs of mini-batches (the job's ``batch_size``: B) on its own samples and
+reports the change it made and its sample count; the global model moves by the
+sample-weighted mean of the changes (times ``server_lr``, 1 in the paper). FedSGD is the
+special case of one local epoch with a batch at least as large as any client's data.
+
+**Simulation**: the job's workers are a bounded pool, not a process per client. Every
+worker holds the data and computes the same partition (`corral.federated.partition`) and
+the same sample of clients; worker *r* trains every W-th sampled client, one after the
+other, from the same global weights; one all-reduce per round sums the weighted updates
+(or, for a robust `aggregate` rule, one all-gather collects them), and every worker applies
+the same server step, so all hold one global model without a server process. Memory is the
+pool's (each worker: the data, the model, one client's update at a time with the mean), not
+the client count's.
+
+Variants subclass `FedAvg` and override one of its two worker-side hooks: `FedProx`
+the local gradient (``penalise``), `FedOpt` the server step (``server_step``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
+
+from corral.errors import SpecError
+from corral.federated.aggregation import AnyAggregation, Mean
+from corral.federated.partition import IID, AnyPartition
+from corral.strategies.base import (
+    Batch,
+    LossFn,
+    RoundReplica,
+    RoundTotals,
+    Strategy,
+    StrategyPlan,
+    checked_loss,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from corral.data import Source
+    from corral.runtime.context import Context
+
+#: Seconds between two progress reports of a round from its leading worker.
+PROGRESS_EVERY_S = 0.5
+
+
+class FedAvg(Strategy):
+    """Federated averaging over `clients` simulated clients.
+
+    Example:
+        >>> trainer = corral.Trainer(
+        ...     model=lambda: torch.nn.Linear(64, 10), loss=torch.nn.CrossEntropyLoss(),
+        ...     optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        ...     strategy=corral.FedAvg(clients=100, fraction=0.1, local_epochs=5,
+        ...                            partition=corral.federated.LabelShards(shards=2)),
+        ...     workers=2, epochs=50, batch_size=10)
+
+    Attributes:
+        clients: How many clients the training data is split into.
+        fraction: C, the fraction of clients sampled each round.
+        min_clients: The fewest clients a round samples, whatever the fraction.
+        local_epochs: E, epochs each sampled client trains on its own data.
+        partition: How the data is split into clients (`corral.federated.partition`).
+        aggregate: The rule that combines the updates (`corral.federated.aggregation`):
+            the sample-weighted mean, or a robust one.
+        server_lr: The global model moves by this times the aggregate.
+        dropout: Simulation only: the fraction of sampled clients that fail to report
+            (seeded), as real devices do.
+    """
+
+    kind: Literal["fedavg"] = "fedavg"
+    clients: int = Field(ge=1)
+    fraction: float = Field(default=0.1, gt=0, le=1)
+    min_clients: int = Field(default=1, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    partition: AnyPartition = Field(default_factory=IID)
+    aggregate: AnyAggregation = Field(default_factory=Mean)
+    server_lr: float = Field(default=1.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _per_round_fits(self) -> FedAvg:
+        if self.min_clients > self.clients:
+            raise ValueError(
+                f"min_clients {self.min_clients} asks for more clients a round than the "
+                f"{self.clients} there are"
+            )
+        least = self.aggregate.least_clients()
+        if self.per_round < least:
+            raise ValueError(
+                f"{self.aggregate.kind} needs at least {least} clients a round, "
+                f"{self.per_round} are sampled; raise fraction or min_clients"
+            )
+        return self
+
+    @property
+    def per_round(self) -> int:
+        """Clients sampled each round."""
+        return min(self.clients, max(self.min_clients, round(self.fraction * self.clients)))
+
+    def check_data(self, train: Source, *, seed: int) -> None:
+        from corral.data.spill import SpillSource
+
+        if isinstance(train, SpillSource):
+            raise SpecError(
+                f"strategy {self.kind}: federated simulation on a Spark DataFrame is not "
+                "built yet; pass a pandas DataFrame, arrays or a Parquet path"
+            )
+        self.partition.split(train.arrays()[1], clients=self.clients, seed=seed)
+
+    def build(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss: LossFn,
+        ctx: Context,
+        plan: StrategyPlan,
+    ) -> RoundReplica:
+        assert optimizer is not None  # needs_optimizer: the clients' local optimizer
+        return FederatedReplica(self, model, optimizer, loss, ctx)
+
+    # -- what the variants change, called in the workers --------------------------------
+
+    def penalise(self, params: Sequence[torch.Tensor], start_vec: torch.Tensor) -> None:
+        """Change a client's gradients before its optimizer steps (FedProx's proximal
+        term); FedAvg leaves them."""
+
+    def server_step(
+        self, state: dict[str, torch.Tensor], start_vec: torch.Tensor, aggregate: torch.Tensor
+    ) -> torch.Tensor:
+        """The next global weights from this round's and the aggregate update; `state`
+        is the server optimizer's, kept across rounds and checkpoints (FedOpt's moments)."""
+        return start_vec + self.server_lr * aggregate
+
+
+def sample_clients(config: FedAvg, *, seed: int, round_: int) -> tuple[np.ndarray, np.ndarray]:
+    """The clients round `round_` samples, and which of them report (the rest drop out).
+
+    A pure function of the seed and the round, so every worker, and a restarted job,
+    draws the same ones.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, round_])
+    sampled = np.sort(rng.choice(config.clients, config.per_round, replace=False))
+    reports = rng.random(len(sampled)) >= config.dropout
+    return sampled, sampled[reports]
+
+
+class FederatedReplica(RoundReplica):
+    """One simulation worker: trains its part of each round's clients, then aggregates."""
+
+    def __init__(
+        self,
+        config: FedAvg,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: LossFn,
+        ctx: Context,
+    ) -> None:
+        self.config, self.model, self.optimizer, self.loss, self.ctx = (
+            config,
+            model,
+            optimizer,
+            loss,
+            ctx,
+        )
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._data: tuple[torch.Tensor, torch.Tensor, list[np.ndarray]] | None = None
+        self._metrics: dict[str, Any] = {}
+        #: the server optimizer's state (FedOpt's moments), checkpointed with the job
+        self._server: dict[str, torch.Tensor] = {}
+
+    # -- the round -----------------------------------------------------------------
+
+    def train_round(self, epoch: int, data: Source, *, batch_size: int, seed: int) -> RoundTotals:
+        import torch
+
+        start = time.monotonic()
+        x, y, parts = self._clients(data, seed)
+        sampled, reporting = sample_clients(self.config, seed=seed, round_=epoch)
+        rank, world = self.ctx.rank, self.ctx.world_size
+        mine = reporting[rank::world]
+        start_vec = self._flat().clone()
+        totals = _Totals()
+        each: list[torch.Tensor] = []
+        weights: list[float] = []
+        weighted = torch.zeros_like(start_vec)
+        compute = 0.0
+        last_report = start
+        for done, client in enumerate(mine):
+            began = time.monotonic()
+            update = self._train_client(
+                x,
+                y,
+                parts[client],
+                start_vec,
+                epoch=epoch,
+                client=int(client),
+                seed=seed,
+                batch_size=batch_size,
+                totals=totals,
+            )
+            compute += time.monotonic() - began
+            samples = float(len(parts[client]))
+            if self.config.aggregate.needs_each:
+                each.append(update)
+                weights.append(samples)
+            else:
+                weighted.add_(update, alpha=samples)
+                weights.append(samples)
+            now = time.monotonic()
+            if rank == 0 and now - last_report >= PROGRESS_EVERY_S:
+                last_report = now
+                self.ctx.report(
+                    kind="progress",
+                    epoch=epoch + 1,
+                    step=done + 1,
+                    steps=len(mine),
+                    loss=totals.loss_sum / max(totals.count, 1),
+                    samples_per_s=totals.count * world / (now - start),
+                )
+        aggregate, reported, compute_total = self._aggregate(
+            start_vec, weighted, each, weights, compute
+        )
+        self._set_flat(self.config.server_step(self._server, start_vec, aggregate))
+        elapsed = time.monotonic() - start
+        self._metrics = {
+            "clients": float(len(sampled)),
+            "clients_reported": reported,
+            "clients_dropped": float(len(sampled) - len(reporting)),
+            "updates_per_s": reported / elapsed if elapsed > 0 else math.inf,
+            "client_compute_s": compute_total / max(reported, 1.0),
+        }
+        return RoundTotals(
+            loss_sum=totals.loss_sum,
+            correct=totals.correct,
+            count=totals.count,
+            classification=totals.classification,
+        )
+
+    def _train_client(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: np.ndarray,
+        start_vec: torch.Tensor,
+        *,
+        epoch: int,
+        client: int,
+        seed: int,
+        batch_size: int,
+        totals: _Totals,
+    ) -> torch.Tensor:
+        """One client's local training from the global weights; returns its update."""
+        import numpy as np
+        import torch
+
+        self._set_flat(start_vec)
+        self.optimizer.state.clear()  # a client starts with no momentum of another's
+        order_rng = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, epoch, client]).generate_state(1)[0])
+        )
+        own = torch.from_numpy(indices)
+        step = 0
+        for _ in range(self.config.local_epochs):
+            order = own[torch.randperm(len(own), generator=order_rng)]
+            for lo in range(0, len(order), batch_size):
+                rows = order[lo : lo + batch_size]
+                xb, yb = x[rows], y[rows]
+                out = self.model(xb)
+                loss = self.loss(out, yb)
+                value = checked_loss(loss, Batch(xb, yb, epoch, step), self.ctx.rank)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.config.penalise(self.params, start_vec)
+                self.optimizer.step()
+                totals.add(out.detach(), yb, value)
+                step += 1
+        return self._flat() - start_vec
+
+    def _aggregate(
+        self,
+        start_vec: torch.Tensor,
+        weighted: torch.Tensor,
+        each: list[torch.Tensor],
+        weights: list[float],
+        compute: float,
+    ) -> tuple[torch.Tensor, float, float]:
+        """The round's aggregate update over every worker's clients; also how many
+        reported and their summed compute time."""
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+
+        d = len(start_vec)
+        if not self.config.aggregate.needs_each:
+            # one all-reduce: [Σ nᵢ·Δᵢ, Σ nᵢ, clients, compute seconds]
+            tail = torch.tensor(
+                [sum(weights), len(weights), compute], dtype=weighted.dtype, device=weighted.device
+            )
+            buf = torch.cat([weighted, tail])
+            dist.all_reduce(buf)
+            total, reported, compute_total = buf[d:].tolist()
+            return buf[:d] / max(total, 1e-30), reported, compute_total
+        # every update: pad to the most any worker holds, gather, drop the padding
+        counts = torch.tensor([len(each), compute], dtype=torch.float64, device=start_vec.device)
+        dist.all_reduce(counts)
+        reported, compute_total = counts.tolist()
+        rows = math.ceil(reported / self.ctx.world_size) if reported else 0
+        mine = torch.zeros(max(rows, 1), d + 1, dtype=start_vec.dtype, device=start_vec.device)
+        for i, (update, w) in enumerate(zip(each, weights, strict=True)):
+            mine[i, :d], mine[i, d] = update, w
+        gathered = [torch.empty_like(mine) for _ in range(self.ctx.world_size)]
+        dist.all_gather(gathered, mine)
+        table = torch.cat(gathered).cpu().numpy()
+        table = table[table[:, d] > 0]
+        if not len(table):
+            return torch.zeros_like(start_vec), 0.0, compute_total
+        combined = self.config.aggregate.combine(table[:, :d], table[:, d])
+        update = torch.from_numpy(np.ascontiguousarray(combined, dtype=table.dtype))
+        update = update.to(start_vec.device)
+        return update, reported, compute_total
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _clients(
+        self, data: Source, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+        """The data as tensors and every client's sample indices, computed once."""
+        if self._data is None:
+            import torch
+
+            x, y = data.arrays()
+            parts = self.config.partition.split(y, clients=self.config.clients, seed=seed)
+            device = self.ctx.device
+            self._data = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), parts)
+        return self._data
+
+    def _flat(self) -> torch.Tensor:
+        import torch
+
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def _set_flat(self, vec: torch.Tensor) -> None:
+        import torch
+
+        with torch.no_grad():
+            offset = 0
+            for p in self.params:
+                n = p.numel()
+                p.copy_(vec[offset : offset + n].view_as(p))
+                offset += n
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self._metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"server": {k: v.cpu() for k, v in self._server.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._server = {k: v.to(self.ctx.device) for k, v in state.get("server", {}).items()}
+
+
+class _Totals:
+    """Loss, correct and count of one worker's clients' local steps in a round."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.count, self.classification = 0.0, 0, 0, False
+
+    def add(self, out: torch.Tensor, y: torch.Tensor, loss: float) -> None:
+        self.loss_sum += loss * len(y)
+        self.count += len(y)
+        if not y.is_floating_point() and out.ndim == 2 and out.shape[1] > 1:
+            self.classification = True
+            self.correct += int((out.argmax(dim=1) == y).sum())
