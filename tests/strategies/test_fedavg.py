@@ -15,6 +15,7 @@ import torch
 import corral
 from corral.errors import DataError, SpecError
 from corral.federated import IID, Dirichlet, LabelShards
+from corral.federated.privacy import BudgetSpent, Privacy
 from corral.spec import TrainSettings, parse
 from corral.strategies.fedavg import sample_clients
 
@@ -121,12 +122,21 @@ def test_fedopt_moves_by_its_moments(cls: type[corral.FedAdam], v_after: float) 
 
 
 @pytest.mark.slow
-def test_fedadam_resumed_after_two_rounds_equals_four_uninterrupted(tmp_path) -> None:
-    adam = corral.FedAdam(clients=10, fraction=0.5, server_lr=0.05)
-    whole = _fit(adam, epochs=4, checkpoint_dir=tmp_path / "whole")
+def test_a_resumed_dp_fedadam_continues_its_moments_and_its_privacy_budget(tmp_path) -> None:
+    # q = 0.5, z = 1: epsilon 3.89, 5.38, 6.48, 7.41, then 8.23 > 8, so 4 rounds of 10
+    budget = Privacy(clip=1.0, noise_multiplier=1.0, max_epsilon=8.0)
+    adam = corral.FedAdam(clients=10, fraction=0.5, server_lr=0.05, privacy=budget)
+    whole = _fit(adam, epochs=10, checkpoint_dir=tmp_path / "whole")
+    assert [r["epoch"] for r in whole.history] == [1, 2, 3, 4]
+    epsilons = [r["epsilon"] for r in whole.history]
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= 8.0
+    assert whole.history[-1]["privacy_budget_spent"] == 1.0
     first = _fit(adam, epochs=2, checkpoint_dir=tmp_path / "first")
-    resumed = _fit(adam, epochs=4, checkpoint_dir=tmp_path / "second", resume_from=first.checkpoint)
-    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    resumed = _fit(
+        adam, epochs=10, checkpoint_dir=tmp_path / "second", resume_from=first.checkpoint
+    )
+    # the budget spent before the restart counts: the resumed job stops at the same round
+    assert [r["epsilon"] for r in resumed.history] == pytest.approx(epsilons)
     # the moments were restored too: without them round 3 would take another step
     assert torch.allclose(_flat(resumed.model), _flat(whole.model), atol=1e-6)
     assert not torch.allclose(_flat(first.model), _flat(whole.model), atol=1e-3)
@@ -168,6 +178,11 @@ def test_bad_federated_settings_are_one_line_each() -> None:
         _fit(corral.FedAvg(clients=100, partition=Dirichlet(alpha=0.01)))
     with pytest.raises(DataError, match="121 clients but only 120 samples"):
         _fit(corral.FedAvg(clients=121))
+    one_round_too_many = Privacy(clip=1.0, noise_multiplier=1.0, max_epsilon=1.0)
+    with pytest.raises(BudgetSpent, match=r"privacy budget spent: epsilon 3\.89 > max_epsilon 1"):
+        _fit(corral.FedAvg(clients=10, fraction=0.5, privacy=one_round_too_many))
+    with pytest.raises(ValueError, match="cannot be combined with the median aggregate"):
+        corral.FedAvg(clients=10, privacy=one_round_too_many, aggregate={"kind": "median"})
 
 
 def test_a_federated_strategy_reads_from_yaml() -> None:

@@ -177,6 +177,11 @@ class Replica(ABC):
         workers, once it may start; ``None`` if the job finished meanwhile."""
         raise TrainingError(f"{type(self).__name__} cannot add workers to a running job")
 
+    def finished(self) -> bool:
+        """Whether training ends now though epochs remain (a spent privacy budget); the
+        same answer on every worker, asked before each epoch and after it."""
+        return False
+
     def metrics(self) -> dict[str, Any]:
         """What the strategy measured this epoch, merged into the history row."""
         return {}

@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 from corral.errors import SpecError
 from corral.federated.aggregation import AnyAggregation, Mean
 from corral.federated.partition import IID, AnyPartition
+from corral.federated.privacy import Privacy
 from corral.strategies.base import (
     Batch,
     LossFn,
@@ -76,6 +77,12 @@ class FedAvg(Strategy):
         server_lr: The global model moves by this times the aggregate.
         dropout: Simulation only: the fraction of sampled clients that fail to report
             (seeded), as real devices do.
+        privacy: DP-FedAvg (`corral.federated.privacy`): each update clipped to
+            ``clip``, Gaussian noise on their sum (or on each, ``mode="local"``),
+            the mean over the *expected* clients; every round's ε at δ in the history,
+            and training ends before a round would pass ``max_epsilon``. With it,
+            clients weigh the same whatever their sample counts (the sensitivity of a
+            sample-weighted mean would be unbounded).
     """
 
     kind: Literal["fedavg"] = "fedavg"
@@ -87,6 +94,7 @@ class FedAvg(Strategy):
     aggregate: AnyAggregation = Field(default_factory=Mean)
     server_lr: float = Field(default=1.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    privacy: Privacy | None = None
 
     @model_validator(mode="after")
     def _per_round_fits(self) -> FedAvg:
@@ -94,6 +102,11 @@ class FedAvg(Strategy):
             raise ValueError(
                 f"min_clients {self.min_clients} asks for more clients a round than the "
                 f"{self.clients} there are"
+            )
+        if self.privacy is not None and self.aggregate.needs_each:
+            raise ValueError(
+                f"privacy bounds the mean's sensitivity; it cannot be combined with the "
+                f"{self.aggregate.kind} aggregate"
             )
         least = self.aggregate.least_clients()
         if self.per_round < least:
@@ -117,6 +130,11 @@ class FedAvg(Strategy):
                 "built yet; pass a pandas DataFrame, arrays or a Parquet path"
             )
         self.partition.split(train.arrays()[1], clients=self.clients, seed=seed)
+        if self.privacy is not None and self.privacy.max_epsilon is not None:
+            from corral.federated.privacy import Accountant
+
+            # not even one round within the budget is an error, not an empty history
+            Accountant(self.privacy).ensure_budget(self.per_round / self.clients)
 
     def build(
         self,
@@ -180,6 +198,11 @@ class FederatedReplica(RoundReplica):
         self._metrics: dict[str, Any] = {}
         #: the server optimizer's state (FedOpt's moments), checkpointed with the job
         self._server: dict[str, torch.Tensor] = {}
+        self._accountant = None
+        if config.privacy is not None:
+            from corral.federated.privacy import Accountant
+
+            self._accountant = Accountant(config.privacy)
 
     # -- the round -----------------------------------------------------------------
 
@@ -196,7 +219,7 @@ class FederatedReplica(RoundReplica):
         each: list[torch.Tensor] = []
         weights: list[float] = []
         weighted = torch.zeros_like(start_vec)
-        compute = 0.0
+        compute, clipped = 0.0, 0
         last_report = start
         for done, client in enumerate(mine):
             began = time.monotonic()
@@ -213,6 +236,10 @@ class FederatedReplica(RoundReplica):
             )
             compute += time.monotonic() - began
             samples = float(len(parts[client]))
+            if self.config.privacy is not None:
+                update, was_clipped = self._privatize(update, seed=seed, epoch=epoch, client=client)
+                clipped += was_clipped
+                samples = 1.0
             if self.config.aggregate.needs_each:
                 each.append(update)
                 weights.append(samples)
@@ -230,8 +257,8 @@ class FederatedReplica(RoundReplica):
                     loss=totals.loss_sum / max(totals.count, 1),
                     samples_per_s=totals.count * world / (now - start),
                 )
-        aggregate, reported, compute_total = self._aggregate(
-            start_vec, weighted, each, weights, compute
+        aggregate, reported, compute_total, clipped_total = self._aggregate(
+            start_vec, weighted, each, weights, compute, clipped, seed=seed, epoch=epoch
         )
         self._set_flat(self.config.server_step(self._server, start_vec, aggregate))
         elapsed = time.monotonic() - start
@@ -242,6 +269,12 @@ class FederatedReplica(RoundReplica):
             "updates_per_s": reported / elapsed if elapsed > 0 else math.inf,
             "client_compute_s": compute_total / max(reported, 1.0),
         }
+        if self._accountant is not None:
+            self._accountant.step(self._sample_rate)
+            self._metrics["epsilon"] = self._accountant.epsilon()
+            self._metrics["clipped_fraction"] = clipped_total / max(reported, 1.0)
+            if self.finished():
+                self._metrics["privacy_budget_spent"] = 1.0
         return RoundTotals(
             loss_sum=totals.loss_sum,
             correct=totals.correct,
@@ -296,23 +329,39 @@ class FederatedReplica(RoundReplica):
         each: list[torch.Tensor],
         weights: list[float],
         compute: float,
-    ) -> tuple[torch.Tensor, float, float]:
+        clipped: int,
+        *,
+        seed: int,
+        epoch: int,
+    ) -> tuple[torch.Tensor, float, float, float]:
         """The round's aggregate update over every worker's clients; also how many
-        reported and their summed compute time."""
+        reported, their summed compute time and how many of them were clipped."""
         import numpy as np
         import torch
         import torch.distributed as dist
 
         d = len(start_vec)
         if not self.config.aggregate.needs_each:
-            # one all-reduce: [Σ nᵢ·Δᵢ, Σ nᵢ, clients, compute seconds]
+            # one all-reduce: [Σ nᵢ·Δᵢ, Σ nᵢ, clients, compute seconds, clipped]
             tail = torch.tensor(
-                [sum(weights), len(weights), compute], dtype=weighted.dtype, device=weighted.device
+                [sum(weights), len(weights), compute, clipped],
+                dtype=weighted.dtype,
+                device=weighted.device,
             )
             buf = torch.cat([weighted, tail])
             dist.all_reduce(buf)
-            total, reported, compute_total = buf[d:].tolist()
-            return buf[:d] / max(total, 1e-30), reported, compute_total
+            total, reported, compute_total, clipped_total = buf[d:].tolist()
+            if self.config.privacy is None:
+                return buf[:d] / max(total, 1e-30), reported, compute_total, clipped_total
+            from corral.federated.privacy import noised_average
+
+            # the same draw on every worker: as if one aggregator had added it
+            rng = np.random.default_rng([seed, epoch, 2**31])
+            mean = noised_average(
+                buf[:d].cpu().numpy(), self.config.per_round, self.config.privacy, rng
+            )
+            update = torch.from_numpy(mean).to(start_vec.device)
+            return update, reported, compute_total, clipped_total
         # every update: pad to the most any worker holds, gather, drop the padding
         counts = torch.tensor([len(each), compute], dtype=torch.float64, device=start_vec.device)
         dist.all_reduce(counts)
@@ -326,11 +375,11 @@ class FederatedReplica(RoundReplica):
         table = torch.cat(gathered).cpu().numpy()
         table = table[table[:, d] > 0]
         if not len(table):
-            return torch.zeros_like(start_vec), 0.0, compute_total
+            return torch.zeros_like(start_vec), 0.0, compute_total, 0.0
         combined = self.config.aggregate.combine(table[:, :d], table[:, d])
         update = torch.from_numpy(np.ascontiguousarray(combined, dtype=table.dtype))
         update = update.to(start_vec.device)
-        return update, reported, compute_total
+        return update, reported, compute_total, 0.0
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -362,14 +411,41 @@ class FederatedReplica(RoundReplica):
                 p.copy_(vec[offset : offset + n].view_as(p))
                 offset += n
 
+    def _privatize(
+        self, update: torch.Tensor, *, seed: int, epoch: int, client: int
+    ) -> tuple[torch.Tensor, bool]:
+        """The update as a DP client sends it: clipped (and noised, in local mode)."""
+        import numpy as np
+        import torch
+
+        from corral.federated.privacy import privatize_update
+
+        assert self.config.privacy is not None
+        rng = np.random.default_rng([seed, epoch, client, 1])
+        sent, was_clipped = privatize_update(update.cpu().numpy(), self.config.privacy, rng)
+        return torch.from_numpy(sent).to(update.device), was_clipped
+
+    @property
+    def _sample_rate(self) -> float:
+        return self.config.per_round / self.config.clients
+
+    def finished(self) -> bool:
+        """A privacy budget ends training before the round that would overspend it."""
+        return self._accountant is not None and self._accountant.would_exceed(self._sample_rate)
+
     def metrics(self) -> dict[str, Any]:
         return dict(self._metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"server": {k: v.cpu() for k, v in self._server.items()}}
+        state: dict[str, Any] = {"server": {k: v.cpu() for k, v in self._server.items()}}
+        if self._accountant is not None:  # the budget spent so far outlives a restart
+            state["privacy"] = self._accountant.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._server = {k: v.to(self.ctx.device) for k, v in state.get("server", {}).items()}
+        if self._accountant is not None and "privacy" in state:
+            self._accountant.load_state_dict(state["privacy"])
 
 
 class _Totals:

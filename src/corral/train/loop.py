@@ -273,12 +273,15 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                 return None
             start_epoch, members = joined
         for epoch in range(start_epoch, s.epochs):
+            if replica.finished():  # a job resumed after its strategy had ended it
+                break
             row, members = _epoch(task, replica, epoch, _Share(ctx.rank, members), ctx)
             row.update(replica.metrics())
             history.append(row)
+            last_epoch = epoch + 1 == s.epochs or replica.finished()
             # saved before it is reported: a caller that stops the job on an epoch's report
             # (the service preempting it) loses nothing
-            if (epoch + 1) % s.checkpoint.every == 0 or epoch + 1 == s.epochs:
+            if (epoch + 1) % s.checkpoint.every == 0 or last_epoch:
                 saved = ctx.checkpoint(
                     {
                         "model": model.state_dict(),
@@ -293,6 +296,8 @@ def train_worker(task: TrainTask) -> dict[str, Any] | None:
                 last = str(saved) if saved else last
             if _Share(ctx.rank, members).leads:  # the lowest worker still alive leads
                 ctx.report(kind="epoch", epochs=s.epochs, **row)
+            if replica.finished():
+                break
         replica.close()
         if not _Share(ctx.rank, members).leads:
             return None
