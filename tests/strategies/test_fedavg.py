@@ -18,6 +18,7 @@ from corral.federated import IID, Dirichlet, LabelShards
 from corral.federated.privacy import BudgetSpent, Privacy
 from corral.spec import TrainSettings, parse
 from corral.strategies.fedavg import sample_clients
+from corral.strategies.secure_round import SecureAggregation
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(120, 5)).astype(np.float32)
@@ -140,6 +141,25 @@ def test_a_resumed_dp_fedadam_continues_its_moments_and_its_privacy_budget(tmp_p
     # the moments were restored too: without them round 3 would take another step
     assert torch.allclose(_flat(resumed.model), _flat(whole.model), atol=1e-6)
     assert not torch.allclose(_flat(first.model), _flat(whole.model), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_sums_what_the_plain_mean_sums_and_fails_short_of_its_threshold():
+    # 120 samples over 12 clients: 10 each, so the uniform and the weighted mean agree
+    common = {"clients": 12, "fraction": 0.5, "dropout": 0.3}
+    plain = _fit(corral.FedAvg(**common))
+    # 6 clients a round, full graph: 2 of a client's 5 neighbours rebuild its secrets
+    secure = _fit(corral.FedAvg(**common, secure=SecureAggregation(threshold=0.4)))
+    assert torch.allclose(_flat(secure.model), _flat(plain.model), atol=1e-5)
+    rows = secure.history
+    assert sum(r["clients_dropped"] for r in rows) > 0  # masks were removed from shares
+    assert all(r["secagg_bytes_per_client"] > 0 for r in rows)
+    every_share = SecureAggregation(threshold=1.0)  # a dropout leaves a secret unrecoverable
+    with pytest.raises(
+        corral.WorkerError,
+        match=r"SecAggError: secure aggregation cannot unmask: .* nothing is revealed",
+    ):
+        _fit(corral.FedAvg(**common, secure=every_share))
 
 
 @pytest.mark.slow

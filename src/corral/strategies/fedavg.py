@@ -43,6 +43,7 @@ from corral.strategies.base import (
     StrategyPlan,
     checked_loss,
 )
+from corral.strategies.secure_round import SecureAggregation
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,6 +84,8 @@ class FedAvg(Strategy):
             and training ends before a round would pass ``max_epsilon``. With it,
             clients weigh the same whatever their sample counts (the sensitivity of a
             sample-weighted mean would be unbounded).
+        secure: Secure aggregation (`corral.strategies.secure_round`): the server side
+            learns only the sum of the quantised updates; clients weigh the same.
     """
 
     kind: Literal["fedavg"] = "fedavg"
@@ -95,6 +98,7 @@ class FedAvg(Strategy):
     server_lr: float = Field(default=1.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     privacy: Privacy | None = None
+    secure: SecureAggregation | None = None
 
     @model_validator(mode="after")
     def _per_round_fits(self) -> FedAvg:
@@ -102,6 +106,11 @@ class FedAvg(Strategy):
             raise ValueError(
                 f"min_clients {self.min_clients} asks for more clients a round than the "
                 f"{self.clients} there are"
+            )
+        if self.secure is not None and self.aggregate.needs_each:
+            raise ValueError(
+                f"secure aggregation reveals only the sum; the {self.aggregate.kind} "
+                "aggregate needs every update"
             )
         if self.privacy is not None and self.aggregate.needs_each:
             raise ValueError(
@@ -198,6 +207,7 @@ class FederatedReplica(RoundReplica):
         self._metrics: dict[str, Any] = {}
         #: the server optimizer's state (FedOpt's moments), checkpointed with the job
         self._server: dict[str, torch.Tensor] = {}
+        self._secure_bytes = 0.0
         self._accountant = None
         if config.privacy is not None:
             from corral.federated.privacy import Accountant
@@ -207,18 +217,21 @@ class FederatedReplica(RoundReplica):
     # -- the round -----------------------------------------------------------------
 
     def train_round(self, epoch: int, data: Source, *, batch_size: int, seed: int) -> RoundTotals:
+        import numpy as np
         import torch
 
         start = time.monotonic()
         x, y, parts = self._clients(data, seed)
         sampled, reporting = sample_clients(self.config, seed=seed, round_=epoch)
         rank, world = self.ctx.rank, self.ctx.world_size
-        mine = reporting[rank::world]
+        played = sampled[rank::world]  # this worker's clients, dropped ones included
+        mine = np.intersect1d(played, reporting)
         start_vec = self._flat().clone()
         totals = _Totals()
         each: list[torch.Tensor] = []
         weights: list[float] = []
         weighted = torch.zeros_like(start_vec)
+        secured: dict[int, np.ndarray] = {}
         compute, clipped = 0.0, 0
         last_report = start
         for done, client in enumerate(mine):
@@ -240,7 +253,10 @@ class FederatedReplica(RoundReplica):
                 update, was_clipped = self._privatize(update, seed=seed, epoch=epoch, client=client)
                 clipped += was_clipped
                 samples = 1.0
-            if self.config.aggregate.needs_each:
+            if self.config.secure is not None:
+                secured[int(client)] = update.cpu().numpy()
+                weights.append(1.0)
+            elif self.config.aggregate.needs_each:
                 each.append(update)
                 weights.append(samples)
             else:
@@ -257,9 +273,22 @@ class FederatedReplica(RoundReplica):
                     loss=totals.loss_sum / max(totals.count, 1),
                     samples_per_s=totals.count * world / (now - start),
                 )
-        aggregate, reported, compute_total, clipped_total = self._aggregate(
-            start_vec, weighted, each, weights, compute, clipped, seed=seed, epoch=epoch
-        )
+        if self.config.secure is not None:
+            aggregate, reported, compute_total, clipped_total = self._secure_aggregate(
+                start_vec,
+                secured,
+                played,
+                sampled,
+                reporting,
+                compute,
+                clipped,
+                seed=seed,
+                epoch=epoch,
+            )
+        else:
+            aggregate, reported, compute_total, clipped_total = self._aggregate(
+                start_vec, weighted, each, weights, compute, clipped, seed=seed, epoch=epoch
+            )
         self._set_flat(self.config.server_step(self._server, start_vec, aggregate))
         elapsed = time.monotonic() - start
         self._metrics = {
@@ -275,6 +304,8 @@ class FederatedReplica(RoundReplica):
             self._metrics["clipped_fraction"] = clipped_total / max(reported, 1.0)
             if self.finished():
                 self._metrics["privacy_budget_spent"] = 1.0
+        if self.config.secure is not None:
+            self._metrics["secagg_bytes_per_client"] = self._secure_bytes
         return RoundTotals(
             loss_sum=totals.loss_sum,
             correct=totals.correct,
@@ -353,15 +384,8 @@ class FederatedReplica(RoundReplica):
             total, reported, compute_total, clipped_total = buf[d:].tolist()
             if self.config.privacy is None:
                 return buf[:d] / max(total, 1e-30), reported, compute_total, clipped_total
-            from corral.federated.privacy import noised_average
-
-            # the same draw on every worker: as if one aggregator had added it
-            rng = np.random.default_rng([seed, epoch, 2**31])
-            mean = noised_average(
-                buf[:d].cpu().numpy(), self.config.per_round, self.config.privacy, rng
-            )
-            update = torch.from_numpy(mean).to(start_vec.device)
-            return update, reported, compute_total, clipped_total
+            mean = self._private_mean(buf[:d].cpu().numpy(), seed=seed, epoch=epoch)
+            return mean.to(start_vec.device), reported, compute_total, clipped_total
         # every update: pad to the most any worker holds, gather, drop the padding
         counts = torch.tensor([len(each), compute], dtype=torch.float64, device=start_vec.device)
         dist.all_reduce(counts)
@@ -410,6 +434,59 @@ class FederatedReplica(RoundReplica):
                 n = p.numel()
                 p.copy_(vec[offset : offset + n].view_as(p))
                 offset += n
+
+    def _secure_aggregate(
+        self,
+        start_vec: torch.Tensor,
+        secured: dict[int, np.ndarray],
+        played: np.ndarray,
+        sampled: np.ndarray,
+        reporting: np.ndarray,
+        compute: float,
+        clipped: int,
+        *,
+        seed: int,
+        epoch: int,
+    ) -> tuple[torch.Tensor, float, float, float]:
+        """`_aggregate` through secure aggregation: the server side sees only the sum."""
+        import torch
+        import torch.distributed as dist
+
+        from corral.strategies.secure_round import secure_sum
+
+        assert self.config.secure is not None
+        result = secure_sum(
+            self.config.secure,
+            secured,
+            mine=[int(c) for c in played],
+            sampled=[int(c) for c in sampled],
+            dropped=set(sampled.tolist()) - set(reporting.tolist()),
+            seed=seed,
+            epoch=epoch,
+        )
+        counts = torch.tensor([compute, clipped], dtype=torch.float64)
+        dist.all_reduce(counts)
+        compute_total, clipped_total = counts.tolist()
+        reported = float(len(result.included))
+        self._secure_bytes = result.bytes_per_client
+        if self.config.privacy is not None:
+            mean = self._private_mean(result.total, seed=seed, epoch=epoch)
+        else:
+            mean = torch.from_numpy(result.total / max(reported, 1.0))
+        return mean.to(start_vec.device), reported, compute_total, clipped_total
+
+    def _private_mean(self, total: np.ndarray, *, seed: int, epoch: int) -> torch.Tensor:
+        """DP-FedAvg's average of the round's clipped `total`: noised, over the expected
+        clients; the same draw on every worker, as if one aggregator had added it."""
+        import numpy as np
+        import torch
+
+        from corral.federated.privacy import noised_average
+
+        assert self.config.privacy is not None
+        rng = np.random.default_rng([seed, epoch, 2**31])
+        mean = noised_average(total, self.config.per_round, self.config.privacy, rng)
+        return torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32))
 
     def _privatize(
         self, update: torch.Tensor, *, seed: int, epoch: int, client: int
