@@ -22,7 +22,7 @@ CHECK = textwrap.dedent("""
                      {"kind": "averaging", "every": 4}, {"kind": "gossip"},
                      {"kind": "ps", "mode": "ssp", "staleness": 2, "servers": 2},
                      {"kind": "fedadam", "clients": 10, "partition": {"kind": "shards"},
-                      "aggregate": {"kind": "median"}}):
+                      "secure": {"bits": 24}, "privacy": {"clip": 1, "noise_multiplier": 1}}):
         parse(JobSpec, {"entrypoint": "m:f", "data": {"path": "d", "label": "y"},
                         "loss": "mse", "strategy": strategy})
     print(" ".join(m for m in sys.modules if m.partition(".")[0] in sys.argv[1:]))

@@ -14,11 +14,10 @@ import torch
 
 import corral
 from corral.errors import DataError, SpecError
-from corral.federated import IID, Dirichlet, LabelShards
+from corral.federated import IID, Dirichlet, LabelShards, SecureAggregation
 from corral.federated.privacy import BudgetSpent, Privacy
 from corral.spec import TrainSettings, parse
 from corral.strategies.fedavg import sample_clients
-from corral.strategies.secure_round import SecureAggregation
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(120, 5)).astype(np.float32)

@@ -8,5 +8,17 @@ nothing here knows about workers, process groups or the service.
 
 from corral.federated.aggregation import Krum, Mean, Median, TrimmedMean
 from corral.federated.partition import IID, Dirichlet, LabelShards
+from corral.federated.privacy import Privacy
+from corral.federated.secure import SecureAggregation
 
-__all__ = ["IID", "Dirichlet", "Krum", "LabelShards", "Mean", "Median", "TrimmedMean"]
+__all__ = [
+    "IID",
+    "Dirichlet",
+    "Krum",
+    "LabelShards",
+    "Mean",
+    "Median",
+    "Privacy",
+    "SecureAggregation",
+    "TrimmedMean",
+]

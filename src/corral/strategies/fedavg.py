@@ -34,6 +34,7 @@ from corral.errors import SpecError
 from corral.federated.aggregation import AnyAggregation, Mean
 from corral.federated.partition import IID, AnyPartition
 from corral.federated.privacy import Privacy
+from corral.federated.secure import SecureAggregation
 from corral.strategies.base import (
     Batch,
     LossFn,
@@ -43,7 +44,6 @@ from corral.strategies.base import (
     StrategyPlan,
     checked_loss,
 )
-from corral.strategies.secure_round import SecureAggregation
 
 if TYPE_CHECKING:
     import numpy as np
