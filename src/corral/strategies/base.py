@@ -210,9 +210,11 @@ class RoundReplica(Replica):
         raise TypeError(f"{type(self).__name__} trains whole rounds (train_round), not batches")
 
     @abstractmethod
-    def train_round(self, epoch: int, data: Source, *, batch_size: int, seed: int) -> RoundTotals:
-        """Train round `epoch` on `data`, leave the aggregated model in ``model``, and
-        return what was trained; every worker of the job calls it once per epoch."""
+    def train_round(
+        self, epoch: int, data: Source, *, epochs: int, batch_size: int, seed: int
+    ) -> RoundTotals:
+        """Train round `epoch` (of `epochs`) on `data`, leave the aggregated model in
+        ``model``, and return what was trained; every worker calls it once per epoch."""
 
 
 def checked_loss(loss: torch.Tensor, batch: Batch, rank: int) -> float:

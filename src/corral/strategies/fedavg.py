@@ -216,7 +216,9 @@ class FederatedReplica(RoundReplica):
 
     # -- the round -----------------------------------------------------------------
 
-    def train_round(self, epoch: int, data: Source, *, batch_size: int, seed: int) -> RoundTotals:
+    def train_round(
+        self, epoch: int, data: Source, *, epochs: int, batch_size: int, seed: int
+    ) -> RoundTotals:
         import numpy as np
         import torch
 
@@ -268,6 +270,7 @@ class FederatedReplica(RoundReplica):
                 self.ctx.report(
                     kind="progress",
                     epoch=epoch + 1,
+                    epochs=epochs,
                     step=done + 1,
                     steps=len(mine),
                     loss=totals.loss_sum / max(totals.count, 1),

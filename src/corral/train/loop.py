@@ -136,7 +136,10 @@ def _train_epoch(
     s = task.settings
     sums = _EpochSums(ctx.device)
     if isinstance(replica, RoundReplica):  # the round picks its own samples (clients)
-        sums.add_round(replica.train_round(epoch, task.train, batch_size=s.batch_size, seed=s.seed))
+        totals = replica.train_round(
+            epoch, task.train, epochs=s.epochs, batch_size=s.batch_size, seed=s.seed
+        )
+        sums.add_round(totals)
         return sums, 1
     workers = len(share.members)
     steps = task.train.steps_per_epoch(workers, s.batch_size)
