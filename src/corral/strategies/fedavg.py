@@ -36,14 +36,13 @@ from corral.federated.partition import IID, AnyPartition
 from corral.federated.privacy import Privacy
 from corral.federated.secure import SecureAggregation
 from corral.strategies.base import (
-    Batch,
     LossFn,
     RoundReplica,
     RoundTotals,
     Strategy,
     StrategyPlan,
-    checked_loss,
 )
+from corral.strategies.local_update import LocalTraining, Totals
 
 if TYPE_CHECKING:
     import numpy as np
@@ -202,7 +201,7 @@ class FederatedReplica(RoundReplica):
             loss,
             ctx,
         )
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.local = LocalTraining(config, model, optimizer, loss, rank=ctx.rank)
         self._data: tuple[torch.Tensor, torch.Tensor, list[np.ndarray]] | None = None
         self._metrics: dict[str, Any] = {}
         #: the server optimizer's state (FedOpt's moments), checkpointed with the job
@@ -228,8 +227,8 @@ class FederatedReplica(RoundReplica):
         rank, world = self.ctx.rank, self.ctx.world_size
         played = sampled[rank::world]  # this worker's clients, dropped ones included
         mine = np.intersect1d(played, reporting)
-        start_vec = self._flat().clone()
-        totals = _Totals()
+        start_vec = self.local.flat().clone()
+        totals = Totals()
         each: list[torch.Tensor] = []
         weights: list[float] = []
         weighted = torch.zeros_like(start_vec)
@@ -238,14 +237,12 @@ class FederatedReplica(RoundReplica):
         last_report = start
         for done, client in enumerate(mine):
             began = time.monotonic()
-            update = self._train_client(
+            update = self.local.update(
                 x,
                 y,
                 parts[client],
                 start_vec,
-                epoch=epoch,
-                client=int(client),
-                seed=seed,
+                order_seed=(seed, epoch, int(client)),
                 batch_size=batch_size,
                 totals=totals,
             )
@@ -292,7 +289,7 @@ class FederatedReplica(RoundReplica):
             aggregate, reported, compute_total, clipped_total = self._aggregate(
                 start_vec, weighted, each, weights, compute, clipped, seed=seed, epoch=epoch
             )
-        self._set_flat(self.config.server_step(self._server, start_vec, aggregate))
+        self.local.set_flat(self.config.server_step(self._server, start_vec, aggregate))
         elapsed = time.monotonic() - start
         self._metrics = {
             "clients": float(len(sampled)),
@@ -315,46 +312,6 @@ class FederatedReplica(RoundReplica):
             count=totals.count,
             classification=totals.classification,
         )
-
-    def _train_client(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        indices: np.ndarray,
-        start_vec: torch.Tensor,
-        *,
-        epoch: int,
-        client: int,
-        seed: int,
-        batch_size: int,
-        totals: _Totals,
-    ) -> torch.Tensor:
-        """One client's local training from the global weights; returns its update."""
-        import numpy as np
-        import torch
-
-        self._set_flat(start_vec)
-        self.optimizer.state.clear()  # a client starts with no momentum of another's
-        order_rng = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, epoch, client]).generate_state(1)[0])
-        )
-        own = torch.from_numpy(indices)
-        step = 0
-        for _ in range(self.config.local_epochs):
-            order = own[torch.randperm(len(own), generator=order_rng)]
-            for lo in range(0, len(order), batch_size):
-                rows = order[lo : lo + batch_size]
-                xb, yb = x[rows], y[rows]
-                out = self.model(xb)
-                loss = self.loss(out, yb)
-                value = checked_loss(loss, Batch(xb, yb, epoch, step), self.ctx.rank)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.config.penalise(self.params, start_vec)
-                self.optimizer.step()
-                totals.add(out.detach(), yb, value)
-                step += 1
-        return self._flat() - start_vec
 
     def _aggregate(
         self,
@@ -422,21 +379,6 @@ class FederatedReplica(RoundReplica):
             device = self.ctx.device
             self._data = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), parts)
         return self._data
-
-    def _flat(self) -> torch.Tensor:
-        import torch
-
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
-
-    def _set_flat(self, vec: torch.Tensor) -> None:
-        import torch
-
-        with torch.no_grad():
-            offset = 0
-            for p in self.params:
-                n = p.numel()
-                p.copy_(vec[offset : offset + n].view_as(p))
-                offset += n
 
     def _secure_aggregate(
         self,
@@ -526,17 +468,3 @@ class FederatedReplica(RoundReplica):
         self._server = {k: v.to(self.ctx.device) for k, v in state.get("server", {}).items()}
         if self._accountant is not None and "privacy" in state:
             self._accountant.load_state_dict(state["privacy"])
-
-
-class _Totals:
-    """Loss, correct and count of one worker's clients' local steps in a round."""
-
-    def __init__(self) -> None:
-        self.loss_sum, self.correct, self.count, self.classification = 0.0, 0, 0, False
-
-    def add(self, out: torch.Tensor, y: torch.Tensor, loss: float) -> None:
-        self.loss_sum += loss * len(y)
-        self.count += len(y)
-        if not y.is_floating_point() and out.ndim == 2 and out.shape[1] > 1:
-            self.classification = True
-            self.correct += int((out.argmax(dim=1) == y).sum())
