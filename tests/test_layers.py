@@ -28,6 +28,7 @@ LAYERS = [
     ["corral.train"],
     # corral.ml: a Spark ML Estimator; corral.classic: the xgboost, lightgbm, sklearn kinds
     ["corral.entrypoints", "corral.jobs", "corral.ml", "corral.classic"],
+    ["corral.federation"],  # the aggregator and the clients of real-client federated jobs
     ["corral.search"],  # search spaces and the driver of a search's trials
     ["corral.service"],
     ["corral.cli"],

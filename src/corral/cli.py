@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from corral.console import err, guarded
+from corral.federation.commands import fl_app
 from corral.service.commands import register
 from corral.service.tune_command import tune
 
@@ -280,6 +281,7 @@ def server(
 
 register(app)
 app.command()(tune)
+app.add_typer(fl_app, name="fl")
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from corral.spec import LOSSES, DataSpec, JobSpec, OptimizerSpec
 from corral.train.trainer import Trainer
 
 
-def _source(data: DataSpec, base: Path) -> Source:
+def source_for(data: DataSpec, base: Path) -> Source:
+    """The source a job's `data` (or `validation`) section names, paths from `base`."""
     path = Path(data.path)
     return as_source(
         path if path.is_absolute() else base / path, features=data.features, label=data.label
@@ -40,23 +41,27 @@ def _loss(name: str, base: Path) -> Any:
     return loss() if isinstance(loss, type) else loss
 
 
-def trainer_for(spec: JobSpec, *, base: Path) -> tuple[Trainer, Source, Source | None]:
-    """The trainer, training data and validation data a job spec describes."""
+def parts_for(spec: JobSpec, *, base: Path) -> tuple[Any, Any, Any]:
+    """The model factory, loss and optimizer (factory or spec) a job spec names."""
     model = load_callable(spec.entrypoint, base=base, what="entrypoint")
     optimizer = spec.optimizer
     if isinstance(optimizer, str):
         optimizer = load_callable(optimizer, base=base, what="optimizer")
-    trainer = Trainer.from_settings(
-        spec, model=model, loss=_loss(spec.loss, base), optimizer=optimizer
-    )
+    return model, _loss(spec.loss, base), optimizer
+
+
+def trainer_for(spec: JobSpec, *, base: Path) -> tuple[Trainer, Source, Source | None]:
+    """The trainer, training data and validation data a job spec describes."""
+    model, loss, optimizer = parts_for(spec, base=base)
+    trainer = Trainer.from_settings(spec, model=model, loss=loss, optimizer=optimizer)
     if spec.engine == "spark":
         from corral.engines.spark import SparkEngine, session
 
         trainer.engine = SparkEngine(
             session(spec.spark.master, spec.spark.conf), buffer_mb=spec.spark.buffer_mb
         )
-    validation = _source(spec.validation, base) if spec.validation else None
-    return trainer, _source(spec.data, base), validation
+    validation = source_for(spec.validation, base) if spec.validation else None
+    return trainer, source_for(spec.data, base), validation
 
 
 def _data_spec(
