@@ -187,7 +187,11 @@ def test_a_wrong_token_another_model_and_a_bad_address_are_one_line_each(shards,
         for target, spec, expected in (
             (wrong, job, "refused by the aggregator: wrong enrolment token"),
             (url, other, "refused by the aggregator: its model has 650 parameters, the job's 9610"),
-            ("corral://127.0.0.1:1/", job, "lacks the aggregator's key or the job's token"),
+            (
+                "corral://127.0.0.1:1/",
+                job,
+                "no key or token in 'corral://127.0.0.1:1/': copy the whole address",
+            ),
         ):
             out = subprocess.run(
                 [

@@ -63,10 +63,7 @@ class JoinAddress:
             key = z85.encode(bytes.fromhex(query["key"][0]))
             token = query["token"][0]
         except (KeyError, ValueError):
-            raise SpecError(
-                f"'{_shown(url)}' lacks the aggregator's key or the job's token: copy the "
-                "whole address corral fl serve printed"
-            ) from None
+            raise SpecError(f"no key or token in '{_shown(url)}': copy the whole address") from None
         return cls(parts.hostname, parts.port, key, token)
 
     def __repr__(self) -> str:
