@@ -9,8 +9,11 @@ cannot inject results. Any engine whose workers can reach the driver's address c
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,16 +41,23 @@ class ControlServer:
         self.messages: queue.Queue[Message] = queue.Queue()
         self._conns: list[Connection] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name="control-accept", daemon=True).start()
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept, name="control-accept", daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while True:
             try:
                 conn = self._listener.accept()
-            except OSError:  # listener closed: the job is over
-                return
-            except Exception:  # failed authentication: ignore that peer
+            except Exception:
+                # a peer that failed the challenge or reset mid-way is ignored: only
+                # close() ends the loop, or one bad peer would leave the rest unheard
+                if self._closed:
+                    return
                 continue
+            if self._closed:
+                conn.close()
+                return
             with self._lock:
                 self._conns.append(conn)
             threading.Thread(target=self._read, args=(conn,), daemon=True).start()
@@ -67,10 +77,20 @@ class ControlServer:
             self.messages.put(Message(role, rank, body))
 
     def close(self) -> None:
-        """Stop accepting and drop every connection."""
+        """Stop accepting and drop every connection.
+
+        Closing a socket does not wake a thread blocked in its ``accept`` on Linux: that
+        thread, and the listening port, would live as long as the process (a service runs
+        thousands of jobs). So close connects to itself once to wake it, then waits for it.
+        """
+        self._closed = True
+        with contextlib.suppress(OSError):
+            socket.create_connection(self.address, timeout=1.0).close()
+        self._acceptor.join(timeout=5.0)
         self._listener.close()
         with self._lock:
             for conn in self._conns:
+                _shut(conn)
                 conn.close()
             self._conns.clear()
 
@@ -90,3 +110,12 @@ class ControlClient:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def _shut(conn: Connection) -> None:
+    """Wake a thread blocked reading `conn` (it sees end of file) before it is closed:
+    closing alone leaves that read on a descriptor number the process may reuse."""
+    with contextlib.suppress(OSError, ValueError):
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        with sock:
+            sock.shutdown(socket.SHUT_RDWR)
