@@ -14,6 +14,8 @@ Staleness of a gradient is the shard's version when it is applied minus the vers
 worker computed it on. With ``lr_scaling="staleness"`` the learning rate of each update is
 divided by its staleness (Zhang et al., "Staleness-aware Async-SGD", IJCAI 2016); for a
 group of gradients averaged into one update, by the group's mean staleness.
+`staleness_weight` is that rule and its relatives, public so that FedBuff
+(`corral.strategies.fedbuff`) weighs its clients' stale updates by the same function.
 """
 
 from __future__ import annotations
@@ -26,6 +28,27 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 LrScaling = Literal["staleness"] | None
+
+#: How much an update of staleness s counts (see `staleness_weight`).
+StalenessRule = Literal["staleness", "inverse", "sqrt", "none"]
+
+
+def staleness_weight(stale: float, rule: StalenessRule | None) -> float:
+    """The factor on an update of staleness `stale` (a mean, for a group) under `rule`.
+
+    ``"staleness"`` divides by the staleness as Zhang et al. do, 1/max(s, 1), so a fresh
+    and a once-stale gradient count alike (the servers' ``lr_scaling="staleness"``);
+    ``"inverse"`` is 1/(1 + s) and ``"sqrt"`` 1/√(1 + s), the polynomial rule of FedAsync
+    (Xie et al., 2019) with exponents 1 and ½, the second FedBuff's (Nguyen et al., 2022);
+    ``"none"`` or ``None`` counts every update fully.
+    """
+    if rule == "staleness":
+        return 1.0 / max(stale, 1.0)
+    if rule == "inverse":
+        return 1.0 / (1.0 + stale)
+    if rule == "sqrt":
+        return 1.0 / (1.0 + stale) ** 0.5
+    return 1.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +135,7 @@ class Consistency(ABC):
         """One update of `weight` times the gradient, scaled by its staleness."""
         stale = self._note(seen_version)
         self.version += 1
-        return [Update(gradient, weight * self._scale(stale))]
+        return [Update(gradient, weight * staleness_weight(stale, self.lr_scaling))]
 
     def _apply_groups(self, size: int) -> list[Update]:
         """One update per complete group of `size` pending gradients: their mean."""
@@ -122,13 +145,10 @@ class Consistency(ABC):
             stale = statistics.fmean([self._note(seen) for _, seen in group])
             mean = self.average([g for g, _ in group])
             self.version += 1
-            updates.append(Update(mean, self._scale(stale)))
+            updates.append(Update(mean, staleness_weight(stale, self.lr_scaling)))
         return updates
 
     def _note(self, seen_version: int) -> int:
         stale = max(self.version - seen_version, 0)
         self.histogram[stale] += 1
         return stale
-
-    def _scale(self, stale: float) -> float:
-        return 1.0 / max(stale, 1.0) if self.lr_scaling == "staleness" else 1.0
