@@ -18,7 +18,9 @@ pool's (each worker: the data, the model, one client's update at a time with the
 the client count's.
 
 Variants subclass `FedAvg` and override one of its two worker-side hooks: `FedProx`
-the local gradient (``penalise``), `FedOpt` the server step (``server_step``).
+the local gradient (``penalise``), `FedOpt` the server step (``server_step``). `FedBuff`
+replaces the round's choice of clients (``FederatedReplica.round_clients``): which ones
+finish, from which past global weights each started, and how much each counts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -183,6 +186,42 @@ def sample_clients(config: FedAvg, *, seed: int, round_: int) -> tuple[np.ndarra
     return sampled, sampled[reports]
 
 
+@dataclass(frozen=True)
+class ClientRun:
+    """One client's local training in a round, as the worker that simulates it runs it.
+
+    Attributes:
+        client: The client's index in the partition.
+        start: The global weights it trains from (FedAvg: the round's).
+        order_seed: Seeds the order of its samples (`LocalTraining.update`).
+        scale: The factor on its sample-weighted update (FedBuff: its staleness weight);
+            the mean still divides by the plain sample counts.
+    """
+
+    client: int
+    start: torch.Tensor
+    order_seed: tuple[int, ...]
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class RoundClients:
+    """Which clients a round asks, and which of them this worker trains.
+
+    Attributes:
+        sampled: Every client the round asks, on all workers.
+        reporting: Those of `sampled` that report (the rest dropped out).
+        played: This worker's share of `sampled`, dropped ones included (secure
+            aggregation's masks are shared with them).
+        runs: This worker's reporting clients, in the order it trains them.
+    """
+
+    sampled: np.ndarray
+    reporting: np.ndarray
+    played: np.ndarray
+    runs: list[ClientRun]
+
+
 class FederatedReplica(RoundReplica):
     """One simulation worker: trains its part of each round's clients, then aggregates."""
 
@@ -218,16 +257,14 @@ class FederatedReplica(RoundReplica):
     def train_round(
         self, epoch: int, data: Source, *, epochs: int, batch_size: int, seed: int
     ) -> RoundTotals:
-        import numpy as np
         import torch
 
         start = time.monotonic()
         x, y, parts = self._clients(data, seed)
-        sampled, reporting = sample_clients(self.config, seed=seed, round_=epoch)
         rank, world = self.ctx.rank, self.ctx.world_size
-        played = sampled[rank::world]  # this worker's clients, dropped ones included
-        mine = np.intersect1d(played, reporting)
         start_vec = self.local.flat().clone()
+        chosen = self.round_clients(epoch, seed, start_vec)
+        sampled, reporting, played = chosen.sampled, chosen.reporting, chosen.played
         totals = Totals()
         each: list[torch.Tensor] = []
         weights: list[float] = []
@@ -235,14 +272,15 @@ class FederatedReplica(RoundReplica):
         secured: dict[int, np.ndarray] = {}
         compute, clipped = 0.0, 0
         last_report = start
-        for done, client in enumerate(mine):
+        for done, run in enumerate(chosen.runs):
+            client = run.client
             began = time.monotonic()
             update = self.local.update(
                 x,
                 y,
                 parts[client],
-                start_vec,
-                order_seed=(seed, epoch, int(client)),
+                run.start,
+                order_seed=run.order_seed,
                 batch_size=batch_size,
                 totals=totals,
             )
@@ -253,13 +291,13 @@ class FederatedReplica(RoundReplica):
                 clipped += was_clipped
                 samples = 1.0
             if self.config.secure is not None:
-                secured[int(client)] = update.cpu().numpy()
+                secured[client] = update.cpu().numpy()
                 weights.append(1.0)
             elif self.config.aggregate.needs_each:
                 each.append(update)
                 weights.append(samples)
             else:
-                weighted.add_(update, alpha=samples)
+                weighted.add_(update, alpha=samples * run.scale)
                 weights.append(samples)
             now = time.monotonic()
             if rank == 0 and now - last_report >= PROGRESS_EVERY_S:
@@ -269,7 +307,7 @@ class FederatedReplica(RoundReplica):
                     epoch=epoch + 1,
                     epochs=epochs,
                     step=done + 1,
-                    steps=len(mine),
+                    steps=len(chosen.runs),
                     loss=totals.loss_sum / max(totals.count, 1),
                     samples_per_s=totals.count * world / (now - start),
                 )
@@ -312,6 +350,19 @@ class FederatedReplica(RoundReplica):
             count=totals.count,
             classification=totals.classification,
         )
+
+    def round_clients(self, epoch: int, seed: int, start_vec: torch.Tensor) -> RoundClients:
+        """Round `epoch`'s clients (`sample_clients`), this worker's every W-th, each
+        trained from the round's global weights `start_vec`; called once a round."""
+        import numpy as np
+
+        sampled, reporting = sample_clients(self.config, seed=seed, round_=epoch)
+        played = sampled[self.ctx.rank :: self.ctx.world_size]
+        runs = [
+            ClientRun(int(c), start_vec, order_seed=(seed, epoch, int(c)))
+            for c in np.intersect1d(played, reporting)
+        ]
+        return RoundClients(sampled, reporting, played, runs)
 
     def _aggregate(
         self,
