@@ -52,6 +52,11 @@ def parts_for(spec: JobSpec, *, base: Path) -> tuple[Any, Any, Any]:
 
 def trainer_for(spec: JobSpec, *, base: Path) -> tuple[Trainer, Source, Source | None]:
     """The trainer, training data and validation data a job spec describes."""
+    if spec.federation is not None:
+        raise SpecError(
+            "federation: real clients train this job; serve it with corral fl serve "
+            "(or submit it to the service), or remove federation to simulate them"
+        )
     model, loss, optimizer = parts_for(spec, base=base)
     trainer = Trainer.from_settings(spec, model=model, loss=loss, optimizer=optimizer)
     if spec.engine == "spark":

@@ -38,7 +38,7 @@ from pydantic import (
 from corral.errors import SpecError
 from corral.runtime.resources import Resources, total_demand
 from corral.runtime.roles import Role
-from corral.strategies import AllReduce, AnyStrategy, Strategy, StrategyPlan
+from corral.strategies import AllReduce, AnyStrategy, FedAvg, Strategy, StrategyPlan
 
 # torch is imported where an optimizer or loss is made: a spec is read and checked without
 # it, so ``corral train bad.yaml`` reports its error in a fraction of a second.
@@ -148,6 +148,20 @@ class DataSpec(_Model):
     path: str
     features: list[str] | None = Field(None, description="default: every column but the label")
     label: str
+
+
+class Federation(_Model):
+    """Real clients train this job (``corral fl join``): its process is their aggregator.
+
+    Without it a federated strategy simulates its clients in the job's workers. With it,
+    ``corral fl serve job.yaml`` (or the service, for a submitted job) listens here and
+    shows the join address, which holds the job's enrolment token, to its team only.
+    """
+
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
+    port: int = Field(0, ge=0, le=65535, description="0: a free port, kept across restarts")
+    round_timeout: float = Field(60.0, gt=0, description="seconds a round waits for updates")
+    wait: float = Field(600.0, gt=0, description="seconds to wait for min_clients to enrol")
 
 
 class SparkSpec(_Model):
@@ -296,6 +310,36 @@ class JobSpec(TrainSettings):
         description="by name with its settings, or a 'module:attribute' reference to a "
         "function of the parameters",
     )
+    federation: Federation | None = Field(
+        None, description="real clients join this job; without it they are simulated"
+    )
+
+    @model_validator(mode="after")
+    def _served_to_real_clients(self) -> JobSpec:
+        if self.federation is None:
+            return self
+        if not isinstance(self.strategy, FedAvg):
+            raise ValueError(
+                f"federation: real clients train a federated strategy (fedavg, fedprox, "
+                f"fedadam…), not {self.strategy.kind}"
+            )
+        if self.strategy.secure is not None:
+            raise ValueError(
+                "federation: secure aggregation with real clients is not built yet (it "
+                "runs in simulation); remove strategy.secure or federation"
+            )
+        return self
+
+    def plan(self) -> JobPlan:
+        """As `TrainSettings.plan`; a job served to real clients runs one process, the
+        aggregator, whatever its worker count (the clients bring their own machines)."""
+        if self.federation is None:
+            return super().plan()
+        aggregator = self.roles.worker.resources
+        return JobPlan(
+            workers=Role(name="worker", count=1, resources=aggregator),
+            strategy=StrategyPlan(),
+        )
 
     @field_validator("entrypoint", "loss", "optimizer")
     @classmethod

@@ -40,18 +40,16 @@ from corral.comm import frames
 from corral.comm.curve import JobKeys
 from corral.data import Source
 from corral.errors import LaunchError, SpecError, TrainingError
-from corral.federation.wire import JoinAddress
+from corral.federation.wire import ENROLMENT, JoinAddress
 from corral.jobs import parts_for, source_for
 from corral.runtime import checkpoint as ckpt
-from corral.spec import JobSpec
+from corral.spec import Federation, JobSpec
 from corral.strategies.fedavg import FedAvg
 from corral.strategies.local_update import LocalTraining
 from corral.train.loop import build_model
 
 log = logging.getLogger("corral")
 
-#: The enrolment file in the aggregator's folder: keys, address and token (mode 0600).
-ENROLMENT = "enrolment.json"
 #: Seconds a client may stay silent (no ping, no update) before it counts as gone.
 CLIENT_TIMEOUT_S = 10.0
 
@@ -80,9 +78,9 @@ class Aggregator:
         spec: The job; its strategy must be a federated one.
         base: The job file's folder (paths in the spec are relative to it).
         folder: Checkpoints and the enrolment file; the same folder resumes the job.
-        host, port: Where to listen (port 0: a free one; a resumed job reuses its own).
-        round_timeout: Seconds a round waits for its clients' updates.
-        wait: Seconds to wait for ``min_clients`` clients to be enrolled.
+        settings: Where to listen (port 0: a free one; a resumed job reuses its own),
+            how long a round waits for updates and how long for ``min_clients`` to
+            enrol; default: the spec's ``federation`` section, or its defaults.
         grace: Seconds a round waits for more clients once ``min_clients`` are
             enrolled, while fewer than the job's ``clients`` are.
     """
@@ -93,10 +91,7 @@ class Aggregator:
         *,
         base: Path,
         folder: Path,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        round_timeout: float = 60.0,
-        wait: float = 600.0,
+        settings: Federation | None = None,
         grace: float = 5.0,
     ) -> None:
         if not isinstance(spec.strategy, FedAvg):
@@ -109,8 +104,9 @@ class Aggregator:
                 "strategy.secure: secure aggregation with real clients is not built yet "
                 "(it runs in simulation); remove it to serve real clients"
             )
+        settings = settings or spec.federation or Federation()
         self.spec, self.config = spec, spec.strategy
-        self.folder, self.round_timeout, self.wait = folder, round_timeout, wait
+        self.folder, self.round_timeout, self.wait = folder, settings.round_timeout, settings.wait
         self.grace = grace
         model_fn, self.loss, _ = parts_for(spec, base=base)
         torch.manual_seed(spec.seed)
@@ -121,7 +117,7 @@ class Aggregator:
         self.validation: Source | None = (
             source_for(spec.validation, base) if spec.validation else None
         )
-        self.address = self._enrolment(host, port)
+        self.address = self._enrolment(settings.host, settings.port)
         self.history: list[dict[str, Any]] = []
         self.server_state: dict[str, torch.Tensor] = {}
         self.accountant = None

@@ -33,29 +33,36 @@ def serve(
     folder: Annotated[
         Path | None, typer.Option(help="checkpoints and keys; the same folder resumes")
     ] = None,
-    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port (0: a free one)")] = 0,
-    round_timeout: Annotated[float, typer.Option(help="seconds a round waits")] = 60.0,
-    wait: Annotated[float, typer.Option(help="seconds to wait for min_clients")] = 600.0,
+    host: Annotated[
+        str | None, typer.Option(help="address to listen on [default: federation.host]")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="port, 0 a free one [default: federation.port]")
+    ] = None,
+    round_timeout: Annotated[
+        float | None, typer.Option(help="seconds a round waits [federation.round_timeout]")
+    ] = None,
+    wait: Annotated[
+        float | None, typer.Option(help="seconds to wait for min_clients [federation.wait]")
+    ] = None,
 ) -> None:
-    """Run the aggregator: print the address clients join, then serve every round."""
+    """Run the aggregator: print the address clients join, then serve every round.
+
+    The options default to the spec's ``federation`` section (or its defaults)."""
 
     def action() -> None:
         spec = _spec(job)
         from corral.federation.aggregator import Aggregator
+        from corral.spec import Federation
         from corral.train.progress import format_metrics
 
         logging.getLogger("corral").setLevel(logging.INFO)
-        where = folder or Path.cwd() / "corral-runs" / f"fl-{spec.name or job.stem}"
-        aggregator = Aggregator(
-            spec,
-            base=job.resolve().parent,
-            folder=where,
-            host=host,
-            port=port,
-            round_timeout=round_timeout,
-            wait=wait,
+        given = {"host": host, "port": port, "round_timeout": round_timeout, "wait": wait}
+        settings = (spec.federation or Federation()).model_copy(
+            update={k: v for k, v in given.items() if v is not None}
         )
+        where = folder or Path.cwd() / "corral-runs" / f"fl-{spec.name or job.stem}"
+        aggregator = Aggregator(spec, base=job.resolve().parent, folder=where, settings=settings)
         # the address holds the job's token: shown here once, and kept (mode 0600) in
         # the folder's enrolment file, never logged
         err.print(

@@ -18,12 +18,16 @@ Messages are `corral.comm.frames` messages: a JSON header and raw float32 buffer
 
 from __future__ import annotations
 
+import json
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 from corral.errors import SpecError
 
 SCHEME = "corral"
+#: The enrolment file in an aggregator's folder: keys, address and token (mode 0600).
+ENROLMENT = "enrolment.json"
 
 
 @dataclass(frozen=True, repr=False)
@@ -65,6 +69,16 @@ class JoinAddress:
         except (KeyError, ValueError):
             raise SpecError(f"no key or token in '{_shown(url)}': copy the whole address") from None
         return cls(parts.hostname, parts.port, key, token)
+
+    @classmethod
+    def enrolled(cls, folder: Path) -> JoinAddress | None:
+        """The address of the aggregator whose folder is `folder`, read from its
+        enrolment file; None before it first listened."""
+        try:
+            saved = json.loads((folder / ENROLMENT).read_text())
+            return cls(saved["host"], saved["port"], saved["sp"].encode(), saved["token"])
+        except (OSError, ValueError, KeyError):
+            return None
 
     def __repr__(self) -> str:
         return f"JoinAddress({self.host}:{self.port}, <token hidden>)"

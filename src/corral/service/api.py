@@ -28,6 +28,7 @@ from corral.service.models import (
     EventOut,
     JobDetail,
     JobOut,
+    JoinOut,
     LogPage,
     Me,
     NewUser,
@@ -48,6 +49,7 @@ from corral.service.views import (
     JobFolder,
     cluster_view,
     demand_body,
+    join_address,
     newest_checkpoint,
     quota_body,
     used_by,
@@ -240,6 +242,25 @@ def router() -> APIRouter:
                 status.HTTP_404_NOT_FOUND, f"job '{job_id}' has no checkpoint yet ({found.state})"
             )
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+    @api.get(
+        "/jobs/{job_id}/join",
+        responses={404: {"model": Problem, "description": "no such job, or none to join"}},
+    )
+    def join(job_id: str, user: CurrentUser, request: Request) -> JoinOut:
+        """Where real clients join a job with ``federation``: its address and enrolment
+        token, shown to the job's own team only (another team's job is a 404)."""
+        found = visible_job(store_of(request), user, job_id)
+        address = join_address(request.app.state.job_folder, found)
+        if address is None:
+            why = (
+                "serves no real clients"
+                if not found.spec.get("federation")
+                else f"is not listening for clients yet ({found.state})"
+            )
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job '{job_id}' {why}")
+        url = address.url()
+        return JoinOut(url=url, command=f"corral fl join '{url}' --job {found.name}.yaml")
 
     @api.post("/jobs/{job_id}/cancel")
     def cancel(job_id: str, user: CurrentUser, request: Request) -> JobOut:

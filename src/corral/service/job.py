@@ -41,6 +41,9 @@ SPEC, LOG, METRICS, EXIT = "spec.json", "log", "metrics.jsonl", "exit.json"
 RESTARTS = "restarts.json"
 #: The folder of the job's checkpoints, kept across its attempts.
 CHECKPOINTS = "checkpoints"
+#: The folder of a job served to real clients (``federation``): the aggregator's
+#: checkpoints and its enrolment file.
+FEDERATION = "federation"
 #: The file the runner writes to ask the job to stop at its next checkpoint (preemption).
 PREEMPT = "preempt"
 #: The exit code of a job that stopped so.
@@ -124,6 +127,8 @@ def check_files(spec: AnyJobSpec) -> None:
     if isinstance(spec, JobSpec) and spec.checkpoint.dir is not None:
         raise SpecError("checkpoint.dir: the service keeps each job's checkpoints; leave it out")
     sources = {"data": spec.data, "validation": spec.validation}
+    if isinstance(spec, JobSpec) and spec.federation is not None:
+        del sources["data"]  # each real client brings its own
     paths = {f"{name}.path": Path(d.path) for name, d in sources.items() if d is not None}
     if resume is not None:
         paths["resume_from"] = resume
@@ -153,6 +158,8 @@ def run(folder: Path) -> int:
         spec.tracking = _continued_run(folder, spec.tracking)
     if not isinstance(spec, JobSpec):
         return _run_classic(spec, folder)
+    if spec.federation is not None:
+        return _run_federated(spec, folder)
     from corral.jobs import trainer_for
 
     checkpoints = folder / CHECKPOINTS
@@ -164,6 +171,32 @@ def run(folder: Path) -> int:
     report = _report_to(folder, spec.checkpoint.every)
     result = trainer.fit(data, validation=validation, on_report=report)
     print(f"done: {json.dumps(result.metrics)}", flush=True)
+    return 0
+
+
+def _run_federated(spec: JobSpec, folder: Path) -> int:
+    """A job whose clients are real (``federation``): this process is their aggregator,
+    as ``corral fl serve`` runs it. Its rounds are reported as epochs; it keeps its keys,
+    port and token (`FEDERATION`, mode 0600, read by the API for the job's team only)
+    and a checkpoint each round there, so a restarted attempt resumes on the same
+    address, and clients enrol again."""
+    from corral.federation.aggregator import Aggregator
+
+    aggregator = Aggregator(spec, base=folder, folder=folder / FEDERATION)
+    if aggregator.start_round:
+        print(f"resuming at round {aggregator.start_round + 1}", flush=True)
+    where = aggregator.address
+    # the address's token admits clients: it is in the enrolment file, never in the log
+    print(f"serving real clients on {where.host}:{where.port}", flush=True)
+    report = _report_to(folder, checkpoint_every=1)
+    epochs = float(spec.epochs)
+
+    def on_round(row: dict[str, Any]) -> None:
+        metrics = {"kind": "epoch", "epochs": epochs, **row}
+        report(Message(role="driver", rank=0, body={"metrics": metrics}))
+
+    history = aggregator.run(on_round)
+    print(f"done: {json.dumps(history[-1] if history else {})}", flush=True)
     return 0
 
 

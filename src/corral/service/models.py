@@ -107,6 +107,11 @@ class LogPage(BaseModel):
     final: bool = Field(description="the job has ended: no more lines will come")
 
 
+class JoinOut(BaseModel):
+    url: str = Field(description="the job's join address; it holds its enrolment token")
+    command: str = Field(description="what a client runs, with its copy of the job spec")
+
+
 class QuotaBody(_Body):
     # upper bounds both databases hold (PostgreSQL's INTEGER is 32 bits)
     cpus: float | None = Field(None, ge=0, le=1e9)

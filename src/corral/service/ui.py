@@ -49,6 +49,7 @@ from corral.service.store import FINAL, STATES, Event, Store, User
 from corral.service.views import (
     ACTIVE,
     cluster_view,
+    join_address,
     newest_checkpoint,
     tracking_url,
     visible_job,
@@ -243,11 +244,14 @@ def panel(
 
 def chart(rows: list[dict[str, Any]]) -> list[Panel]:
     """The job page's panels: training loss (log scale, or linear), validation accuracy
-    (when the job validates), and throughput (samples/s over all workers)."""
+    (when the job validates), and throughput (samples/s over all workers); for a
+    federated job, its rounds' clients (those that reported) and the privacy spent."""
     panels = [
         panel(rows, "loss", "loss", log=True),
         panel(rows, "val_accuracy", "validation accuracy", bounds=(0.0, 1.0)),
         panel(rows, "samples_per_s", "samples/s", from_zero=True),
+        panel(rows, "clients_reported", "clients per round", from_zero=True),
+        panel(rows, "epsilon", "privacy spent (ε)", from_zero=True),
     ]
     return [p for p in panels if p is not None]
 
@@ -813,6 +817,7 @@ def _job_context(request: Request, user: User, job_id: str) -> dict[str, Any] | 
         "panels": chart(store.metrics(job.id)),
         "checkpoint": newest_checkpoint(request.app.state.job_folder, job),
         "tracking": tracking_url(request.app.state.job_folder, job),
+        "join": None if job.final else join_address(request.app.state.job_folder, job),
         "log": store.tail(job.id, LOG_TAIL),
     }
 

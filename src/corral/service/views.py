@@ -19,10 +19,11 @@ from typing import Any
 
 from fastapi import HTTPException, status
 
+from corral.federation.wire import JoinAddress
 from corral.runtime import checkpoint as ckpt
 from corral.runtime.resources import Resources
 from corral.service.cluster import cluster_state
-from corral.service.job import CHECKPOINTS, TRACKING
+from corral.service.job import CHECKPOINTS, FEDERATION, TRACKING
 from corral.service.models import Cluster, Demand, QueueEntry, QuotaBody, TeamUsage
 from corral.service.resources import Quota
 from corral.service.scheduler import Launch, Policy, explain
@@ -48,6 +49,15 @@ def newest_checkpoint(job_folder: JobFolder | None, job: Job) -> Path | None:
     """The job's newest checkpoint (its last, once it has ended); None before its first,
     or on a server that keeps no job files (`job_folder` None: an API without a runner)."""
     return None if job_folder is None else ckpt.latest(job_folder(job.id) / CHECKPOINTS)
+
+
+def join_address(job_folder: JobFolder | None, job: Job) -> JoinAddress | None:
+    """Where real clients join the job (``federation``), token included: for the job's
+    team only (callers have scoped `job` with `visible_job`); None before its aggregator
+    first listened, or for a job without real clients."""
+    if job_folder is None or job.spec.get("federation") is None:
+        return None
+    return JoinAddress.enrolled(job_folder(job.id) / FEDERATION)
 
 
 def tracking_url(job_folder: JobFolder | None, job: Job) -> str | None:
