@@ -62,13 +62,26 @@ class _Client:
     round: int | None = None
 
 
+#: One client's update and the header it came with (samples, loss sums, compute time).
+_Update = tuple[np.ndarray, dict[str, Any]]
+
+
 @dataclass
 class _Round:
     """The updates one round has received so far."""
 
     index: int
     sampled: list[bytes]
-    updates: dict[bytes, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
+    updates: dict[bytes, _Update] = field(default_factory=dict)
+
+
+def round_sums(reported: list[_Update]) -> dict[str, Any]:
+    """The round's training loss (and accuracy) over the samples its clients reported."""
+    count = sum(m["count"] for _, m in reported)
+    row = {"loss": sum(m["loss_sum"] for _, m in reported) / max(count, 1)}
+    if any(m["classification"] for _, m in reported):
+        row["accuracy"] = sum(m["correct"] for _, m in reported) / max(count, 1)
+    return row
 
 
 class Aggregator:
@@ -217,15 +230,33 @@ class Aggregator:
     def _round(self, index: int) -> dict[str, Any] | None:
         """Run round `index`; None if the privacy budget leaves no room for it."""
         start = time.monotonic()
+        per_round, rate = self._ready()
+        if self.accountant is not None and self.accountant.would_exceed(rate):
+            return None
+        sampled, reported = self._gather(index, per_round)
+        row: dict[str, Any] = {"epoch": float(index + 1)}
+        if len(reported) >= self.config.min_clients:
+            samples = [m["samples"] for _, m in reported]
+            self._apply([u for u, _ in reported], samples, index, per_round, rate)
+        else:
+            row["round_failed"] = 1.0
+        row |= round_sums(reported)
+        row.update(self._evaluate())
+        return row | self._counts(sampled, reported, start)
+
+    def _ready(self) -> tuple[int, float]:
+        """Wait for the round's clients; how many it samples, and that as a rate."""
         self._forget_silent()  # e.g. a client that did not report last round
-        self._await_clients(start + self.wait)
+        self._await_clients(time.monotonic() + self.wait)
         per_round = min(
             len(self.clients),
             max(self.config.min_clients, round(self.config.fraction * len(self.clients))),
         )
-        rate = per_round / len(self.clients)
-        if self.accountant is not None and self.accountant.would_exceed(rate):
-            return None
+        return per_round, per_round / len(self.clients)
+
+    def _gather(self, index: int, per_round: int) -> tuple[list[bytes], list[_Update]]:
+        """Send round `index` to `per_round` clients (seeded) and collect their updates
+        until all reported or `round_timeout`: those sampled, and what came."""
         rng = np.random.default_rng([self.spec.seed, index])
         ids = sorted(self.clients)
         sampled = [ids[i] for i in sorted(rng.choice(len(ids), per_round, replace=False))]
@@ -238,33 +269,22 @@ class Aggregator:
         deadline = time.monotonic() + self.round_timeout
         while len(current.updates) < len(sampled) and time.monotonic() < deadline:
             self._serve(deadline, current)
-        reported = list(current.updates.values())
         for identity in sampled:  # those that never reported time out if silent
             if identity in self.clients:
                 self.clients[identity].round = None
-        row: dict[str, Any] = {"epoch": float(index + 1)}
-        if len(reported) >= self.config.min_clients:
-            samples = [m["samples"] for _, m in reported]
-            self._apply([u for u, _ in reported], samples, index, per_round, rate)
-        else:
-            row["round_failed"] = 1.0
-        count = sum(m["count"] for _, m in reported)
-        row["loss"] = sum(m["loss_sum"] for _, m in reported) / max(count, 1)
-        if any(m["classification"] for _, m in reported):
-            row["accuracy"] = sum(m["correct"] for _, m in reported) / max(count, 1)
-        row.update(self._evaluate())
-        elapsed = time.monotonic() - start
-        row |= {
+        return sampled, list(current.updates.values())
+
+    def _counts(
+        self, sampled: list[bytes], reported: list[_Update], start: float
+    ) -> dict[str, float]:
+        return {
             "clients": float(len(sampled)),
             "clients_reported": float(len(reported)),
             "clients_dropped": float(len(sampled) - len(reported)),
             "clients_enrolled": float(len(self.clients)),
             "client_compute_s": sum(m["compute_s"] for _, m in reported) / max(len(reported), 1),
-            "time_s": elapsed,
-        }
-        if self.accountant is not None:
-            row["epsilon"] = self.accountant.epsilon()
-        return row
+            "time_s": time.monotonic() - start,
+        } | ({"epsilon": self.accountant.epsilon()} if self.accountant is not None else {})
 
     def _apply(
         self,

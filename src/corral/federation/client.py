@@ -80,14 +80,7 @@ def join(
         "samples": len(y),
         "params": params,
     }
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.routing_id = os.urandom(8)  # the same after a reconnect: the aggregator knows it
-    server_public, own_secret = address.server_key, zmq.curve_keypair()
-    sock.curve_serverkey = server_public
-    sock.curve_publickey, sock.curve_secretkey = own_secret
-    sock.connect(address.endpoint)
+    context, sock = connect(address)
     local: LocalTraining | None = None
     settings: dict[str, Any] = {}
     rounds, last_heard = 0, time.monotonic()
@@ -123,6 +116,19 @@ def join(
     finally:
         sock.close()
         context.term()
+
+
+def connect(address: JoinAddress) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
+    """A CURVE-encrypted DEALER socket to the aggregator at `address`, with keys of its
+    own; it keeps one identity across reconnects, so the aggregator knows it again."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.routing_id = os.urandom(8)
+    sock.curve_serverkey = address.server_key
+    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+    sock.connect(address.endpoint)
+    return context, sock
 
 
 def _strategy(raw: dict[str, Any]) -> FedAvg:

@@ -45,10 +45,15 @@ def serve(
     wait: Annotated[
         float | None, typer.Option(help="seconds to wait for min_clients [federation.wait]")
     ] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option(help="the root aggregator's address: serve this site as its edge"),
+    ] = None,
 ) -> None:
     """Run the aggregator: print the address clients join, then serve every round.
 
-    The options default to the spec's ``federation`` section (or its defaults)."""
+    The options default to the spec's ``federation`` section (or its defaults). With
+    ``--parent`` it is an edge: the root starts its rounds, and sees only its sum."""
 
     def action() -> None:
         spec = _spec(job)
@@ -62,7 +67,16 @@ def serve(
             update={k: v for k, v in given.items() if v is not None}
         )
         where = folder or Path.cwd() / "corral-runs" / f"fl-{spec.name or job.stem}"
-        aggregator = Aggregator(spec, base=job.resolve().parent, folder=where, settings=settings)
+        base = job.resolve().parent
+        aggregator: Aggregator
+        if parent is not None:
+            from corral.federation.edge import Edge
+            from corral.federation.wire import JoinAddress
+
+            root = JoinAddress.parse(parent)
+            aggregator = Edge(spec, base=base, folder=where, parent=root, settings=settings)
+        else:
+            aggregator = Aggregator(spec, base=base, folder=where, settings=settings)
         # the address holds the job's token: shown here once, and kept (mode 0600) in
         # the folder's enrolment file, never logged
         err.print(
@@ -81,7 +95,8 @@ def serve(
             )
 
         history = aggregator.run(show)
-        err.print(f"{len(history)} rounds; checkpoints in {where}", highlight=False)
+        kept = "for the root" if parent is not None else f"; checkpoints in {where}"
+        err.print(f"{len(history)} rounds{kept}", highlight=False)
 
     guarded(action)
 
