@@ -18,6 +18,7 @@ from corral.strategies.base import (
     Supervisor,
 )
 from corral.strategies.fedavg import FedAvg
+from corral.strategies.fedbuff import FedBuff
 from corral.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from corral.strategies.fedprox import FedProx
 from corral.strategies.gossip import Gossip
@@ -33,7 +34,8 @@ AnyStrategy = Annotated[
     | FedProx
     | FedAdam
     | FedYogi
-    | FedAdagrad,
+    | FedAdagrad
+    | FedBuff,
     Field(discriminator="kind"),
 ]
 
@@ -46,6 +48,7 @@ __all__ = [
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
+    "FedBuff",
     "FedProx",
     "FedYogi",
     "Gossip",
