@@ -22,7 +22,8 @@ CHECK = textwrap.dedent("""
                      {"kind": "averaging", "every": 4}, {"kind": "gossip"},
                      {"kind": "ps", "mode": "ssp", "staleness": 2, "servers": 2},
                      {"kind": "fedadam", "clients": 10, "partition": {"kind": "shards"},
-                      "secure": {"bits": 24}, "privacy": {"clip": 1, "noise_multiplier": 1}}):
+                      "secure": {"bits": 24}, "privacy": {"clip": 1, "noise_multiplier": 1}},
+                     {"kind": "fedbuff", "clients": 10, "buffer": 2, "concurrency": 4}):
         parse(JobSpec, {"entrypoint": "m:f", "data": {"path": "d", "label": "y"},
                         "loss": "mse", "strategy": strategy})
     print(" ".join(m for m in sys.modules if m.partition(".")[0] in sys.argv[1:]))

@@ -323,10 +323,10 @@ class JobSpec(TrainSettings):
                 f"federation: real clients train a federated strategy (fedavg, fedprox, "
                 f"fedadam…), not {self.strategy.kind}"
             )
-        if self.strategy.secure is not None:
+        if self.strategy.kind == "fedbuff":
             raise ValueError(
-                "federation: secure aggregation with real clients is not built yet (it "
-                "runs in simulation); remove strategy.secure or federation"
+                "federation: FedBuff runs in simulation only; real clients train "
+                "synchronous rounds (fedavg, fedprox, fedadam…)"
             )
         return self
 

@@ -110,10 +110,10 @@ def test_real_clients_train_a_submitted_job_whose_address_only_its_team_sees(tmp
         proc.wait(30)
 
 
-def test_a_federation_names_a_federated_strategy_and_no_secure_aggregation(tmp_path):
+def test_a_federation_names_a_synchronous_federated_strategy(tmp_path):
     spec = _spec(tmp_path)
     with pytest.raises(SpecError, match="federation: real clients train a federated"):
         parse_job({**spec, "strategy": "allreduce"}, source="job.yaml")
-    secure = {**spec["strategy"], "secure": {}}
-    with pytest.raises(SpecError, match="secure aggregation with real clients"):
-        parse_job({**spec, "strategy": secure}, source="job.yaml")
+    fedbuff = {"kind": "fedbuff", "clients": 4, "buffer": 2, "concurrency": 2}
+    with pytest.raises(SpecError, match="FedBuff runs in simulation only"):
+        parse_job({**spec, "strategy": fedbuff}, source="job.yaml")

@@ -72,6 +72,7 @@ class _Round:
 
     index: int
     sampled: list[bytes]
+    expect: str = "update"  # the kind of answer it collects
     updates: dict[bytes, _Update] = field(default_factory=dict)
 
 
@@ -112,11 +113,8 @@ class Aggregator:
                 f"strategy: corral fl serve runs a federated strategy (fedavg, fedprox, "
                 f"fedadam…), not {spec.strategy.kind}"
             )
-        if spec.strategy.secure is not None:
-            raise SpecError(
-                "strategy.secure: secure aggregation with real clients is not built yet "
-                "(it runs in simulation); remove it to serve real clients"
-            )
+        if spec.strategy.kind == "fedbuff":
+            raise SpecError("strategy: FedBuff runs in simulation only, not with real clients")
         settings = settings or spec.federation or Federation()
         self.spec, self.config = spec, spec.strategy
         self.folder, self.round_timeout, self.wait = folder, settings.round_timeout, settings.wait
@@ -233,11 +231,21 @@ class Aggregator:
         per_round, rate = self._ready()
         if self.accountant is not None and self.accountant.would_exceed(rate):
             return None
-        sampled, reported = self._gather(index, per_round)
         row: dict[str, Any] = {"epoch": float(index + 1)}
-        if len(reported) >= self.config.min_clients:
-            samples = [m["samples"] for _, m in reported]
-            self._apply([u for u, _ in reported], samples, index, per_round, rate)
+        if self.config.secure is not None:
+            sampled, reported, mean = self._secure(index, per_round, row)
+        else:
+            sampled, reported = self._gather(index, per_round)
+            mean = None
+            if len(reported) >= self.config.min_clients:
+                samples = [m["samples"] for _, m in reported]
+                mean = self._combine([u for u, _ in reported], samples, index, per_round)
+        if mean is not None and len(reported) >= self.config.min_clients:
+            if self.accountant is not None:
+                self.accountant.step(rate)
+            start_vec = self.local.flat()
+            aggregate = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32))
+            self.local.set_flat(self.config.server_step(self.server_state, start_vec, aggregate))
         else:
             row["round_failed"] = 1.0
         row |= round_sums(reported)
@@ -254,25 +262,75 @@ class Aggregator:
         )
         return per_round, per_round / len(self.clients)
 
+    def _sample(self, index: int, per_round: int) -> list[bytes]:
+        rng = np.random.default_rng([self.spec.seed, index])
+        ids = sorted(self.clients)
+        return [ids[i] for i in sorted(rng.choice(len(ids), per_round, replace=False))]
+
     def _gather(self, index: int, per_round: int) -> tuple[list[bytes], list[_Update]]:
         """Send round `index` to `per_round` clients (seeded) and collect their updates
         until all reported or `round_timeout`: those sampled, and what came."""
-        rng = np.random.default_rng([self.spec.seed, index])
-        ids = sorted(self.clients)
-        sampled = [ids[i] for i in sorted(rng.choice(len(ids), per_round, replace=False))]
-        current = _Round(index, sampled)
+        sampled = self._sample(index, per_round)
         weights = self.local.flat().numpy()
-        for identity in sampled:
-            self.clients[identity].round = index
-            header = {"kind": "train", "round": index}
-            self.sock.send_multipart([identity, *frames.pack(header, [weights])])
+        train = {c: ({"kind": "train"}, [weights]) for c in sampled}
+        updates = self._exchange(index, train, "update")
+        self._idle(sampled)
+        return sampled, list(updates.values())
+
+    def _secure(
+        self, index: int, per_round: int, row: dict[str, Any]
+    ) -> tuple[list[bytes], list[_Update], np.ndarray | None]:
+        """Round `index` by secure aggregation (`corral.federation.secure`): those
+        sampled, the survivors' headers, and the mean update (None if it failed)."""
+        from corral.federation.secure import serve_round
+
+        assert self.config.secure is not None
+        sampled = self._sample(index, per_round)
+        outcome = serve_round(
+            self.config.secure,
+            lambda messages, kind: self._exchange(index, messages, kind),
+            sampled,
+            self.local.flat().numpy(),
+            seed=self.spec.seed,
+            index=index,
+        )
+        self._idle(sampled)
+        row["secagg_bytes_per_client"] = outcome.bytes_per_client
+        if outcome.total is None:
+            log.warning("round %d: secure aggregation failed: %s", index + 1, outcome.failure)
+            return sampled, [], None
+        if self.config.privacy is None:
+            return sampled, outcome.reported, outcome.total / max(len(outcome.reported), 1)
+        from corral.federated.privacy import noised_average
+
+        rng = np.random.default_rng([self.spec.seed, index, 2**31])
+        mean = noised_average(outcome.total, per_round, self.config.privacy, rng)
+        return sampled, outcome.reported, mean
+
+    def _exchange(
+        self,
+        index: int,
+        messages: dict[bytes, tuple[dict[str, Any], list[np.ndarray]]],
+        expect: str,
+    ) -> dict[bytes, _Update]:
+        """Send each client its message of round `index`; collect the answers of kind
+        `expect` until every one came or `round_timeout` passed."""
+        current = _Round(index, list(messages), expect=expect)
+        for identity, (header, arrays) in messages.items():
+            if identity in self.clients:
+                self.clients[identity].round = index  # busy: silence is not absence
+            message = frames.pack({**header, "round": index}, arrays)
+            self.sock.send_multipart([identity, *message])
         deadline = time.monotonic() + self.round_timeout
-        while len(current.updates) < len(sampled) and time.monotonic() < deadline:
+        while len(current.updates) < len(messages) and time.monotonic() < deadline:
             self._serve(deadline, current)
-        for identity in sampled:  # those that never reported time out if silent
+        return current.updates
+
+    def _idle(self, sampled: list[bytes]) -> None:
+        """The round is over: those that never reported time out if silent."""
+        for identity in sampled:
             if identity in self.clients:
                 self.clients[identity].round = None
-        return sampled, list(current.updates.values())
 
     def _counts(
         self, sampled: list[bytes], reported: list[_Update], start: float
@@ -286,30 +344,19 @@ class Aggregator:
             "time_s": time.monotonic() - start,
         } | ({"epsilon": self.accountant.epsilon()} if self.accountant is not None else {})
 
-    def _apply(
-        self,
-        updates: list[np.ndarray],
-        samples: list[int],
-        index: int,
-        expected: int,
-        rate: float,
-    ) -> None:
-        """Combine the round's updates and move the global model by the server step."""
+    def _combine(
+        self, updates: list[np.ndarray], samples: list[int], index: int, expected: int
+    ) -> np.ndarray:
+        """The round's mean update by the strategy's rule (central DP: clipped, noised)."""
         config = self.config
         table = np.stack(updates).astype(np.float32)
         if config.privacy is not None:
             from corral.federated.privacy import clip, noised_average
 
-            assert self.accountant is not None
             clipped = sum(clip(u, config.privacy.clip)[0] for u in table)
             rng = np.random.default_rng([self.spec.seed, index, 2**31])
-            mean = noised_average(np.asarray(clipped), expected, config.privacy, rng)
-            self.accountant.step(rate)
-        else:
-            mean = config.aggregate.combine(table, np.asarray(samples, dtype=np.float64))
-        start = self.local.flat()
-        aggregate = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32))
-        self.local.set_flat(config.server_step(self.server_state, start, aggregate))
+            return noised_average(np.asarray(clipped), expected, config.privacy, rng)
+        return config.aggregate.combine(table, np.asarray(samples, dtype=np.float64))
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
@@ -399,12 +446,15 @@ class Aggregator:
             self.sock.send_multipart([identity, *frames.pack({"kind": "who"})])
             return
         client.seen = time.monotonic()
-        fresh = current is not None and header.get("round") == current.index
-        if kind == "update" and fresh and arrays:
-            assert current is not None
-            if identity in current.sampled and identity not in current.updates:
-                current.updates[identity] = (np.array(arrays[0]), header)
-                client.round = None
+        if (
+            current is not None
+            and kind == current.expect
+            and header.get("round") == current.index
+            and arrays
+            and identity in current.sampled
+            and identity not in current.updates
+        ):
+            current.updates[identity] = (np.array(arrays[0]), header)
 
     def _hello(self, identity: bytes, header: dict[str, Any]) -> None:
         def refuse(why: str) -> None:

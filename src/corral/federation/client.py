@@ -25,6 +25,7 @@ import zmq
 from corral.comm import frames
 from corral.data import Source
 from corral.errors import CorralError, TrainingError
+from corral.federation.secure import SecureClient
 from corral.federation.wire import JoinAddress
 from corral.jobs import parts_for
 from corral.spec import JobSpec
@@ -84,6 +85,7 @@ def join(
     local: LocalTraining | None = None
     settings: dict[str, Any] = {}
     rounds, last_heard = 0, time.monotonic()
+    secure = SecureClient()
     try:
         sock.send_multipart(frames.pack(hello))
         while True:
@@ -108,9 +110,18 @@ def join(
                 local = LocalTraining(config, model, optimizer, loss)
                 settings = header
                 log.info("joined %s as %s with %d samples", address.endpoint, name, len(y))
+            elif kind == "secagg_keys":
+                sock.send_multipart(secure.keys(header))
+            elif kind == "secagg_roster" and secure.active:
+                sock.send_multipart(secure.shares(arrays[0]))
+            elif kind == "secagg_unmask" and secure.active:
+                sock.send_multipart(secure.unmask(arrays[0]))
             elif kind == "train" and local is not None:
                 rounds += 1
-                sock.send_multipart(_train(local, x, y, arrays[0], header["round"], settings))
+                update, report = _train(local, x, y, arrays[0], header["round"], settings)
+                if len(arrays) > 1 and secure.active:  # a secure round: only masked
+                    update = secure.mask(update, arrays[1])
+                sock.send_multipart(frames.pack(report, [update]))
             elif kind == "done":
                 return Joined(rounds, True)
     finally:
@@ -148,8 +159,8 @@ def _train(
     weights: np.ndarray,
     round_: int,
     settings: dict[str, Any],
-) -> list[Any]:
-    """One round's local training; the ``update`` message that reports it."""
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """One round's local training: the update and the ``update`` header reporting it."""
     began = time.monotonic()
     totals = Totals()
     start = torch.from_numpy(np.array(weights, dtype=np.float32))
@@ -164,7 +175,9 @@ def _train(
     )
     vector = update.numpy()
     privacy = local.config.privacy
-    if privacy is not None and privacy.mode == "local":  # noised before it leaves
+    # noised before it leaves (local DP); in a secure round the aggregator cannot clip
+    # one update, so the client clips its own
+    if privacy is not None and (privacy.mode == "local" or local.config.secure is not None):
         from corral.federated.privacy import privatize_update
 
         vector, _ = privatize_update(vector, privacy, np.random.default_rng())
@@ -178,4 +191,4 @@ def _train(
         "classification": totals.classification,
         "compute_s": time.monotonic() - began,
     }
-    return frames.pack(header, [np.ascontiguousarray(vector, dtype=np.float32)])
+    return np.ascontiguousarray(vector, dtype=np.float32), header

@@ -56,6 +56,11 @@ class Edge(Aggregator):
                 "strategy.privacy: an edge aggregator does not clip or noise; set privacy "
                 "on the root, or serve this site's clients from the root directly"
             )
+        if isinstance(spec.strategy, FedAvg) and spec.strategy.secure is not None:
+            raise SpecError(
+                "strategy.secure: secure aggregation at an edge is not built; serve this "
+                "site's clients from the root to aggregate them securely"
+            )
         super().__init__(spec, base=base, folder=folder, settings=settings, grace=grace)
         self.parent = parent
         self.start_round = 0  # the root counts rounds; an edge resumes nothing
