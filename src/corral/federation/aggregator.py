@@ -138,6 +138,8 @@ class Aggregator:
             self.accountant = Accountant(self.config.privacy)
         self.start_round = self._restore()
         self.clients: dict[bytes, _Client] = {}
+        #: when a client last joined or left: a round waits `grace` after it
+        self._pool_changed = time.monotonic()
 
     # -- set-up --------------------------------------------------------------------
 
@@ -400,14 +402,12 @@ class Aggregator:
 
     def _await_clients(self, deadline: float) -> None:
         """Until all the job's `clients` are enrolled, or `min_clients` are and `grace`
-        seconds have passed with no more joining (a round does not start on the first
-        two of many clients still starting up)."""
-        last_count, since = -1, time.monotonic()
+        seconds have passed since a client last joined or left (a round does not start
+        on the first two of many clients still starting up; one that died long ago
+        does not hold every later round up by `grace`)."""
         while len(self.clients) < self.config.clients:
-            if len(self.clients) != last_count:
-                last_count, since = len(self.clients), time.monotonic()
             enough = len(self.clients) >= self.config.min_clients
-            if enough and time.monotonic() - since >= self.grace:
+            if enough and time.monotonic() - self._pool_changed >= self.grace:
                 return
             if not enough and time.monotonic() >= deadline:
                 raise TrainingError(
@@ -431,6 +431,7 @@ class Aggregator:
             if client.round is None and now - client.seen > CLIENT_TIMEOUT_S:
                 log.info("client %s went silent: dropped from the pool", client.name)
                 del self.clients[identity]
+                self._pool_changed = now
 
     def _handle(self, identity: bytes, rest: list[Any], current: _Round | None) -> None:
         try:
@@ -472,6 +473,7 @@ class Aggregator:
             return
         name = str(header.get("name", identity.hex()[:8]))
         self.clients[identity] = _Client(name, int(header["samples"]), time.monotonic())
+        self._pool_changed = time.monotonic()
         log.info("client %s joined with %d samples", name, header["samples"])
         s = self.spec
         welcome = {
