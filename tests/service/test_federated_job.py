@@ -1,14 +1,15 @@
 """A federated job with real clients as a job of a real ``corral server``: submitted and
 scheduled like any job, its process is the aggregator; the join address (with its
 enrolment token) is shown to the job's team only, in the API and on the job page; two
-``corral fl join`` processes train it to the end, and its rounds are its epochs.
+clients (`corral fl join`'s function, in threads of the test) train it to the end, and
+its rounds are its epochs.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -17,14 +18,16 @@ import pytest
 import yaml
 from conftest import start_server, wait_until
 
+from corral.data import as_source
 from corral.errors import SpecError
-from corral.spec import parse_job
+from corral.federation.client import join
+from corral.federation.wire import JoinAddress
+from corral.spec import JobSpec, parse_job
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "examples" / "digits_job"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _spec(folder: Path) -> dict:
@@ -48,16 +51,24 @@ def _spec(folder: Path) -> dict:
     return spec
 
 
-def _join(url: str, job: Path, data: Path, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "corral", "fl", "join", url, "--job", str(job)]
-    command += ["--data", str(data), "--timeout", "60"]
-    return subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=ENV)
+def _client(url: str, spec: dict, data: Path, done: list[int]) -> threading.Thread:
+    """A client as `corral fl join` runs it, in a thread (real sockets, no torch import
+    of its own); the rounds it trained go to `done`."""
+    job = JobSpec.model_validate(spec)
+    source = as_source(data, label=job.data.label)
+
+    def train() -> None:
+        address = JoinAddress.parse(url)
+        done.append(join(address, job, source, base=data.parent, timeout=60).rounds)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_real_clients_train_a_submitted_job_whose_address_only_its_team_sees(tmp_path):
     spec = _spec(tmp_path)
     proc, url, admin = start_server(tmp_path, "--cpus", "2")
-    clients: list[subprocess.Popen[bytes]] = []
     try:
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"})
         tokens = {}
@@ -72,21 +83,19 @@ def test_real_clients_train_a_submitted_job_whose_address_only_its_team_sees(tmp
         assert ada.get(f"/api/jobs/{job_id}").json()["demand"]["cpus"] == 1
 
         wait_until(lambda: ada.get(f"/api/jobs/{job_id}/join").status_code == 200, 60, "join")
-        join = ada.get(f"/api/jobs/{job_id}/join").json()
-        token = join["url"].split("token=")[1]
-        assert join["command"].startswith(f"corral fl join '{join['url']}'")
+        joining = ada.get(f"/api/jobs/{job_id}/join").json()
+        token = joining["url"].split("token=")[1]
+        assert joining["command"].startswith(f"corral fl join '{joining['url']}'")
         assert bob.get(f"/api/jobs/{job_id}/join").status_code == 404
         page = httpx.get(f"{url}/jobs/{job_id}", cookies={"corral_token": tokens["ada"]})
         assert "corral fl join" in page.text and token in page.text
         other = httpx.get(f"{url}/jobs/{job_id}", cookies={"corral_token": tokens["bob"]})
         assert other.status_code == 404 and token not in other.text
 
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-        for i in range(2):
-            log = tmp_path / f"client{i}.log"
-            clients.append(
-                _join(join["url"], tmp_path / "job.yaml", tmp_path / f"client{i}.parquet", log)
-            )
+        done: list[int] = []
+        clients = [
+            _client(joining["url"], spec, tmp_path / f"client{i}.parquet", done) for i in range(2)
+        ]
         wait_until(
             lambda: ada.get(f"/api/jobs/{job_id}").json()["state"] in ("succeeded", "failed"),
             120,
@@ -99,13 +108,11 @@ def test_real_clients_train_a_submitted_job_whose_address_only_its_team_sees(tmp
         assert [r["epoch"] for r in rounds] == [1, 2, 3]
         assert all(r["clients_reported"] == 2 for r in rounds)
         assert rounds[-1]["val_accuracy"] > 0.8
-        assert [c.wait(timeout=60) for c in clients] == [0, 0]
+        for c in clients:
+            c.join(timeout=60)
+        assert done == [3, 3]
         assert not any(token in line for line in logs)  # the token is never logged
     finally:
-        for c in clients:
-            if c.poll() is None:
-                c.kill()
-                c.wait()
         proc.terminate()
         proc.wait(30)
 
