@@ -323,11 +323,6 @@ class JobSpec(TrainSettings):
                 f"federation: real clients train a federated strategy (fedavg, fedprox, "
                 f"fedadam…), not {self.strategy.kind}"
             )
-        if self.strategy.kind == "fedbuff":
-            raise ValueError(
-                "federation: FedBuff runs in simulation only; real clients train "
-                "synchronous rounds (fedavg, fedprox, fedadam…)"
-            )
         return self
 
     def plan(self) -> JobPlan:

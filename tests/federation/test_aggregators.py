@@ -7,6 +7,9 @@ the model the root ends with is known exactly.
   client, and the root only ever enrolled the two sites.
 - Secure: the aggregator learns only the sum of three clients' masked, quantised
   updates; it equals their plain mean to well within the quantisation bound.
+- Buffered (FedBuff): a client with eight times the others' data is a real straggler;
+  the server steps on the first two updates in, so stale updates arrive and are
+  weighed, and the job ends without ever waiting on the slow one.
 
 The aggregators are processes; the clients are `corral.federation.client.join` in
 threads of the test (real sockets, one torch import for all of them).
@@ -181,6 +184,41 @@ def test_a_secure_round_with_real_clients_reveals_only_their_sum(tmp_path):
         assert all(params * 4 < row["secagg_bytes_per_client"] < params * 6 for row in history)
         expected = _fedavg(spec, _tensors(sources), weighted=False)
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_fedbuff_with_real_clients_steps_without_waiting_for_a_straggler(tmp_path):
+    if not (JOB / "train.parquet").exists():
+        subprocess.run([sys.executable, str(JOB / "prepare.py")], check=True)
+    frame = pd.read_parquet(JOB / "train.parquet")
+    cut = [0, len(frame) // 10, len(frame) // 5, len(frame)]  # the last: 8x the others
+    for i in range(3):
+        frame.iloc[cut[i] : cut[i + 1]].to_parquet(tmp_path / f"client{i}.parquet")
+    sources = [as_source(tmp_path / f"client{i}.parquet", label="digit") for i in range(3)]
+    fedbuff = {"kind": "fedbuff", "buffer": 2, "concurrency": 3, "local_epochs": 2}
+    job = _job(tmp_path, "buffered", clients=3, **fedbuff)
+    spec = yaml.safe_load(job.read_text())
+    spec["batch_size"], spec["epochs"] = 16, 8
+    job.write_text(yaml.safe_dump(spec))
+    server = _serve(job, tmp_path / "agg", tmp_path / "agg.log")
+    try:
+        parsed = JobSpec.model_validate(spec)
+        threads, done = _clients([_url(tmp_path / "agg.log")] * 3, parsed, sources, tmp_path)
+        assert server.wait(timeout=180) == 0, (tmp_path / "agg.log").read_text()
+        for t in threads:
+            t.join(timeout=30)
+        _, history = _final(tmp_path / "agg")
+        assert [row["epoch"] for row in history] == [float(e) for e in range(1, 9)]
+        assert all(row["clients_reported"] == 2 for row in history)
+        # the straggler's updates come in late: stale, and weighed as such
+        assert max(row["staleness_max"] for row in history) >= 1
+        # the small clients trained more often than the straggler did
+        fast, slow = sorted(done)[-1], sorted(done)[0]
+        assert fast > slow, done
+        assert history[-1]["val_accuracy"] > 0.7, history[-1]
     finally:
         if server.poll() is None:
             server.kill()

@@ -113,8 +113,6 @@ class Aggregator:
                 f"strategy: corral fl serve runs a federated strategy (fedavg, fedprox, "
                 f"fedadam…), not {spec.strategy.kind}"
             )
-        if spec.strategy.kind == "fedbuff":
-            raise SpecError("strategy: FedBuff runs in simulation only, not with real clients")
         settings = settings or spec.federation or Federation()
         self.spec, self.config = spec, spec.strategy
         self.folder, self.round_timeout, self.wait = folder, settings.round_timeout, settings.wait
@@ -447,11 +445,18 @@ class Aggregator:
             self.sock.send_multipart([identity, *frames.pack({"kind": "who"})])
             return
         client.seen = time.monotonic()
+        if arrays:
+            self._take(identity, header, arrays, current)
+
+    def _take(
+        self, identity: bytes, header: dict[str, Any], arrays: list[Any], current: _Round | None
+    ) -> None:
+        """A client's answer: kept if it is what the current round waits for from it (one
+        for a round before a restart, or a duplicate, is dropped)."""
         if (
             current is not None
-            and kind == current.expect
+            and header.get("kind") == current.expect
             and header.get("round") == current.index
-            and arrays
             and identity in current.sampled
             and identity not in current.updates
         ):

@@ -57,7 +57,8 @@ def serve(
 
     def action() -> None:
         spec = _spec(job)
-        from corral.federation.aggregator import Aggregator
+        from corral.federation.serving import aggregator_for
+        from corral.federation.wire import JoinAddress
         from corral.spec import Federation
         from corral.train.progress import format_metrics
 
@@ -67,16 +68,10 @@ def serve(
             update={k: v for k, v in given.items() if v is not None}
         )
         where = folder or Path.cwd() / "corral-runs" / f"fl-{spec.name or job.stem}"
-        base = job.resolve().parent
-        aggregator: Aggregator
-        if parent is not None:
-            from corral.federation.edge import Edge
-            from corral.federation.wire import JoinAddress
-
-            root = JoinAddress.parse(parent)
-            aggregator = Edge(spec, base=base, folder=where, parent=root, settings=settings)
-        else:
-            aggregator = Aggregator(spec, base=base, folder=where, settings=settings)
+        parent_address = JoinAddress.parse(parent) if parent is not None else None
+        aggregator = aggregator_for(
+            spec, base=job.resolve().parent, folder=where, settings=settings, parent=parent_address
+        )
         # the address holds the job's token: shown here once, and kept (mode 0600) in
         # the folder's enrolment file, never logged
         err.print(

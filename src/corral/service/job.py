@@ -180,9 +180,9 @@ def _run_federated(spec: JobSpec, folder: Path) -> int:
     port and token (`FEDERATION`, mode 0600, read by the API for the job's team only)
     and a checkpoint each round there, so a restarted attempt resumes on the same
     address, and clients enrol again."""
-    from corral.federation.aggregator import Aggregator
+    from corral.federation.serving import aggregator_for
 
-    aggregator = Aggregator(spec, base=folder, folder=folder / FEDERATION)
+    aggregator = aggregator_for(spec, base=folder, folder=folder / FEDERATION)
     if aggregator.start_round:
         print(f"resuming at round {aggregator.start_round + 1}", flush=True)
     where = aggregator.address
