@@ -10,7 +10,7 @@ from pydantic import TypeAdapter
 
 from corral.errors import DataError
 from corral.federated import partition
-from corral.federated.partition import IID, AnyPartition, Dirichlet, LabelShards
+from corral.federated.partition import IID, AnyPartition, ClientColumn, Dirichlet, LabelShards
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 classes
 
@@ -68,6 +68,38 @@ def test_configs_read_from_yaml_dicts() -> None:
     assert adapter.validate_python({"kind": "shards", "shards": 3}) == LabelShards(shards=3)
     with pytest.raises(ValueError, match="alpha"):
         adapter.validate_python({"kind": "dirichlet", "alpha": 0})
+
+
+def test_a_client_column_gives_each_id_its_rows_in_sorted_order_of_the_ids() -> None:
+    ids = np.array(["carol", "al", "bo", "al", "carol", "al", "bo"], dtype=object)
+    parts = ClientColumn(column="user").split(np.zeros(7), clients=3, seed=0, groups=ids)
+    assert [p.tolist() for p in parts] == [[1, 3, 5], [2, 6], [0, 4]]  # al, bo, carol
+    other_seed = ClientColumn(column="user").split(np.zeros(7), clients=3, seed=9, groups=ids)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, other_seed, strict=True))
+    numbers = np.random.default_rng(0).integers(0, 40, size=600)
+    parts = ClientColumn(column="device").split(LABELS, clients=40, seed=0, groups=numbers)
+    _covers_once(parts, len(LABELS))
+    assert [int(np.unique(numbers[p]).item()) for p in parts] == list(range(40))
+
+
+def test_client_column_errors_are_one_line_each() -> None:
+    split = ClientColumn(column="user")
+    ids = np.array([1, 1, 2, 5])
+    with pytest.raises(
+        DataError, match="client id column 'user' has 3 distinct values but clients is 4; set "
+    ):
+        split.split(np.zeros(4), clients=4, seed=0, groups=ids)
+    with pytest.raises(DataError, match=r"2 missing \(NaN/None\) values, first at row 1"):
+        split.split(np.zeros(4), clients=2, seed=0, groups=np.array([1.0, np.nan, 2.0, np.nan]))
+    with pytest.raises(DataError, match=r"1 missing \(NaN/None\) values, first at row 2"):
+        split.split(np.zeros(3), clients=2, seed=0, groups=np.array(["a", "b", None]))
+    with pytest.raises(DataError, match="needs the client id column 'user', and the training"):
+        split.split(np.zeros(4), clients=3, seed=0)
+    with pytest.raises(DataError, match="'user' has 4 values for 5 samples"):
+        split.split(np.zeros(5), clients=3, seed=0, groups=ids)
+    with pytest.raises(ValueError, match="column"):
+        TypeAdapter(AnyPartition).validate_python({"kind": "column"})
+    assert IID().split(LABELS, clients=3, seed=0, groups=ids)  # the others ignore groups
 
 
 def test_the_docstring_example_holds() -> None:

@@ -7,12 +7,13 @@ nothing here knows about workers, process groups or the service.
 """
 
 from corral.federated.aggregation import Krum, Mean, Median, TrimmedMean
-from corral.federated.partition import IID, Dirichlet, LabelShards
+from corral.federated.partition import IID, ClientColumn, Dirichlet, LabelShards
 from corral.federated.privacy import Privacy
 from corral.federated.secure import SecureAggregation
 
 __all__ = [
     "IID",
+    "ClientColumn",
     "Dirichlet",
     "Krum",
     "LabelShards",

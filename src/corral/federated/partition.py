@@ -1,4 +1,5 @@
-"""How a simulation splits one data set into clients: IID, label shards, Dirichlet.
+"""How a simulation splits one data set into clients: IID, label shards, Dirichlet, or
+a column of client ids.
 
 A federated algorithm is only as honestly tested as its clients are unlike each other, so
 the partitioners are the ones the literature compares on:
@@ -12,9 +13,13 @@ the partitioners are the ones the literature compares on:
   Federated Visual Classification" (2019): each class is spread over the clients in
   proportions drawn from Dir(α); a small α gives each client few classes and unequal
   sizes.
+- `ClientColumn`: naturally federated data (one row per sample, with the user, device or
+  hospital it came from): each distinct value of a column is one client, as LEAF's
+  data sets are split (Caldas et al., "LEAF: A Benchmark for Federated Settings", 2018).
 
 Each is a frozen config (a member of `AnyPartition`, written the same in Python and
-YAML) whose `split` is a pure function of the labels, the client count and the seed, so
+YAML) whose `split` is a pure function of the labels (or the ids), the client count and the
+seed, so
 every worker of a simulation computes the same clients without talking to the others.
 
 Example:
@@ -47,8 +52,23 @@ class Partition(BaseModel, ABC):
 
     kind: str
 
-    def split(self, labels: np.ndarray, *, clients: int, seed: int) -> list[np.ndarray]:
+    def group_column(self) -> str | None:
+        """The data column whose values `split` needs as its ``groups`` (never a
+        feature); None: the labels are enough."""
+        return None
+
+    def split(
+        self,
+        labels: np.ndarray,
+        *,
+        clients: int,
+        seed: int,
+        groups: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
         """Indices into `labels` of each client's samples; every sample goes to one client.
+
+        `groups` are the values of `group_column` (one a sample), for the partitions that
+        have one; the others ignore it.
 
         Raises:
             DataError: There are fewer samples than clients, or a client got none.
@@ -157,5 +177,92 @@ class Dirichlet(Partition):
         return f"raise alpha (now {self.alpha}) or ask for fewer clients"
 
 
+class ClientColumn(Partition):
+    """Each distinct value of `column` is one client: client *k* holds the rows of the
+    *k*-th value in sorted order, in the order they come in the data.
+
+    The column is read beside the features and the label and is never a feature. The
+    strategy's ``clients`` must be the number of distinct values (a mismatch is refused,
+    naming both), so that ``fraction``, ``min_clients`` and privacy accounting are checked
+    when the config is, before the data is read. The seed plays no part.
+
+    Example:
+        >>> ClientColumn(column="user").split(
+        ...     np.zeros(4), clients=2, seed=0, groups=np.array(["b", "a", "b", "a"]))
+        [array([1, 3]), array([0, 2])]
+
+    Attributes:
+        column: The column holding each sample's client id (any sortable values).
+    """
+
+    kind: Literal["column"] = "column"
+    column: str = Field(min_length=1)
+
+    def group_column(self) -> str | None:
+        return self.column
+
+    def split(
+        self,
+        labels: np.ndarray,
+        *,
+        clients: int,
+        seed: int,
+        groups: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """The rows of each id, ids in sorted order.
+
+        Raises:
+            DataError: No ids, ids missing (NaN or None), a length other than the
+                labels', or `clients` not the number of distinct ids.
+        """
+        import numpy as np
+
+        where = f"client id column {self.column!r}"
+        if groups is None:
+            raise DataError(
+                f"the column partition needs the {where}, and the training data carries "
+                "none: pass a DataFrame or Parquet data with it (or an ArraySource with "
+                "groups=)"
+            )
+        ids = np.asarray(groups)
+        if len(ids) != len(labels):
+            raise DataError(f"{where} has {len(ids)} values for {len(labels)} samples")
+        missing = _missing(ids)
+        if missing.any():
+            raise DataError(
+                f"{where} has {int(missing.sum())} missing (NaN/None) values, first at row "
+                f"{int(np.argmax(missing))}; every sample needs a client"
+            )
+        try:
+            distinct = len(np.unique(ids))
+        except TypeError as err:  # ids of mixed types, which cannot be sorted
+            raise DataError(f"{where} holds values that cannot be sorted: {err}") from err
+        if distinct != clients:
+            raise DataError(
+                f"{where} has {distinct} distinct values but clients is {clients}; "
+                f"set clients to {distinct}"
+            )
+        return super().split(ids, clients=clients, seed=seed)
+
+    def _split(self, ids: np.ndarray, clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+        import numpy as np
+
+        # called by `split` with the ids in place of the labels
+        _, client, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        order = np.argsort(client.reshape(-1), kind="stable")
+        return np.split(order, np.cumsum(counts)[:-1])
+
+
+def _missing(ids: np.ndarray) -> np.ndarray:
+    """Which ids are NaN or None (object arrays hold either)."""
+    import numpy as np
+
+    if ids.dtype.kind == "f":
+        return np.isnan(ids)
+    if ids.dtype.kind == "O":
+        return np.array([v is None or v != v for v in ids.tolist()], dtype=bool)
+    return np.zeros(len(ids), dtype=bool)
+
+
 #: The tagged union a strategy's ``partition`` field takes.
-AnyPartition = Annotated[IID | LabelShards | Dirichlet, Field(discriminator="kind")]
+AnyPartition = Annotated[IID | LabelShards | Dirichlet | ClientColumn, Field(discriminator="kind")]
