@@ -295,3 +295,37 @@ def test_as_source_dispatch_errors() -> None:
         as_source((np.zeros((3, 1)), np.zeros(3)), features=["a"])
     with pytest.raises(DataError, match="apply only to DataFrames and Parquet data, not to a Pair"):
         as_source(PairDataset(3), label="y")
+
+
+@pytest.mark.parametrize("kind", ["dataframe", "folder"])
+def test_a_group_column_is_read_beside_x_and_y_and_is_no_feature(kind: str, tmp_path: Path) -> None:
+    df = frame(30).assign(user=[f"u{i % 4}" for i in range(30)])
+    data = df if kind == "dataframe" else make_parquet_folder(df, tmp_path / "d")
+    source = as_source(data, label="y", groups="user")
+    x, y = source.arrays()
+    assert x.shape == (30, 2) and source.features == ["id", "a"]  # type: ignore[attr-defined]
+    assert np.array_equal(y, x[:, 0].astype(int) % 3)
+    groups = source.groups()
+    assert groups is not None and groups.tolist() == df["user"].tolist()  # storage order
+    assert as_source(data, label="y", features=["a"]).groups() is None
+    assert cloudpickle.loads(cloudpickle.dumps(source)).groups().tolist() == groups.tolist()
+
+
+def test_group_column_errors(tmp_path: Path) -> None:
+    df = frame(6).assign(user=[1, 1, 2, 2, 3, 3])
+    path = write_parquet(df, tmp_path / "g.parquet")
+    for data in (df, path):
+        with pytest.raises(DataError, match=r"column\(s\) 'person' not found; .* has: id, a, y"):
+            as_source(data, label="y", groups="person")
+        with pytest.raises(DataError, match="'user' is the client id column and cannot also be"):
+            as_source(data, label="y", features=["a", "user"], groups="user")
+        with pytest.raises(DataError, match="'y' cannot be both the label and the client id"):
+            as_source(data, label="y", groups="y")
+    with pytest.raises(DataError, match=r"column \('user'\) is read only from a DataFrame or"):
+        as_source((np.zeros((3, 2)), np.zeros(3)), groups="user")
+    with pytest.raises(DataError, match="X has 3 rows but groups has 2"):
+        ArraySource(np.zeros((3, 2)), np.zeros(3), groups=[1, 2])
+    with_ids = ArraySource(np.zeros((3, 2)), np.zeros(3), groups=[7, 8, 7])
+    assert as_source(with_ids, groups="user") is with_ids  # a Source keeps its own groups
+    missing = as_source(df.assign(user=[1, None, 2, 2, 3, 3]), label="y", groups="user")
+    assert np.isnan(missing.groups()[1])  # the partition refuses it, naming the column

@@ -69,6 +69,11 @@ class Source(ABC):
         x, y = shard.take(shard.order)
         return x.numpy(), y.numpy()
 
+    def groups(self) -> np.ndarray | None:
+        """Each sample's group id (its client, in a federated simulation), in storage
+        order, read from a column that is not a feature; None for data without one."""
+        return None
+
     def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
         """Return the number of batches every rank yields per epoch (the same on all ranks).
 
@@ -150,6 +155,19 @@ def check_columns(requested: Sequence[Any], available: Sequence[Any], where: str
         shown = ", ".join(str(c) for c in available[:50])
         more = f" … and {len(available) - 50} more" if len(available) > 50 else ""
         raise DataError(f"column(s) {quoted(missing)} not found; {where} has: {shown}{more}")
+
+
+def check_group_column(group: str | None, features: Sequence[Any], label: str) -> None:
+    """Refuse a group id column that is also the label or a listed feature."""
+    if group is None:
+        return
+    if group == label:
+        raise DataError(f"column {group!r} cannot be both the label and the client id column")
+    if group in features:
+        raise DataError(
+            f"column {group!r} is the client id column and cannot also be a feature; "
+            "remove it from features"
+        )
 
 
 def check_finite(

@@ -29,7 +29,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from corral.data import sharding
-from corral.data.base import Shard, Source, check_columns, check_finite, take_rows
+from corral.data.base import (
+    Shard,
+    Source,
+    check_columns,
+    check_finite,
+    check_group_column,
+    take_rows,
+)
 from corral.errors import DataError
 
 
@@ -48,6 +55,7 @@ class ParquetSource(Source):
         label: str,
         features: Sequence[str] | None = None,
         missing_features: bool = False,
+        groups: str | None = None,
     ) -> None:
         """Read only the files' metadata: schemas to validate columns, row counts to split.
 
@@ -56,9 +64,12 @@ class ParquetSource(Source):
                 skipping names that start with ``_`` or ``.``, as Spark's ``_SUCCESS``) are
                 read in sorted order.
             label: The label column.
-            features: Feature columns, in order; ``None`` means every column but ``label``.
+            features: Feature columns, in order; ``None`` means every column but ``label``
+                (and ``groups``).
             missing_features: Let null and NaN features through, as NaN (for a model that
                 takes them as missing values, as XGBoost does); inf is still refused.
+            groups: A column of group ids (any type), read whole by `groups`, never a
+                feature: a federated simulation's clients.
 
         Raises:
             DataError: If the path is missing or holds no Parquet data, or a file lacks a
@@ -67,17 +78,22 @@ class ParquetSource(Source):
         self._files = [str(f) for f in _parquet_files(Path(path))]
         metadata = [_read_metadata(f) for f in self._files]
         first_schema = metadata[0][0]
-        self._label, self._missing_features = label, missing_features
+        self._label, self._missing_features, self._group = label, missing_features, groups
         self._features = (
-            [c for c in first_schema.names if c != label] if features is None else list(features)
+            [c for c in first_schema.names if c not in (label, groups)]
+            if features is None
+            else list(features)
         )
-        groups = []  # per row group: file index, index in file, rows, first row in file
+        check_group_column(groups, self._features, label)
+        blocks = []  # per row group: file index, index in file, rows, first row in file
         for i, (file, (schema, meta)) in enumerate(zip(self._files, metadata, strict=True)):
+            if groups is not None:
+                check_columns([groups], schema.names, file)
             _check_schema(schema, self._features, label, file)
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             starts = np.cumsum([0, *sizes])
-            groups += [(i, g, sizes[g], int(starts[g])) for g in range(len(sizes))]
-        self._groups = np.array(groups, dtype=np.int64).reshape(-1, 4)
+            blocks += [(i, g, sizes[g], int(starts[g])) for g in range(len(sizes))]
+        self._groups = np.array(blocks, dtype=np.int64).reshape(-1, 4)
         self._label_int = all(pa.types.is_integer(s.field(label).type) for s, _ in metadata)
         if self.num_samples == 0:
             raise DataError(f"the Parquet data at {path} is empty (0 rows)")
@@ -91,6 +107,16 @@ class ParquetSource(Source):
     def num_samples(self) -> int:
         """Total rows over all files, from their metadata."""
         return int(self._groups[:, 2].sum())
+
+    def groups(self) -> np.ndarray | None:
+        """The group column of every file, in storage order (nulls as None or NaN)."""
+        if self._group is None:
+            return None
+        parts = []
+        for file in self._files:
+            column = pq.read_table(file, columns=[self._group]).column(self._group)
+            parts.append(column.to_numpy(zero_copy_only=False))
+        return np.concatenate(parts)
 
     def _shard(self, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> Shard:
         """Read the row groups overlapping ``rank``'s range of this epoch's group order."""

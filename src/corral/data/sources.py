@@ -23,6 +23,7 @@ from corral.data.base import (
     Source,
     check_columns,
     check_finite,
+    check_group_column,
     quoted,
     take_rows,
 )
@@ -68,14 +69,17 @@ class ArraySource(IndexedSource):
         *,
         feature_names: Sequence[str] | None = None,
         label_name: str | None = None,
+        groups: Any = None,
     ) -> None:
         """Convert and validate the arrays once, so no worker meets bad data mid-training.
 
         Args:
             x: Features, anything ``np.asarray`` takes, shape ``(n, ...)``.
             y: Labels, shape ``(n,)`` or ``(n, k)``.
-            feature_names: Names of ``x``'s columns, used only in error messages.
+            feature_names: Names of ``x``'s columns (`features`, and error messages).
             label_name: Name of the label, used only in error messages.
+            groups: Each sample's group id, shape ``(n,)``, of any type (a federated
+                simulation's clients: `corral.federated.ClientColumn`); not a feature.
 
         Raises:
             DataError: On length mismatch, empty or non-numeric data, NaN or inf.
@@ -85,6 +89,10 @@ class ArraySource(IndexedSource):
             raise DataError("X and y must be arrays with one row per sample, not scalars")
         if len(x) != len(y):
             raise DataError(f"X has {len(x)} rows but y has {len(y)}")
+        self._groups = None if groups is None else np.asarray(groups).reshape(-1)
+        if self._groups is not None and len(self._groups) != len(x):
+            raise DataError(f"X has {len(x)} rows but groups has {len(self._groups)}")
+        self._features = None if feature_names is None else list(feature_names)
         if len(x) == 0:
             raise DataError("the data is empty (0 rows)")
         self._x = _numeric(x, "features")
@@ -95,22 +103,34 @@ class ArraySource(IndexedSource):
 
     @classmethod
     def from_dataframe(
-        cls, df: pd.DataFrame, *, label: str, features: Sequence[str] | None = None
+        cls,
+        df: pd.DataFrame,
+        *,
+        label: str,
+        features: Sequence[str] | None = None,
+        groups: str | None = None,
     ) -> ArraySource:
         """Take ``features`` and ``label`` columns of a DataFrame; features become ``float32``.
 
         Args:
             df: The table, one row per sample.
             label: The label column.
-            features: Feature columns, in order; ``None`` means every column but ``label``.
+            features: Feature columns, in order; ``None`` means every column but ``label``
+                (and ``groups``).
+            groups: A column of group ids (any type) read as `groups`, never a feature.
 
         Raises:
             DataError: If columns are missing (the message lists those that exist), not
                 numeric, or hold NaN, inf or missing values.
         """
         columns = list(df.columns)
-        features = [c for c in columns if c != label] if features is None else list(features)
-        check_columns([*features, label], columns, "the DataFrame")
+        if features is None:
+            features = [c for c in columns if c not in (label, groups)]
+        features = list(features)
+        check_columns(
+            [*features, label, *([groups] if groups is not None else [])], columns, "the DataFrame"
+        )
+        check_group_column(groups, features, label)
         if label in features:
             raise DataError(f"label {label!r} is also listed in features")
         if not features:
@@ -126,12 +146,25 @@ class ArraySource(IndexedSource):
             y = column.to_numpy(dtype=np.int64)
         else:
             y = column.to_numpy(dtype=np.float32, na_value=np.nan)
-        return cls(x, y, feature_names=[str(c) for c in features], label_name=label)
+        ids = None
+        if groups is not None:  # missing ids as NaN or None, which the partition refuses
+            ids = df[groups].to_numpy()
+            if df[groups].hasnans and pd.api.types.is_numeric_dtype(df[groups]):
+                ids = df[groups].to_numpy(dtype=np.float64, na_value=np.nan)
+        return cls(x, y, feature_names=[str(c) for c in features], label_name=label, groups=ids)
 
     @property
     def num_samples(self) -> int:
         """Number of rows."""
         return len(self._x)
+
+    @property
+    def features(self) -> list[str] | None:
+        """The feature columns, in order, when the arrays came from named columns."""
+        return None if self._features is None else list(self._features)
+
+    def groups(self) -> np.ndarray | None:
+        return self._groups
 
     def _take(self, idx: np.ndarray) -> Batch:
         return take_rows(self._x, self._y, idx)
@@ -175,19 +208,27 @@ class DatasetSource(IndexedSource):
 
 
 def as_source(
-    data: Any, *, features: Sequence[str] | None = None, label: str | None = None
+    data: Any,
+    *,
+    features: Sequence[str] | None = None,
+    label: str | None = None,
+    groups: str | None = None,
 ) -> Source:
     """Turn whatever the user passed as training data into a :class:`Source`.
 
     Args:
         data: A ``Source`` (passed through); an ``(X, y)`` tuple or list of arrays; a pandas
             DataFrame; a path to a Parquet file or folder; or a map-style torch ``Dataset``.
-        features: Feature columns of a DataFrame or Parquet data (``None``: all but label).
+        features: Feature columns of a DataFrame or Parquet data (``None``: all but label
+            and ``groups``).
         label: Label column of a DataFrame or Parquet data; required for those.
+        groups: A column of a DataFrame or Parquet data read as the source's `groups`
+            (a federated simulation's client ids), never a feature. A ``Source`` passes
+            through with the groups it carries.
 
     Raises:
-        DataError: If ``data`` is of none of these kinds, or ``features``/``label`` are given
-            for a kind that has no columns, or missing for one that has.
+        DataError: If ``data`` is of none of these kinds, or ``features``/``label``/
+            ``groups`` are given for a kind that has no columns, or missing for one that has.
 
     Example:
         >>> as_source(pd.DataFrame({"a": [1.0, 2.0], "y": [0, 1]}), label="y").num_samples
@@ -197,16 +238,21 @@ def as_source(
         if label is None:
             raise DataError("label= is required for DataFrames and Parquet data: name the column")
         if _is_dataframe(data):
-            return ArraySource.from_dataframe(data, features=features, label=label)
+            return ArraySource.from_dataframe(data, features=features, label=label, groups=groups)
         from corral.data.parquet import ParquetSource  # pyarrow only where Parquet is read
 
-        return ParquetSource(data, features=features, label=label)
+        return ParquetSource(data, features=features, label=label, groups=groups)
+    if isinstance(data, Source) and features is None and label is None:
+        return data
+    if groups is not None:
+        raise DataError(
+            f"a client id column ({groups!r}) is read only from a DataFrame or Parquet data, "
+            f"not from {_kind(data)}; pass ArraySource(x, y, groups=ids) instead"
+        )
     if features is not None or label is not None:
         raise DataError(
             f"features= and label= apply only to DataFrames and Parquet data, not to {_kind(data)}"
         )
-    if isinstance(data, Source):
-        return data
     if isinstance(data, (tuple, list)):
         if len(data) != 2:
             raise DataError(f"a tuple or list of data must be (X, y), got {len(data)} items")
