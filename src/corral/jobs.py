@@ -26,11 +26,15 @@ from corral.spec import LOSSES, DataSpec, JobSpec, OptimizerSpec
 from corral.train.trainer import Trainer
 
 
-def source_for(data: DataSpec, base: Path) -> Source:
-    """The source a job's `data` (or `validation`) section names, paths from `base`."""
+def source_for(data: DataSpec, base: Path, *, groups: str | None = None) -> Source:
+    """The source a job's `data` (or `validation`) section names, paths from `base`;
+    `groups` is the column the strategy reads beside the features (`Strategy.group_column`)."""
     path = Path(data.path)
     return as_source(
-        path if path.is_absolute() else base / path, features=data.features, label=data.label
+        path if path.is_absolute() else base / path,
+        features=data.features,
+        label=data.label,
+        groups=groups,
     )
 
 
@@ -65,15 +69,21 @@ def trainer_for(spec: JobSpec, *, base: Path) -> tuple[Trainer, Source, Source |
         trainer.engine = SparkEngine(
             session(spec.spark.master, spec.spark.conf), buffer_mb=spec.spark.buffer_mb
         )
-    validation = source_for(spec.validation, base) if spec.validation else None
-    return trainer, source_for(spec.data, base), validation
+    group = spec.strategy.group_column()
+    train = source_for(spec.data, base, groups=group)
+    held = spec.validation
+    if held is not None and group is not None and held.features is None:
+        # the training features, without the id column the inferred ones would hold
+        held = held.model_copy(update={"features": getattr(train, "features", None)})
+    validation = source_for(held, base) if held is not None else None
+    return trainer, train, validation
 
 
 def _data_spec(
-    data: Any, features: list[str] | None, label: str | None, path: Path
+    data: Any, features: list[str] | None, label: str | None, path: Path, group: str | None
 ) -> dict[str, Any]:
     """`data` as a job's `DataSpec`: a Parquet path as it is, ``(X, y)`` arrays or a
-    pandas DataFrame written to `path`."""
+    pandas DataFrame written to `path` (with the strategy's `group` column, not a feature)."""
     if isinstance(data, str | Path):
         if label is None:
             raise SpecError("label: name the label column of the Parquet data")
@@ -81,9 +91,9 @@ def _data_spec(
     if isinstance(data, pd.DataFrame):
         if label is None:
             raise SpecError("label: name the label column of the DataFrame")
-        columns = [*(features or [c for c in data.columns if c != label]), label]
-        data[columns].to_parquet(path)
-        return {"path": str(path), "features": columns[:-1], "label": label}
+        features = features or [c for c in data.columns if c not in (label, group)]
+        data[[*features, label, *([group] if group is not None else [])]].to_parquet(path)
+        return {"path": str(path), "features": features, "label": label}
     if isinstance(data, tuple) and len(data) == 2:
         x, y = (np.asarray(a) for a in data)
         frame = pd.DataFrame(x.reshape(len(x), -1), columns=None)
@@ -131,8 +141,11 @@ def job_of_trainer(
         parts["optimizer"] = trainer.optimizer
         spec["optimizer"] = f"{pickled}:optimizer"
     pickled.write_bytes(cloudpickle.dumps(parts))
-    spec["data"] = _data_spec(data, features, label, folder.resolve() / "train.parquet")
+    group = trainer.settings.strategy.group_column()
+    train = folder.resolve() / "train.parquet"
+    spec["data"] = _data_spec(data, features, label, train, group)
     if validation is not None:
         path = folder.resolve() / "validation.parquet"
-        spec["validation"] = _data_spec(validation, features, label, path)
+        held = features or spec["data"]["features"]  # the training features, not the ids
+        spec["validation"] = _data_spec(validation, held, label, path, None)
     return spec

@@ -279,6 +279,12 @@ class Strategy(BaseModel, ABC):
     #: Whether the loop opens a torch.distributed process group (collectives, DDP).
     uses_process_group: ClassVar[bool] = True
 
+    def group_column(self) -> str | None:
+        """A column of the training data this strategy reads beside the features and the
+        label, never a feature (a federated simulation's client ids), so that `Trainer`
+        and YAML jobs read it into the source's ``groups()``; None: no such column."""
+        return None
+
     def check_data(self, train: Source, *, seed: int) -> None:
         """Caller side, before any worker starts: refuse training data this strategy
         cannot use, in one line (a federated partition that leaves a client empty);

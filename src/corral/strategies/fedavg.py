@@ -74,7 +74,9 @@ class FedAvg(Strategy):
         fraction: C, the fraction of clients sampled each round.
         min_clients: The fewest clients a round samples, whatever the fraction.
         local_epochs: E, epochs each sampled client trains on its own data.
-        partition: How the data is split into clients (`corral.federated.partition`).
+        partition: How the data is split into clients (`corral.federated.partition`);
+            with `corral.federated.ClientColumn`, one client per distinct value of a
+            column, and `clients` must be their number.
         aggregate: The rule that combines the updates (`corral.federated.aggregation`):
             the sample-weighted mean, or a robust one.
         server_lr: The global model moves by this times the aggregate.
@@ -132,6 +134,9 @@ class FedAvg(Strategy):
         """Clients sampled each round."""
         return min(self.clients, max(self.min_clients, round(self.fraction * self.clients)))
 
+    def group_column(self) -> str | None:
+        return self.partition.group_column()
+
     def check_data(self, train: Source, *, seed: int) -> None:
         from corral.data.spill import SpillSource
 
@@ -140,7 +145,8 @@ class FedAvg(Strategy):
                 f"strategy {self.kind}: federated simulation on a Spark DataFrame is not "
                 "built yet; pass a pandas DataFrame, arrays or a Parquet path"
             )
-        self.partition.split(train.arrays()[1], clients=self.clients, seed=seed)
+        labels = train.arrays()[1]
+        self.partition.split(labels, clients=self.clients, seed=seed, groups=train.groups())
         if self.privacy is not None and self.privacy.max_epsilon is not None:
             from corral.federated.privacy import Accountant
 
@@ -426,7 +432,9 @@ class FederatedReplica(RoundReplica):
             import torch
 
             x, y = data.arrays()
-            parts = self.config.partition.split(y, clients=self.config.clients, seed=seed)
+            parts = self.config.partition.split(
+                y, clients=self.config.clients, seed=seed, groups=data.groups()
+            )
             device = self.ctx.device
             self._data = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), parts)
         return self._data

@@ -218,7 +218,13 @@ class Trainer:
         s = self.settings
         workers = s.roles.worker.count
         feed, width = None, None
+        group = s.strategy.group_column()  # read beside the features, never one of them
         if _is_spark_dataframe(data):
+            if group is not None:
+                raise SpecError(
+                    f"strategy {s.strategy.kind}: the client id column {group!r} is read "
+                    "from a pandas DataFrame or Parquet data, not a Spark DataFrame"
+                )
             train, feed, features, width = self._spark_input(data, features, label, workers)
         else:
             if isinstance(features, str):
@@ -226,8 +232,11 @@ class Trainer:
                     "features: a single column name (an array or vector column) is for "
                     "Spark DataFrames; here, pass a list of numeric columns"
                 )
-            train = as_source(data, features=features, label=label)
+            train = as_source(data, features=features, label=label, groups=group)
             train.steps_per_epoch(workers, s.batch_size)  # fails now if it cannot be split
+            if group is not None and features is None and not isinstance(validation, Source):
+                # the validation data's features are these, its id column (if any) left out
+                features = getattr(train, "features", None)
         valid: Source | None = None
         if validation is not None:
             if _is_spark_dataframe(validation):  # held-out data is small: score it here
