@@ -71,7 +71,8 @@ class Partition(BaseModel, ABC):
         have one; the others ignore it.
 
         Raises:
-            DataError: There are fewer samples than clients, or a client got none.
+            DataError: There are fewer samples than clients, or a client got none (or,
+                for `ClientColumn`, the ids are missing or are not `clients` many).
         """
         import numpy as np
 
@@ -80,7 +81,8 @@ class Partition(BaseModel, ABC):
                 f"{clients} clients but only {len(labels)} samples: every client needs "
                 "at least one; ask for fewer clients"
             )
-        parts = self._split(np.asarray(labels), clients, np.random.default_rng(seed))
+        keys = self._keys(np.asarray(labels), groups, clients)
+        parts = self._split(keys, clients, np.random.default_rng(seed))
         empty = sum(len(p) == 0 for p in parts)
         if empty:
             raise DataError(
@@ -88,6 +90,10 @@ class Partition(BaseModel, ABC):
                 f"data; {self._remedy()}"
             )
         return parts
+
+    def _keys(self, labels: np.ndarray, groups: np.ndarray | None, clients: int) -> np.ndarray:
+        """What `_split` splits by: the labels, or (`ClientColumn`) the checked ids."""
+        return labels
 
     @abstractmethod
     def _split(
@@ -201,20 +207,9 @@ class ClientColumn(Partition):
     def group_column(self) -> str | None:
         return self.column
 
-    def split(
-        self,
-        labels: np.ndarray,
-        *,
-        clients: int,
-        seed: int,
-        groups: np.ndarray | None = None,
-    ) -> list[np.ndarray]:
-        """The rows of each id, ids in sorted order.
-
-        Raises:
-            DataError: No ids, ids missing (NaN or None), a length other than the
-                labels', or `clients` not the number of distinct ids.
-        """
+    def _keys(self, labels: np.ndarray, groups: np.ndarray | None, clients: int) -> np.ndarray:
+        """The ids, refused when absent, missing (NaN, None), of another length than the
+        labels, or not `clients` distinct values."""
         import numpy as np
 
         where = f"client id column {self.column!r}"
@@ -242,12 +237,11 @@ class ClientColumn(Partition):
                 f"{where} has {distinct} distinct values but clients is {clients}; "
                 f"set clients to {distinct}"
             )
-        return super().split(ids, clients=clients, seed=seed)
+        return ids
 
     def _split(self, ids: np.ndarray, clients: int, rng: np.random.Generator) -> list[np.ndarray]:
         import numpy as np
 
-        # called by `split` with the ids in place of the labels
         _, client, counts = np.unique(ids, return_inverse=True, return_counts=True)
         order = np.argsort(client.reshape(-1), kind="stable")
         return np.split(order, np.cumsum(counts)[:-1])
