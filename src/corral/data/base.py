@@ -50,6 +50,10 @@ class Source(ABC):
         [2, 2, 1]
     """
 
+    #: Whether each worker holds only rows of its own (a Spark partition), so that
+    #: `arrays` in a worker is that worker's part, not the whole data.
+    partitioned: bool = False
+
     @property
     @abstractmethod
     def num_samples(self) -> int:

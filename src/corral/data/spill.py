@@ -40,6 +40,8 @@ class SpillSource(Source):
     Built on the driver (it holds only column names), opened in the worker.
     """
 
+    partitioned = True
+
     def __init__(self, features: Sequence[str], label: str) -> None:
         self.features, self.label = list(features), label
         self._reader: Any = None

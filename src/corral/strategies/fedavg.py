@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from corral.errors import SpecError
 from corral.federated.aggregation import AnyAggregation, Mean
 from corral.federated.partition import IID, AnyPartition
 from corral.federated.privacy import Privacy
@@ -138,15 +137,9 @@ class FedAvg(Strategy):
         return self.partition.group_column()
 
     def check_data(self, train: Source, *, seed: int) -> None:
-        from corral.data.spill import SpillSource
-
-        if isinstance(train, SpillSource):
-            raise SpecError(
-                f"strategy {self.kind}: federated simulation on a Spark DataFrame is not "
-                "built yet; pass a pandas DataFrame, arrays or a Parquet path"
-            )
-        labels = train.arrays()[1]
-        self.partition.split(labels, clients=self.clients, seed=seed, groups=train.groups())
+        if not train.partitioned:  # a Spark partition is split in its own worker
+            labels = train.arrays()[1]
+            self.partition.split(labels, clients=self.clients, seed=seed, groups=train.groups())
         if self.privacy is not None and self.privacy.max_epsilon is not None:
             from corral.federated.privacy import Accountant
 
@@ -248,6 +241,7 @@ class FederatedReplica(RoundReplica):
         )
         self.local = LocalTraining(config, model, optimizer, loss, rank=ctx.rank)
         self._data: tuple[torch.Tensor, torch.Tensor, list[np.ndarray]] | None = None
+        self._partitioned = False  # each worker holds only its own rows (Spark)
         self._metrics: dict[str, Any] = {}
         #: the server optimizer's state (FedOpt's moments), checkpointed with the job
         self._server: dict[str, torch.Tensor] = {}
@@ -363,7 +357,7 @@ class FederatedReplica(RoundReplica):
         import numpy as np
 
         sampled, reporting = sample_clients(self.config, seed=seed, round_=epoch)
-        played = sampled[self.ctx.rank :: self.ctx.world_size]
+        played = sampled[self.hosted(sampled)]
         runs = [
             ClientRun(int(c), start_vec, order_seed=(seed, epoch, int(c)))
             for c in np.intersect1d(played, reporting)
@@ -424,17 +418,41 @@ class FederatedReplica(RoundReplica):
 
     # -- helpers -------------------------------------------------------------------------
 
+    def hosted(self, clients: np.ndarray) -> np.ndarray:
+        """Which of `clients` (a round's, in order) this worker trains, as a mask: every
+        W-th when every worker holds all the data; on Spark, where each holds only its
+        partition, the clients made of its rows (client c lives on worker c mod W)."""
+        import numpy as np
+
+        rank, world = self.ctx.rank, self.ctx.world_size
+        if self._partitioned:
+            return np.asarray(clients) % world == rank
+        return np.arange(len(clients)) % world == rank
+
     def _clients(
         self, data: Source, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
-        """The data as tensors and every client's sample indices, computed once."""
+        """The data as tensors and every client's sample indices, computed once. On a
+        Spark partition only this worker's clients have rows: its part is split into
+        them by the same rule, seeded per worker."""
         if self._data is None:
+            import numpy as np
             import torch
 
             x, y = data.arrays()
-            parts = self.config.partition.split(
-                y, clients=self.config.clients, seed=seed, groups=data.groups()
-            )
+            total = self.config.clients
+            self._partitioned = data.partitioned
+            if data.partitioned:
+                rank, world = self.ctx.rank, self.ctx.world_size
+                own = [c for c in range(total) if c % world == rank]
+                split = self.config.partition.split(y, clients=len(own), seed=seed + 7919 * rank)
+                parts = [np.empty(0, np.int64)] * total
+                for c, rows in zip(own, split, strict=True):
+                    parts[c] = rows
+            else:
+                parts = self.config.partition.split(
+                    y, clients=total, seed=seed, groups=data.groups()
+                )
             device = self.ctx.device
             self._data = (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), parts)
         return self._data

@@ -295,6 +295,7 @@ class BufferedReplica(FederatedReplica):
         self._past[simulation.version] = start_vec  # the model runs starting now get
         self._arrivals = simulation.next_step()
         buffered = [a for a in self._arrivals if a.buffered]
+        mine = self.hosted(np.array([a.client for a in buffered], dtype=np.int64))
         runs = [
             ClientRun(
                 a.client,
@@ -302,11 +303,12 @@ class BufferedReplica(FederatedReplica):
                 order_seed=(seed, epoch, a.client, a.run),
                 scale=staleness_weight(a.staleness, self.config.staleness),
             )
-            for a in buffered[self.ctx.rank :: self.ctx.world_size]
+            for a, own in zip(buffered, mine, strict=True)
+            if own
         ]
-        finished = np.array([a.client for a in self._arrivals])
+        finished = np.array([a.client for a in self._arrivals], dtype=np.int64)
         reporting = np.array([a.client for a in self._arrivals if a.reported])
-        played = finished[self.ctx.rank :: self.ctx.world_size]
+        played = finished[self.hosted(finished)]
         return RoundClients(finished, reporting, played, runs)
 
     def train_round(
