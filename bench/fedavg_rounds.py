@@ -22,13 +22,21 @@ E = 5, B = 10 is 10 local steps a round (2 batches an epoch), not the hundreds a
 client of 600 images (60,000 over 100 clients) takes: the room for local work
 to save rounds is small.
 
+``--clients`` and ``--fraction`` test that explanation: digits has only 1,347 training
+images, so more local work a round means fewer, larger clients. ``--clients 10
+--fraction 1.0`` keeps 10 clients a round, each of about 135 samples (about 70 local steps
+a round for FedAvg; FedSGD's round becomes one full-batch gradient step on all the
+data); ``--clients 10 --fraction 0.2`` samples 2 of them a round. Each needs its own lr
+grids (docs/benchmarks.md gives the ones that bracket the best).
+
 A run stops at the first round whose test accuracy reaches the top bar (97%) or at its
 cap; the table gives the first round at each bar (90/95/97%), the best test accuracy seen,
 the wall time, and FedSGD's rounds over FedAvg's per bar, seed by seed (the paper's shape
 is >= 10x).
 
 Run: ``.venv/bin/python bench/fedavg_rounds.py [--seeds 0 1] [--max-rounds-sgd 3000]
-[--max-rounds-avg 1000] [--sgd-lrs 0.3 1.0 1.5] [--avg-lrs 0.1 0.4 0.8]``.
+[--max-rounds-avg 1000] [--sgd-lrs 0.3 1.0 1.5] [--avg-lrs 0.1 0.4 0.8] [--clients 100]
+[--fraction 0.1] [--workers 2]``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from digits import load_data, make_model
 
 BARS = (0.90, 0.95, 0.97)
+#: the default federation: 100 clients, C = 0.1 (10 a round), 2 label shards each
 CLIENTS, FRACTION, SHARDS = 100, 0.1, 2
 #: (name, local epochs, batch size): FedSGD's batch exceeds any client's data
 RULES = {"fedsgd": ("FedSGD E=1 B=all", 1, 100_000), "fedavg": ("FedAvg E=5 B=10", 5, 10)}
@@ -59,7 +68,15 @@ class _Reached(Exception):
     """Raised from the report callback to end a run once the top bar is reached."""
 
 
-def run(rule: str, lr: float, seed: int, max_rounds: int, workers: int) -> dict[str, Any]:
+def run(
+    rule: str,
+    lr: float,
+    seed: int,
+    max_rounds: int,
+    workers: int,
+    clients: int = CLIENTS,
+    fraction: float = FRACTION,
+) -> dict[str, Any]:
     """Train one rule until the top bar or `max_rounds`; the rounds to each bar."""
     name, local_epochs, batch_size = RULES[rule]
     x_train, x_test, y_train, y_test = load_data()
@@ -77,8 +94,8 @@ def run(rule: str, lr: float, seed: int, max_rounds: int, workers: int) -> dict[
         loss=torch.nn.CrossEntropyLoss(),
         optimizer=lambda p: torch.optim.SGD(p, lr=lr),
         strategy=corral.FedAvg(
-            clients=CLIENTS,
-            fraction=FRACTION,
+            clients=clients,
+            fraction=fraction,
             local_epochs=local_epochs,
             partition=LabelShards(shards=SHARDS),
         ),
@@ -144,6 +161,8 @@ def main() -> None:
     parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.3, 1.0, 1.5])
     parser.add_argument("--avg-lrs", type=float, nargs="+", default=[0.1, 0.4, 0.8])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=CLIENTS)
+    parser.add_argument("--fraction", type=float, default=FRACTION)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     caps = {"fedsgd": args.max_rounds_sgd, "fedavg": args.max_rounds_avg}
@@ -160,7 +179,7 @@ def main() -> None:
     for rule in RULES:
         tried = []
         for lr in grids[rule]:
-            r = run(rule, lr, tuning, caps[rule], args.workers)
+            r = run(rule, lr, tuning, caps[rule], args.workers, args.clients, args.fraction)
             tried.append(r)
             print("  " + _line(r), flush=True)
         chosen = min(tried, key=_rank)
@@ -168,9 +187,15 @@ def main() -> None:
         runs[(rule, tuning)] = chosen
     for seed in args.seeds[1:]:
         for rule in RULES:
-            runs[(rule, seed)] = run(rule, best_lr[rule], seed, caps[rule], args.workers)
+            runs[(rule, seed)] = run(
+                rule, best_lr[rule], seed, caps[rule], args.workers, args.clients, args.fraction
+            )
 
-    print(f"\n{CLIENTS} clients, {SHARDS} label shards each, C={FRACTION}; best lr per rule\n")
+    per_round = corral.FedAvg(clients=args.clients, fraction=args.fraction).per_round
+    print(
+        f"\n{args.clients} clients, {SHARDS} label shards each, C={args.fraction} "
+        f"({per_round} a round); best lr per rule\n"
+    )
     for seed in args.seeds:
         table += [_line(runs[(rule, seed)]) for rule in RULES]
     print("\n".join(table))
