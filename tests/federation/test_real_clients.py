@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "examples" / "digits_job"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+JOIN = (sys.executable, "-m", "corral", "fl", "join")
 
 
 @pytest.fixture(scope="module")
@@ -94,22 +95,7 @@ def _url(log: Path) -> str:
 
 def _join(url: str, job: Path, data: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "corral",
-            "fl",
-            "join",
-            url,
-            "--job",
-            str(job),
-            "--data",
-            str(data),
-            "--name",
-            data.stem,
-            "--timeout",
-            "60",
-        ],
+        [*JOIN, url, "--job", str(job), "--data", str(data), "--name", data.stem, "--timeout=60"],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         env=ENV,
@@ -183,37 +169,32 @@ def test_a_wrong_token_another_model_and_a_bad_address_are_one_line_each(shards,
     url = _url(log)
     wrong = re.sub(r"token=[^&]+", "token=not-the-token", url)
     other = _job(tmp_path, hidden=True)
+    cases = (
+        (wrong, job, "refused by the aggregator: wrong enrolment token"),
+        (url, other, "refused by the aggregator: its model has 650 parameters, the job's 9610"),
+        (
+            "corral://127.0.0.1:1/",
+            job,
+            "no key or token in 'corral://127.0.0.1:1/': copy the whole address",
+        ),
+    )
     try:
-        for target, spec, expected in (
-            (wrong, job, "refused by the aggregator: wrong enrolment token"),
-            (url, other, "refused by the aggregator: its model has 650 parameters, the job's 9610"),
-            (
-                "corral://127.0.0.1:1/",
-                job,
-                "no key or token in 'corral://127.0.0.1:1/': copy the whole address",
-            ),
-        ):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "corral",
-                    "fl",
-                    "join",
-                    target,
-                    "--job",
-                    str(spec),
-                    "--data",
-                    str(shards / "client0.parquet"),
-                ],
-                capture_output=True,
+        data = str(shards / "client0.parquet")
+        clients = [  # all at once: each only starts, is refused and says so
+            subprocess.Popen(
+                [*JOIN, target, "--job", str(spec), "--data", data],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
                 text=True,
                 env=ENV,
-                timeout=120,
             )
-            assert out.returncode == 1
-            lines = out.stderr.strip().splitlines()
-            assert len(lines) == 1 and expected in lines[0], out.stderr
+            for target, spec, _ in cases
+        ]
+        for client, (_, _, expected) in zip(clients, cases, strict=True):
+            _, err = client.communicate(timeout=120)
+            assert client.returncode == 1
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and expected in lines[0], err
     finally:
         server.kill()
         server.wait()
