@@ -87,49 +87,34 @@ def serve_round(
     server = secagg.SecAggServer(config)
     sent = 0
 
-    def step(messages: dict[bytes, tuple[dict[str, Any], list[np.ndarray]]], kind: str) -> Any:
+    def step(
+        kind: str, messages: dict[int, Any], answer: str, *extra: np.ndarray
+    ) -> dict[bytes, tuple[np.ndarray, dict[str, Any]]]:
+        """Send each protocol id its message of `kind` (after `extra` arrays); the
+        answers of kind `answer` that came."""
         nonlocal sent
-        answers = exchange(messages, kind)
+        out = {
+            by_id[i]: ({"kind": kind}, [*extra, _blob(m.to_bytes())]) for i, m in messages.items()
+        }
+        answers = exchange(out, answer)
         sent += sum(a.nbytes for a, _ in answers.values())
         return answers
 
+    def read(cls: Any, answers: dict[bytes, tuple[np.ndarray, dict[str, Any]]]) -> Any:
+        return (cls.from_bytes(a.tobytes()) for a, _ in answers.values())
+
     try:
-        keys = step(
+        keys = exchange(
             {c: ({"kind": "secagg_keys", "id": ids[c], **terms}, []) for c in sampled}, "keys"
         )
-        rosters = server.collect_keys(
-            secagg.KeyAdvert.from_bytes(a.tobytes()) for a, _ in keys.values()
-        )
-        shared = step(
-            {
-                by_id[i]: ({"kind": "secagg_roster"}, [_blob(r.to_bytes())])
-                for i, r in rosters.items()
-            },
-            "shares",
-        )
-        routed = server.route_shares(
-            secagg.EncryptedShares.from_bytes(a.tobytes()) for a, _ in shared.values()
-        )
-        masked = step(
-            {
-                by_id[i]: ({"kind": "train", "round": index}, [weights, _blob(r.to_bytes())])
-                for i, r in routed.items()
-            },
-            "update",
-        )
-        requests = server.collect_masked(
-            secagg.MaskedInput.from_bytes(a.tobytes()) for a, _ in masked.values()
-        )
-        answers = step(
-            {
-                by_id[i]: ({"kind": "secagg_unmask"}, [_blob(r.to_bytes())])
-                for i, r in requests.items()
-            },
-            "unmask",
-        )
-        total = server.aggregate(
-            secagg.UnmaskResponse.from_bytes(a.tobytes()) for a, _ in answers.values()
-        )
+        sent += sum(a.nbytes for a, _ in keys.values())
+        rosters = server.collect_keys(read(secagg.KeyAdvert, keys))
+        shared = step("secagg_roster", rosters, "shares")
+        routed = server.route_shares(read(secagg.EncryptedShares, shared))
+        masked = step("train", routed, "update", weights)
+        requests = server.collect_masked(read(secagg.MaskedInput, masked))
+        answers = step("secagg_unmask", requests, "unmask")
+        total = server.aggregate(read(secagg.UnmaskResponse, answers))
     except secagg.SecAggError as exc:
         return SecureOutcome(None, [], sent / len(sampled), failure=str(exc))
     survivors = [by_id[i] for i in server.survivors]
