@@ -307,7 +307,9 @@ def _fed_task(
 
             env = {SPILL_ENV: path, ROWS_FROM_ENV: fifo}
             code = _run_process(specs, folder, files, exits_at, exits_key, env, spill)
-        yield pa.RecordBatch.from_pydict({"returncode": [code]})
+        # typed as the stage declares it ("returncode int"): an int64 or null column
+        # here fails the stage in Spark's reader (ArrowColumnVector.getInt)
+        yield pa.RecordBatch.from_arrays([pa.array([code], pa.int32())], names=["returncode"])
 
     return run
 
